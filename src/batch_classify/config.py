@@ -1,0 +1,167 @@
+"""The typed job spec: YAML file plus ``--section.key value`` overrides (jsonargparse)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+SourceKind = Literal["auto", "imagefolder", "images", "file_list", "hf"]
+
+
+class ConfigError(ValueError):
+    """A job spec that cannot run; the message names the key and the fix."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    """Which classifier to run."""
+
+    name: str = ""
+    """Hub id or local folder of a checkpoint that AutoModelForImageClassification loads."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to load."""
+    trust_remote_code: bool = False
+    """Run code shipped with the checkpoint. Off unless you trust its source."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "model.name", "is required (a hub id or a local folder)")
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from."""
+
+    path: str = ""
+    """Folder, text file of paths, Parquet file(s), save_to_disk folder or dataset name."""
+    kind: SourceKind = "auto"
+    """imagefolder (one subfolder per class), images (a folder searched recursively),
+    file_list (a text file of paths), hf (a Hugging Face dataset), or auto (detected)."""
+    labels: str | None = None
+    """CSV of filename,label (an ImageNet-1k index or a wnid), or Kaggle's LOC_val_solution.csv."""
+    split: str | None = None
+    """Split of a Hugging Face dataset with several (default: the only one, or 'validation')."""
+    image_column: str | None = None
+    """Image column of a dataset (default: the one column of Image type, or 'image')."""
+    label_column: str | None = None
+    """Label column of a dataset (default: 'label' where present; none means unlabelled)."""
+    id_column: str | None = None
+    """Column giving each row's id (default: the row index)."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.path), "data.path", "is required (a folder, file list or dataset)")
+
+
+@dataclass
+class OutputConfig:
+    """Where the predictions and metrics go."""
+
+    dir: str = ""
+    """Output folder: predictions/*.parquet, metrics.json, config.yaml, manifest.json."""
+    top_k: int = 5
+    """How many classes each prediction row keeps."""
+    unit_size: int = 0
+    """Items per committed unit of work (0: chosen from the item count and world size)."""
+    overwrite: bool = False
+    """Start over in an output folder that holds another job's results."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.dir), "output.dir", "is required (a folder to write to)")
+        _require(self.top_k >= 1, "output.top_k", f"must be at least 1, got {self.top_k}")
+        _require(self.unit_size >= 0, "output.unit_size", f"must be >= 0, got {self.unit_size}")
+
+
+@dataclass
+class RuntimeConfig:
+    """How the job runs."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: the rank's GPU (CUDA or ROCm) when there is one, else the CPU."""
+    batch_size: int = 32
+    """Images per forward pass on each rank."""
+    num_workers: int | None = None
+    """DataLoader workers per rank (default: from the cores available to the rank)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision of the forward pass."""
+    max_image_pixels: int = 128_000_000
+    """Images whose header claims more pixels are refused unopened (decompression bombs)."""
+    timeout_s: int = 1800
+    """Seconds a rank waits for the others before the job fails instead of hanging."""
+    log_every_s: float = 10.0
+    """Progress log interval when there is no terminal (Slurm, CI)."""
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "runtime.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(
+            self.num_workers is None or self.num_workers >= 0,
+            "runtime.num_workers",
+            f"must be >= 0, got {self.num_workers}",
+        )
+        _require(self.max_image_pixels >= 1, "runtime.max_image_pixels", "must be >= 1")
+        _require(self.timeout_s >= 1, "runtime.timeout_s", "must be >= 1")
+        _require(self.log_every_s > 0, "runtime.log_every_s", "must be > 0")
+
+
+@dataclass
+class JobSpec:
+    """One classification job."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "output": OutputConfig,
+    "runtime": RuntimeConfig,
+}
+
+
+def build_parser(prog: str = "batch-classify run") -> ArgumentParser:
+    """The command-line parser: ``--config FILE`` then ``--section.key value`` overrides."""
+    parser = ArgumentParser(prog=prog, description=JobSpec.__doc__, exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML job spec")
+    for section, cls in _SECTIONS.items():
+        # Validation happens once, on the whole spec, so a missing key in the file can
+        # be supplied on the command line.
+        parser.add_class_arguments(cls, section, instantiate=False, sub_configs=True)
+    return parser
+
+
+def _to_spec(namespace: Namespace) -> JobSpec:
+    values = namespace.as_dict()
+    values.pop("config", None)
+    return JobSpec(**{name: cls(**values[name]) for name, cls in _SECTIONS.items()})
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "batch-classify run") -> JobSpec:
+    """Parse a command line into a validated spec; raise ConfigError naming the bad key."""
+    parser = build_parser(prog)
+    try:
+        namespace = parser.parse_args(argv)
+    except Exception as error:  # jsonargparse raises its own ArgumentError types
+        raise ConfigError(str(error)) from None
+    return _to_spec(namespace)
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """Load a YAML spec with optional ``--section.key value`` overrides."""
+    return parse_args(["--config", str(path), *(overrides or [])])

@@ -1,0 +1,184 @@
+"""The classification job: inputs -> shard -> decode/preprocess -> predict -> write -> aggregate."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+
+from . import __version__
+from .aggregate import TIMING, aggregate, format_table
+from .config import ConfigError, JobSpec, parse_args
+from .decode import ItemDataset, collate, worker_init
+from .distributed import configure_logging, init_state, plan_cpu
+from .inputs import Items, load_items
+from .labels import label_targets
+from .manifest import FORMAT_VERSION, prepare_output, read_manifest, write_json
+from .model import LoadedModel, load_model
+from .predict import Predictor
+from .progress import Progress
+from .shard import choose_unit_size, rank_units, unit_ranges
+from .writer import UnitWriter, unit_path
+
+log = logging.getLogger("batch_classify")
+
+
+def build_manifest(spec: JobSpec, items: Items, loaded: LoadedModel, unit_size: int,
+                   unavailable: str | None) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "batch_classify_version": __version__,
+        "dataset": {
+            "path": spec.data.path,
+            "kind": items.kind,
+            "n_items": len(items),
+            "n_labelled": sum(label is not None for label in items.labels),
+            "fingerprint": items.fingerprint(),
+            "classes": list(items.classes) if items.classes is not None else "imagenet-1k",
+            "notes": items.notes,
+        },
+        "model": loaded.identity,
+        "job": {"top_k": spec.output.top_k, "unit_size": unit_size},
+        "accuracy_unavailable": unavailable,
+        "config": spec.to_dict(),
+    }
+
+
+def _predict_units(spec: JobSpec, items: Items, loaded: LoadedModel, device: torch.device,
+                   units: list[range], unit_ids: list[int], targets: list[int] | None,
+                   progress: Progress, workers: int, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Run this rank's units; commit each as it completes. Returns this rank's timing."""
+    indices = [index for unit in unit_ids for index in units[unit]]
+    dataset = ItemDataset(items, indices, loaded.transform, spec.runtime.max_image_pixels)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=spec.runtime.batch_size,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=worker_init,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    predictor = Predictor(loaded.model, loaded.labels, device, spec.runtime.precision,
+                          spec.output.top_k)
+    names = loaded.labels.names
+    writer = UnitWriter(spec.output.dir, metadata)
+    columns = ("id", "label", "target", "topk_ids", "topk_labels", "topk_scores", "error")
+    pending_units = iter(unit_ids)
+    current = next(pending_units, None)
+    rows: dict[str, list] = {c: [] for c in columns}
+    first_batch = last_write = None
+    try:
+        for batch in loader:
+            if first_batch is None:
+                first_batch = time.time()
+            ids, scores = predictor(batch.pixel_values) if batch.pixel_values is not None else ([], [])
+            predictions = iter(zip(ids, scores))
+            for index, ok, error in zip(batch.indices, batch.ok, batch.errors):
+                label = items.labels[index]
+                rows["id"].append(items.ids[index])
+                rows["label"].append(label)
+                rows["target"].append(targets[label] if targets is not None and label is not None else None)
+                if ok:
+                    top_ids, top_scores = next(predictions)
+                    rows["topk_ids"].append(top_ids)
+                    rows["topk_labels"].append([names[i] for i in top_ids])
+                    rows["topk_scores"].append(top_scores)
+                else:
+                    log.warning("item %s: %s", items.ids[index], error)
+                    for column in ("topk_ids", "topk_labels", "topk_scores"):
+                        rows[column].append(None)
+                rows["error"].append(error)
+                if len(rows["id"]) == len(units[current]):
+                    writer.submit(current, rows)
+                    rows = {c: [] for c in columns}
+                    current = next(pending_units, None)
+            progress.add(len(batch.indices))
+    finally:
+        writer.close()
+    last_write = time.time()
+    return {"first_batch": first_batch, "last_write": last_write, "items": len(indices)}
+
+
+def run(spec: JobSpec) -> dict[str, Any] | None:
+    """Run the job on this rank; the main rank returns the metrics."""
+    state = init_state(spec.runtime.device, spec.runtime.timeout_s)
+    try:
+        metrics = _run_rank(spec, state)
+        # Keep every rank (and rank 0's rendezvous store) alive until the main rank is done.
+        state.wait_for_everyone()
+    finally:
+        state.destroy_process_group()
+    return metrics
+
+
+def _run_rank(spec: JobSpec, state) -> dict[str, Any] | None:
+    configure_logging(state.process_index, state.is_main_process)
+    device = state.device
+    threads, workers = plan_cpu(state, spec.runtime.num_workers)
+    torch.set_num_threads(threads)
+    log.info("%d rank(s) on %s; %d thread(s), %d DataLoader worker(s) per rank",
+             state.num_processes, device, threads, workers)
+
+    items = load_items(spec.data)
+    loaded = load_model(spec.model, device)
+    targets, unavailable = (None, None)
+    if items.labelled:
+        targets, unavailable = label_targets(items.classes, loaded.labels)
+    unit_size = choose_unit_size(len(items), state.num_processes, spec.output.unit_size)
+    output = Path(spec.output.dir)
+    if state.is_main_process:
+        manifest = build_manifest(spec, items, loaded, unit_size, unavailable)
+        prepare_output(output, manifest, spec.output.overwrite)
+        (output / "config.yaml").write_text(spec.to_yaml())
+    state.wait_for_everyone()
+    # Every rank follows the manifest in force: on resume its unit size may predate this run.
+    manifest = read_manifest(output)
+    units = unit_ranges(len(items), manifest["job"]["unit_size"])
+    todo = {u for u in range(len(units)) if not unit_path(output, u).exists()}
+    mine = [u for u in rank_units(len(units), state.process_index, state.num_processes) if u in todo]
+    already_done = len(items) - sum(len(units[u]) for u in todo)
+    if state.is_main_process and already_done:
+        log.info("resuming: %d of %d items already committed", already_done, len(items))
+
+    metadata = {"model": loaded.identity, "dataset_fingerprint": manifest["dataset"]["fingerprint"],
+                "config": spec.to_dict()}
+    progress = Progress(len(items), already_done, state.is_main_process, spec.runtime.log_every_s)
+    try:
+        timing = _predict_units(spec, items, loaded, device, units, mine, targets, progress,
+                                workers, metadata)
+    finally:
+        progress.close()
+    timings = gather_object([timing])
+    if not state.is_main_process:
+        return None
+    started = [t["first_batch"] for t in timings if t["first_batch"] is not None]
+    processed = sum(t["items"] for t in timings)
+    seconds = max(t["last_write"] for t in timings) - min(started) if started else None
+    write_json(output / TIMING, {
+        "items_this_run": processed,
+        "seconds": seconds,
+        "images_per_second": processed / seconds if seconds else None,
+        "world_size": state.num_processes,
+        "device": str(device),
+        "precision": spec.runtime.precision,
+    })
+    metrics = aggregate(output)
+    print(format_table(metrics), flush=True)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``jobs/classify.py`` and ``batch-classify run``."""
+    try:
+        spec = parse_args(argv)
+    except ConfigError as error:
+        print(f"batch-classify: configuration error: {error}", file=sys.stderr)
+        return 2
+    run(spec)
+    return 0

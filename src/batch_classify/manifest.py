@@ -1,0 +1,76 @@
+"""The output folder's manifest: what job these results belong to, fixed at the first run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .writer import PREDICTIONS_DIR
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class OutputMismatch(RuntimeError):
+    """The output folder holds results of a different job."""
+
+
+def read_manifest(output_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(output_dir) / MANIFEST
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n")
+    temporary.replace(path)
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    found = []
+    for section, keys in {"dataset": ("n_items", "fingerprint"),
+                          "model": ("name", "revision", "weights_sha256"),
+                          "job": ("top_k", "unit_size")}.items():
+        for key in keys:
+            before, after = old.get(section, {}).get(key), new.get(section, {}).get(key)
+            if before != after:
+                found.append(f"{section}.{key}: {before!r} in the folder, {after!r} now")
+    return found
+
+
+def prepare_output(output_dir: str | Path, manifest: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+    """Create or check the output folder; return the manifest in force (an existing one on resume).
+
+    A folder holding another job's results is refused unless ``overwrite``, which clears it.
+    """
+    output = Path(output_dir)
+    old = read_manifest(output)
+    if old is not None:
+        differences = _differences(old, manifest)
+        if not differences:
+            return old
+        if not overwrite:
+            raise OutputMismatch(
+                f"output.dir {output} holds results of a different job ("
+                + "; ".join(differences)
+                + "). Choose another output.dir, or set output.overwrite true to discard them."
+            )
+        shutil.rmtree(output / PREDICTIONS_DIR, ignore_errors=True)
+        for name in ("metrics.json", "timing.json"):
+            (output / name).unlink(missing_ok=True)
+    elif (output / PREDICTIONS_DIR).exists() and any((output / PREDICTIONS_DIR).iterdir()):
+        if not overwrite:
+            raise OutputMismatch(
+                f"output.dir {output} has predictions but no {MANIFEST}; refusing to mix them in. "
+                "Choose another output.dir, or set output.overwrite true."
+            )
+        shutil.rmtree(output / PREDICTIONS_DIR)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / PREDICTIONS_DIR).mkdir(exist_ok=True)
+    write_json(output / MANIFEST, manifest)
+    return manifest

@@ -1,0 +1,101 @@
+"""Load a classifier and its image processor through transformers' Auto classes."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .config import ModelConfig
+from .labels import ModelLabels, model_labels
+
+log = logging.getLogger(__name__)
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pth", "*.pt")
+
+
+class ModelLoadError(RuntimeError):
+    """The checkpoint could not be loaded; the message says which and why."""
+
+
+class ProcessorTransform:
+    """The checkpoint's own image processor applied to one image (picklable for workers)."""
+
+    def __init__(self, processor: Any):
+        self.processor = processor
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    processor: Any
+    labels: ModelLabels
+    identity: dict[str, Any]
+
+    @property
+    def transform(self) -> ProcessorTransform:
+        return ProcessorTransform(self.processor)
+
+
+def _weights_folder(cfg: ModelConfig, commit: str | None) -> Path | None:
+    if Path(cfg.name).is_dir():
+        return Path(cfg.name)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(cfg.name, revision=commit or cfg.revision,
+                                      local_files_only=True))
+    except Exception:  # not cached as a snapshot: identity falls back to the commit hash
+        return None
+
+
+def weights_sha256(folder: Path | None) -> str | None:
+    """One hash over the checkpoint's weight files (names and bytes), or None."""
+    if folder is None:
+        return None
+    files = sorted({p for pattern in WEIGHT_PATTERNS for p in folder.glob(pattern)})
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
+    """Model (eval mode, on ``device``), processor, label space and identity."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    try:
+        processor = AutoImageProcessor.from_pretrained(cfg.name, **kwargs)
+        model = AutoModelForImageClassification.from_pretrained(cfg.name, **kwargs)
+    except OSError as error:
+        raise ModelLoadError(
+            f"model.name {cfg.name!r}: could not load it ({error}). Give a local checkpoint "
+            "folder, or a hub id that is cached or reachable."
+        ) from error
+    model.eval().to(device)
+    config = model.config
+    labels = model_labels(dict(config.id2label or {}), config.num_labels)
+    commit = getattr(config, "_commit_hash", None)
+    identity = {
+        "name": cfg.name,
+        "revision": commit or cfg.revision,
+        "architecture": type(model).__name__,
+        "num_labels": config.num_labels,
+        "weights_sha256": weights_sha256(_weights_folder(cfg, commit)),
+        "label_space": labels.note,
+    }
+    return LoadedModel(model, processor, labels, identity)

@@ -1,0 +1,35 @@
+"""Forward passes: pixel batches in, top-k classes and softmax scores out."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .labels import ModelLabels
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Predictor:
+    """Run the model under inference_mode (and autocast) and keep the top k classes."""
+
+    def __init__(self, model: torch.nn.Module, labels: ModelLabels, device: torch.device,
+                 precision: str, top_k: int):
+        self.model = model
+        self.labels = labels
+        self.device = device
+        self.dtype = PRECISIONS[precision]
+        self.k = min(top_k, len(labels.names))
+
+    def _autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def __call__(self, pixel_values: torch.Tensor) -> tuple[list[list[int]], list[list[float]]]:
+        with torch.inference_mode(), self._autocast():
+            logits = self.model(pixel_values=pixel_values.to(self.device, non_blocking=True)).logits
+        logits = logits[:, self.labels.first_logit:].float()
+        scores, ids = logits.softmax(dim=-1).topk(self.k, dim=-1)
+        return ids.cpu().tolist(), scores.cpu().tolist()
