@@ -182,3 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run(spec)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
