@@ -16,6 +16,22 @@ def _imagenet_id2label(background: bool = False) -> dict[int, str]:
     return dict(enumerate(names))
 
 
+def _spread_head(model: torch.nn.Module) -> torch.nn.Module:
+    """Random init leaves some heads at zero: give the classifier weights a real spread."""
+    torch.nn.init.normal_(model.classifier.weight, std=1.0)
+    return model
+
+
+def _randomise_convs(model: torch.nn.Module) -> torch.nn.Module:
+    """Some checkpoints' default init (near-zero BatchNorm scales) zeroes a tiny net's features."""
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            torch.nn.init.kaiming_normal_(module.weight)
+        elif isinstance(module, torch.nn.BatchNorm2d):
+            torch.nn.init.ones_(module.weight)
+    return model
+
+
 def save_tiny_beit(folder: Path) -> Path:
     from transformers import BeitConfig, BeitForImageClassification, BeitImageProcessor
 
@@ -23,7 +39,7 @@ def save_tiny_beit(folder: Path) -> Path:
     config = BeitConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=64, use_mean_pooling=True,
                         id2label=_imagenet_id2label())
-    BeitForImageClassification(config).save_pretrained(folder)
+    _spread_head(BeitForImageClassification(config)).save_pretrained(folder)
     BeitImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False,
                        image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
     return folder
@@ -34,7 +50,8 @@ def save_tiny_mobilenet_v1(folder: Path) -> Path:
     from transformers import MobileNetV1Config, MobileNetV1ForImageClassification, MobileNetV1ImageProcessor
 
     torch.manual_seed(0)
-    config = MobileNetV1Config(image_size=32, depth_multiplier=0.25,
+    # A wider init than the default: at 0.02 this shallow net's logits vanish to ~1e-34.
+    config = MobileNetV1Config(image_size=32, depth_multiplier=0.25, initializer_range=0.3,
                                id2label=_imagenet_id2label(background=True))
     MobileNetV1ForImageClassification(config).save_pretrained(folder)
     MobileNetV1ImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32},
@@ -47,8 +64,8 @@ def save_tiny_efficientnet(folder: Path) -> Path:
 
     torch.manual_seed(0)
     config = EfficientNetConfig(image_size=32, width_coefficient=0.25, depth_coefficient=0.25,
-                                hidden_dim=64, id2label=_imagenet_id2label())
-    EfficientNetForImageClassification(config).save_pretrained(folder)
+                                hidden_dim=320, id2label=_imagenet_id2label())
+    _randomise_convs(EfficientNetForImageClassification(config)).save_pretrained(folder)
     EfficientNetImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
 

@@ -31,5 +31,7 @@ class Predictor:
         with torch.inference_mode(), self._autocast():
             logits = self.model(pixel_values=pixel_values.to(self.device, non_blocking=True)).logits
         logits = logits[:, self.labels.first_logit:].float()
-        scores, ids = logits.softmax(dim=-1).topk(self.k, dim=-1)
+        # Rank by logits: softmax rounds near-equal logits to equal probabilities.
+        ids = logits.topk(self.k, dim=-1).indices
+        scores = logits.softmax(dim=-1).gather(1, ids)
         return ids.cpu().tolist(), scores.cpu().tolist()
