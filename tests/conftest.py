@@ -74,10 +74,9 @@ def run_job(args: list[str], processes: int = 1, expect_ok: bool = True,
     if processes == 1:
         command = [sys.executable, str(ROOT / "jobs" / "classify.py")]
     else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-                   "--num_processes", str(processes), "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no",
-                   str(ROOT / "jobs" / "classify.py")]
+        command = [sys.executable, "-m", "accelerate.commands.launch",
+                   "--config_file", str(ROOT / "configs" / "accelerate" / "cpu-2proc.yaml"),
+                   "--num_processes", str(processes), str(ROOT / "jobs" / "classify.py")]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     result = subprocess.run(command + ["--runtime.device", "cpu", *args], capture_output=True,
                             text=True, env=full_env, timeout=timeout, cwd=ROOT)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import pyarrow.parquet as pq
+import pytest
 import torch
 from conftest import read_rows, run_job
 from PIL import Image

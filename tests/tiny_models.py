@@ -47,7 +47,11 @@ def save_tiny_beit(folder: Path) -> Path:
 
 def save_tiny_mobilenet_v1(folder: Path) -> Path:
     """1001 outputs with 'background' first, like google/mobilenet_v1_1.0_224."""
-    from transformers import MobileNetV1Config, MobileNetV1ForImageClassification, MobileNetV1ImageProcessor
+    from transformers import (
+        MobileNetV1Config,
+        MobileNetV1ForImageClassification,
+        MobileNetV1ImageProcessor,
+    )
 
     torch.manual_seed(0)
     # A wider init than the default: at 0.02 this shallow net's logits vanish to ~1e-34.
@@ -60,7 +64,11 @@ def save_tiny_mobilenet_v1(folder: Path) -> Path:
 
 
 def save_tiny_efficientnet(folder: Path) -> Path:
-    from transformers import EfficientNetConfig, EfficientNetForImageClassification, EfficientNetImageProcessor
+    from transformers import (
+        EfficientNetConfig,
+        EfficientNetForImageClassification,
+        EfficientNetImageProcessor,
+    )
 
     torch.manual_seed(0)
     config = EfficientNetConfig(image_size=32, width_coefficient=0.25, depth_coefficient=0.25,

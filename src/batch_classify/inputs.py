@@ -17,7 +17,8 @@ from .labels import WNID, parse_imagenet_label, wnid_to_index
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset(
-    ".jpg .jpeg .png .gif .bmp .webp .tif .tiff .ppm .pgm .pbm .jfif .jpe".split()
+    [".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff",
+     ".ppm", ".pgm", ".pbm"]
 )
 
 

@@ -1,0 +1,97 @@
+"""Decoding: awkward but valid images decode to RGB; broken ones raise a short, typed error."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import read_rows, run_job
+from fixtures_images import write_bad_images, write_exif_pair, write_good_images
+from PIL import Image
+
+from batch_classify.decode import ImageTooLarge, describe_error, open_image, to_rgb
+
+LIMIT = 128_000_000
+
+
+def test_every_awkward_mode_decodes_to_rgb(tmp_path):
+    for name in write_good_images(tmp_path):
+        image = open_image(str(tmp_path / name), LIMIT)
+        assert image.mode == "RGB", name
+        assert image.size == ((1, 1) if name == "one-pixel.png" else (48, 40)), name
+
+
+def test_transparency_is_composited_on_white():
+    clear = Image.new("RGBA", (2, 2), (255, 0, 0, 0))
+    assert np.asarray(to_rgb(clear)).tolist() == [[[255, 255, 255]] * 2] * 2
+    half = Image.new("LA", (1, 1), (0, 128))
+    assert np.asarray(to_rgb(half))[0, 0].tolist() == [127, 127, 127]
+
+
+def test_sixteen_bit_keeps_its_range(tmp_path):
+    write_good_images(tmp_path)
+    sixteen = np.asarray(open_image(str(tmp_path / "sixteen-bit.png"), LIMIT))
+    grey = np.asarray(open_image(str(tmp_path / "grey.png"), LIMIT))
+    assert np.abs(sixteen.astype(int) - grey.astype(int)).max() <= 1
+
+
+def test_animated_gif_gives_its_first_frame(tmp_path):
+    write_good_images(tmp_path)
+    first = np.asarray(open_image(str(tmp_path / "animated.gif"), LIMIT)).astype(int)
+    with Image.open(tmp_path / "animated.gif") as gif:
+        gif.seek(1)
+        second = np.asarray(gif.convert("RGB")).astype(int)
+    reference = np.asarray(open_image(str(tmp_path / "rgb.jpg"), LIMIT)).astype(int)
+    assert np.abs(first - reference).mean() < np.abs(second - reference).mean()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    upright, rotated = write_exif_pair(tmp_path)
+    a = np.asarray(open_image(str(tmp_path / upright), LIMIT))
+    b = np.asarray(open_image(str(tmp_path / rotated), LIMIT))
+    assert a.shape == b.shape and (a == b).all()
+
+
+@pytest.mark.parametrize(("name", "error_type"), [
+    ("zero-bytes.jpg", "EmptyImageFile"),
+    ("truncated.jpg", "OSError"),
+    ("text.jpg", "UnidentifiedImageError"),
+    ("unsupported.jpg", "UnidentifiedImageError"),
+    ("bomb.png", "ImageTooLarge"),
+])
+def test_broken_files_raise_typed_errors(tmp_path, name, error_type):
+    write_bad_images(tmp_path)
+    with pytest.raises(Exception) as caught:
+        open_image(str(tmp_path / name), LIMIT)
+    assert describe_error(caught.value).startswith(error_type + ": ")
+
+
+def test_pixel_limit_is_checked_before_decoding(tmp_path):
+    write_good_images(tmp_path)
+    with pytest.raises(ImageTooLarge, match="max_image_pixels"):
+        open_image(str(tmp_path / "rgb.jpg"), max_pixels=48 * 40 - 1)
+
+
+def test_bad_images_become_rows_and_the_job_goes_on(tmp_path, tiny_models):
+    folder = tmp_path / "mixed"
+    good = write_good_images(folder / "good")
+    bad = write_bad_images(folder / "bad")
+    upright, rotated = write_exif_pair(folder / "exif")
+    out = tmp_path / "out"
+    run_job(["--model.name", str(tiny_models["efficientnet"]), "--data.path", str(folder),
+             "--data.kind", "images", "--output.dir", str(out), "--runtime.batch_size", "3"],
+            processes=2)
+    rows = read_rows(out)
+    assert len(rows) == len(good) + len(bad) + 2
+    for name in good:
+        row = rows[f"good/{name}"]
+        assert row["error"] is None and len(row["topk_ids"]) == 5, name
+    for name in bad:
+        row = rows[f"bad/{name}"]
+        assert row["error"] and row["topk_ids"] is None and row["topk_scores"] is None, name
+    assert rows["exif/" + rotated]["topk_ids"] == rows["exif/" + upright]["topk_ids"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == len(rows) and metrics["n_errors"] == len(bad)
+    assert sum(metrics["errors_by_type"].values()) == len(bad)
+    assert metrics["errors_by_type"]["EmptyImageFile"] == 1

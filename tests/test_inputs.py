@@ -1,0 +1,191 @@
+"""Every input kind resolves to the same ordered items, ids and labels a user expects."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import datasets
+import pytest
+from conftest import read_rows, run_job
+from PIL import Image
+
+from batch_classify.config import DataConfig
+from batch_classify.inputs import InputError, detect_kind, load_items
+from batch_classify.labels import wnid_to_index
+
+
+def data(path, **kwargs) -> DataConfig:
+    return DataConfig(path=str(path), **kwargs)
+
+
+def tiny_png(colour=(200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (12, 9), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_wnid_folders_map_to_the_imagenet_index(corpus):
+    items = load_items(data(corpus))
+    assert items.kind == "imagefolder" and items.classes is None
+    assert items.ids == sorted(items.ids) and len(items) == 11
+    for item_id, label in zip(items.ids, items.labels):
+        assert label == wnid_to_index()[item_id.split("/")[0]]
+    assert items.ids[0].startswith("n01440764/")
+
+
+def test_named_class_folders_map_in_sorted_order(tmp_path):
+    for name in ("zebra", "apple", "mango"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "a.png").write_bytes(tiny_png())
+    items = load_items(data(tmp_path))
+    assert items.classes == ("apple", "mango", "zebra")
+    assert dict(zip(items.ids, items.labels)) == {"apple/a.png": 0, "mango/a.png": 1,
+                                                  "zebra/a.png": 2}
+
+
+def test_unlabelled_folder_is_searched_recursively(tmp_path):
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    (tmp_path / "top.jpg").write_bytes(tiny_png())
+    (tmp_path / "deep" / "er" / "x.PNG").write_bytes(tiny_png())
+    (tmp_path / "notes.txt").write_text("not an image")
+    items = load_items(data(tmp_path))
+    assert items.kind == "images" and items.ids == ["deep/er/x.PNG", "top.jpg"]
+    assert items.labels == [None, None] and not items.labelled
+
+
+def test_file_list_paths_are_relative_to_the_list(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    for name in ("b.png", "a.png"):
+        (tmp_path / "imgs" / name).write_bytes(tiny_png())
+    listing = tmp_path / "list.txt"
+    listing.write_text("# my images\nimgs/b.png\n\nimgs/a.png\n")
+    items = load_items(data(listing))
+    assert items.kind == "file_list" and items.ids == ["imgs/b.png", "imgs/a.png"]
+    assert items.open(0) == str(tmp_path / "imgs" / "b.png")
+
+
+@pytest.mark.parametrize("header", [True, False])
+def test_flat_folder_with_labels_csv_of_indices_and_wnids(tmp_path, header):
+    folder = tmp_path / "val"
+    folder.mkdir()
+    for name in ("ILSVRC2012_val_00000001.JPEG", "ILSVRC2012_val_00000002.JPEG", "extra.JPEG"):
+        (folder / name).write_bytes(tiny_png())
+    labels = tmp_path / "labels.csv"
+    rows = ["ILSVRC2012_val_00000001.JPEG,65", "ILSVRC2012_val_00000002.JPEG,n02123045",
+            "missing.JPEG,1"]
+    labels.write_text(("filename,label\n" if header else "") + "\n".join(rows) + "\n")
+    items = load_items(data(folder, labels=str(labels)))
+    assert items.ids == ["ILSVRC2012_val_00000001.JPEG", "ILSVRC2012_val_00000002.JPEG",
+                         "missing.JPEG"]
+    assert items.labels == [65, wnid_to_index()["n02123045"], 1]
+    assert any("not in the labels file" in note for note in items.notes)
+
+
+def test_kaggle_loc_val_solution(tmp_path):
+    folder = tmp_path / "val"
+    folder.mkdir()
+    (folder / "ILSVRC2012_val_00008726.JPEG").write_bytes(tiny_png())
+    labels = tmp_path / "LOC_val_solution.csv"
+    labels.write_text("ImageId,PredictionString\n"
+                      "ILSVRC2012_val_00008726,n02119789 255 142 454 329 n02119789 44 21 322 295\n")
+    items = load_items(data(folder, labels=str(labels)))
+    assert items.ids == ["ILSVRC2012_val_00008726.JPEG"]
+    assert items.labels == [wnid_to_index()["n02119789"]]
+
+
+def test_devkit_ground_truth_is_refused_with_the_reason(tmp_path):
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "a.JPEG").write_bytes(tiny_png())
+    truth = tmp_path / "ILSVRC2012_validation_ground_truth.txt"
+    truth.write_text("490\n361\n171\n")
+    with pytest.raises(InputError, match="devkit's own order"):
+        load_items(data(tmp_path / "val", labels=str(truth)))
+
+
+@pytest.mark.parametrize(("label", "message"), [("1000", "outside"), ("n99999999", "not one of"),
+                                                ("cat", "neither")])
+def test_bad_labels_are_named_with_their_row(tmp_path, label, message):
+    (tmp_path / "val").mkdir()
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"a.png,1\nb.png,{label}\n")
+    with pytest.raises(ValueError, match=f"row 2.*{message}"):
+        load_items(data(tmp_path / "val", labels=str(labels)))
+
+
+def test_missing_path_and_empty_folder_are_clear_errors(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        load_items(data(tmp_path / "nope", kind="images"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no image files"):
+        load_items(data(tmp_path / "empty"))
+
+
+def test_images_outside_class_folders_are_refused(tmp_path):
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "a.png").write_bytes(tiny_png())
+    (tmp_path / "stray.png").write_bytes(tiny_png())
+    with pytest.raises(InputError, match="outside the class"):
+        load_items(data(tmp_path, kind="imagefolder"))
+
+
+def make_hf_dataset(tmp_path, n=7):
+    features = datasets.Features({
+        "image": datasets.Image(),
+        "label": datasets.ClassLabel(names=["n01440764", "n02123045"]),
+        "key": datasets.Value("string"),
+    })
+    rows = {"image": [{"bytes": tiny_png((i * 30, 90, 200 - i * 20)), "path": None} for i in range(n)],
+            "label": [i % 2 for i in range(n)],
+            "key": [f"photo-{i}" for i in range(n)]}
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+def test_hf_save_to_disk_with_wnid_classlabel(tmp_path):
+    make_hf_dataset(tmp_path).save_to_disk(tmp_path / "ds")
+    config = data(tmp_path / "ds")
+    assert detect_kind(config) == "hf"
+    items = load_items(config)
+    assert items.ids == [str(i) for i in range(7)]
+    assert items.labels[:2] == [wnid_to_index()["n01440764"], wnid_to_index()["n02123045"]]
+    with Image.open(items.open(3)) as image:
+        assert image.size == (12, 9)
+    # The image column stays encoded: decoding happens in the DataLoader workers.
+    assert isinstance(items.dataset.features["image"], datasets.Image)
+    assert items.dataset.features["image"].decode is False
+
+
+def test_hf_parquet_with_id_column_and_paths(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    paths = []
+    for i in range(3):
+        path = tmp_path / "imgs" / f"{i}.png"
+        path.write_bytes(tiny_png())
+        paths.append(str(path))
+    dataset = datasets.Dataset.from_dict({"file": paths, "name": ["a", "b", "c"],
+                                          "label": [3, 1, 999]})
+    dataset.to_parquet(str(tmp_path / "table.parquet"))
+    items = load_items(data(tmp_path / "table.parquet", image_column="file", id_column="name"))
+    assert items.ids == ["a", "b", "c"] and items.labels == [3, 1, 999]
+    assert items.open(1) == paths[1]
+
+
+def test_hf_missing_column_is_named(tmp_path):
+    make_hf_dataset(tmp_path).save_to_disk(tmp_path / "ds")
+    with pytest.raises(InputError, match="data.image_column 'picture'"):
+        load_items(data(tmp_path / "ds", image_column="picture"))
+    with pytest.raises(InputError, match="data.label_column 'target'"):
+        load_items(data(tmp_path / "ds", label_column="target"))
+
+
+def test_job_on_a_hugging_face_dataset(tmp_path, tiny_models):
+    make_hf_dataset(tmp_path).save_to_disk(tmp_path / "ds")
+    out = tmp_path / "out"
+    run_job(["--model.name", str(tiny_models["efficientnet"]), "--data.path", str(tmp_path / "ds"),
+             "--data.id_column", "key", "--output.dir", str(out)], processes=2)
+    rows = read_rows(out)
+    assert sorted(rows) == sorted(f"photo-{i}" for i in range(7))
+    assert all(row["error"] is None and len(row["topk_ids"]) == 5 for row in rows.values())
+    assert rows["photo-1"]["label"] == wnid_to_index()["n02123045"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 7 and metrics["n_labelled"] == 7 and metrics["top1"] is not None
