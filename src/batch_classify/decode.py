@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -47,8 +48,10 @@ class EmptyImageFile(ValueError):
 
 def open_image(source: Any, max_pixels: int) -> Image.Image:
     """Open, check the pixel count before decoding, apply EXIF orientation, return RGB."""
-    if isinstance(source, str) and os.path.getsize(source) == 0:
-        raise EmptyImageFile("the file is empty (0 bytes)")
+    if isinstance(source, str):
+        status = os.stat(source)
+        if stat.S_ISREG(status.st_mode) and status.st_size == 0:
+            raise EmptyImageFile("the file is empty (0 bytes)")
     # Pillow's own bomb check warns at one limit and fails at twice it; one limit, ours, is
     # checked below from the header, before any pixel is decoded.
     Image.MAX_IMAGE_PIXELS = None

@@ -1,0 +1,133 @@
+"""Nothing lost, nothing twice: a killed rank ends the job, and a rerun finishes it exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from conftest import ROOT, make_corpus, read_rows, run_job
+
+from batch_classify.aggregate import AggregateError, aggregate
+
+
+def _predictions(rows: dict[str, dict]) -> dict[str, tuple]:
+    return {k: (r["topk_ids"], [round(s, 5) for s in r["topk_scores"]], r["error"])
+            for k, r in rows.items()}
+
+
+def _rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process | None:
+    for child in psutil.Process(launcher.pid).children():
+        try:
+            if child.environ().get("RANK") == str(rank):
+                return child
+        except psutil.Error:
+            continue
+    return None
+
+
+@pytest.fixture()
+def job_args(tiny_models, tmp_path):
+    corpus = make_corpus(tmp_path / "corpus", seed=3)
+    return corpus, ["--model.name", str(tiny_models["efficientnet"]), "--data.path", str(corpus),
+                    "--output.unit_size", "2", "--runtime.batch_size", "1"]
+
+
+def test_sigkill_of_a_rank_then_resume_with_another_world_size(job_args, tmp_path):
+    corpus, args = job_args
+    reference = tmp_path / "reference"
+    run_job([*args, "--output.dir", str(reference)])
+
+    # The last item (unit 5, rank 1 of 2) is a FIFO: reading it blocks until we kill the rank.
+    items = sorted(p.relative_to(corpus).as_posix() for p in corpus.rglob("*.*"))
+    blocked = corpus / items[-1]
+    saved = blocked.read_bytes()
+    blocked.unlink()
+    os.mkfifo(blocked)
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "accelerate.commands.launch",
+               "--config_file", str(ROOT / "configs" / "accelerate" / "cpu-2proc.yaml"),
+               str(ROOT / "jobs" / "classify.py"), *args, "--output.dir", str(out),
+               "--runtime.device", "cpu"]
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                cwd=ROOT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        # Units 0-4 hold items 0-9: wait until they are all committed.
+        while len(list((out / "predictions").glob("unit-*.parquet"))) < 5:
+            assert launcher.poll() is None, launcher.stdout.read().decode()
+            assert time.monotonic() < deadline, "the job never committed its first units"
+            time.sleep(0.2)
+        rank1 = _rank_process(launcher, 1)
+        assert rank1 is not None
+        rank1.send_signal(signal.SIGKILL)
+        # The surviving rank is ended too, well before any collective timeout.
+        launcher.wait(timeout=120)
+        assert launcher.returncode != 0
+    finally:
+        # Also ends the killed rank's orphaned DataLoader worker, still blocked on the FIFO.
+        try:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        launcher.wait()
+    committed = sorted(p.name for p in (out / "predictions").glob("unit-*.parquet"))
+    assert committed == [f"unit-{u:06d}.parquet" for u in range(5)]
+    with pytest.raises(AggregateError, match="10 prediction rows but the manifest lists 11"):
+        aggregate(out)
+
+    blocked.unlink()
+    blocked.write_bytes(saved)
+    result = run_job([*args, "--output.dir", str(out)], processes=3)
+    assert "resuming: 10 of 11 items already committed" in result.stderr
+    rows = read_rows(out)
+    assert _predictions(rows) == _predictions(read_rows(reference))
+    metrics = json.loads((out / "metrics.json").read_text())
+    expected = json.loads((reference / "metrics.json").read_text())
+    for key in ("n", "n_errors", "top1", "top5"):
+        assert metrics[key] == expected[key], key
+
+
+def test_rerun_of_a_finished_job_changes_nothing(job_args, tmp_path):
+    _, args = job_args
+    out = tmp_path / "out"
+    run_job([*args, "--output.dir", str(out)])
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "predictions").iterdir()}
+    result = run_job([*args, "--output.dir", str(out)], processes=2)
+    assert "resuming: 11 of 11" in result.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "predictions").iterdir()} == before
+
+
+def test_a_different_job_on_a_used_output_dir_is_refused(job_args, tiny_models, tmp_path):
+    _, args = job_args
+    out = tmp_path / "out"
+    run_job([*args, "--output.dir", str(out)])
+    result = run_job([*args, "--output.dir", str(out), "--model.name", str(tiny_models["beit"])],
+                     expect_ok=False)
+    assert result.returncode != 0
+    assert "holds results of a different job" in result.stderr and "model.name" in result.stderr
+    run_job([*args, "--output.dir", str(out), "--model.name", str(tiny_models["beit"]),
+             "--output.overwrite", "true"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["name"] == str(tiny_models["beit"])
+    assert len(read_rows(out)) == 11
+
+
+def test_aggregate_refuses_duplicate_ids(job_args, tmp_path):
+    _, args = job_args
+    out = tmp_path / "out"
+    run_job([*args, "--output.dir", str(out)])
+    shutil.copy(out / "predictions" / "unit-000000.parquet", out / "predictions" / "unit-000099.parquet")
+    with pytest.raises(AggregateError, match="appear more than once"):
+        aggregate(out)
+    (out / "predictions" / "unit-000099.parquet").unlink()
+    # A partial (temporary) file left by a killed writer is ignored.
+    (out / "predictions" / ".unit-000001.parquet.tmp-123").write_bytes(b"PAR1 partial")
+    assert aggregate(out)["n"] == 11
