@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -73,10 +74,8 @@ def test_sigkill_of_a_rank_then_resume_with_another_world_size(job_args, tmp_pat
         assert launcher.returncode != 0
     finally:
         # Also ends the killed rank's orphaned DataLoader worker, still blocked on the FIFO.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(launcher.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         launcher.wait()
     committed = sorted(p.name for p in (out / "predictions").glob("unit-*.parquet"))
     assert committed == [f"unit-{u:06d}.parquet" for u in range(5)]
