@@ -94,6 +94,8 @@ class RuntimeConfig:
     """Autocast precision of the forward pass."""
     max_image_pixels: int = 128_000_000
     """Images whose header claims more pixels are refused unopened (decompression bombs)."""
+    max_error_fraction: float | None = None
+    """Stop the job once more than this fraction of the items seen failed (default: never)."""
     timeout_s: int = 1800
     """Seconds a rank waits for the others before the job fails instead of hanging."""
     log_every_s: float = 10.0
@@ -107,6 +109,11 @@ class RuntimeConfig:
             f"must be >= 0, got {self.num_workers}",
         )
         _require(self.max_image_pixels >= 1, "runtime.max_image_pixels", "must be >= 1")
+        _require(
+            self.max_error_fraction is None or 0.0 <= self.max_error_fraction < 1.0,
+            "runtime.max_error_fraction",
+            f"must be in [0, 1), got {self.max_error_fraction}",
+        )
         _require(self.timeout_s >= 1, "runtime.timeout_s", "must be >= 1")
         _require(self.log_every_s > 0, "runtime.log_every_s", "must be > 0")
 

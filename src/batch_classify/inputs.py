@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -64,6 +65,33 @@ class Items:
         if isinstance(value, str):
             return value
         raise TypeError(f"image column {self.image_column!r} holds {type(value).__name__}")
+
+    def save(self, path: Path) -> None:
+        """Write a file-based listing for the other ranks (atomically), so only one rank lists."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self.paths is None:
+            raise ValueError("only file listings are shared through a file")
+        table = pa.table({"id": self.ids, "label": pa.array(self.labels, pa.int64()),
+                          "path": self.paths})
+        meta = {"kind": self.kind, "root": self.root, "notes": self.notes,
+                "classes": list(self.classes) if self.classes is not None else None}
+        table = table.replace_schema_metadata({"items": json.dumps(meta)})
+        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        pq.write_table(table, temporary)
+        os.replace(temporary, path)
+
+    @classmethod
+    def load_saved(cls, path: Path) -> Items:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        meta = json.loads(table.schema.metadata[b"items"])
+        classes = tuple(meta["classes"]) if meta["classes"] is not None else None
+        return cls(kind=meta["kind"], root=meta["root"], ids=table.column("id").to_pylist(),
+                   labels=table.column("label").to_pylist(), classes=classes,
+                   paths=table.column("path").to_pylist(), notes=meta["notes"])
 
     def fingerprint(self) -> str:
         """A hash of the ordered ids and labels: equal for the same dataset listing."""

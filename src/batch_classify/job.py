@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -18,9 +19,10 @@ from .decode import ItemDataset, collate, worker_init
 from .distributed import configure_logging, init_state, plan_cpu
 from .inputs import Items, load_items
 from .labels import label_targets
-from .manifest import FORMAT_VERSION, prepare_output, read_manifest, write_json
+from .manifest import FORMAT_VERSION, OutputLock, prepare_output, read_manifest, write_json
 from .model import LoadedModel, load_model
 from .predict import Predictor
+from .preemption import Preempted, StopFlag
 from .progress import Progress
 from .shard import choose_unit_size, rank_units, unit_ranges
 from .writer import UnitWriter, unit_path
@@ -49,9 +51,18 @@ def build_manifest(spec: JobSpec, items: Items, loaded: LoadedModel, unit_size: 
     }
 
 
+ITEMS_FILE = ".items.parquet"
+MIN_ITEMS_FOR_ERROR_CHECK = 100
+
+
+class TooManyErrors(RuntimeError):
+    """More than runtime.max_error_fraction of the items seen failed to decode."""
+
+
 def _predict_units(spec: JobSpec, items: Items, loaded: LoadedModel, device: torch.device,
                    units: list[range], unit_ids: list[int], targets: list[int] | None,
-                   progress: Progress, workers: int, metadata: dict[str, Any]) -> dict[str, Any]:
+                   progress: Progress, workers: int, metadata: dict[str, Any],
+                   stop: StopFlag) -> dict[str, Any]:
     """Run this rank's units; commit each as it completes. Returns this rank's timing."""
     indices = [index for unit in unit_ids for index in units[unit]]
     dataset = ItemDataset(items, indices, loaded.transform, spec.runtime.max_image_pixels)
@@ -72,18 +83,30 @@ def _predict_units(spec: JobSpec, items: Items, loaded: LoadedModel, device: tor
     pending_units = iter(unit_ids)
     current = next(pending_units, None)
     rows: dict[str, list] = {c: [] for c in columns}
-    first_batch = last_write = None
+    first_batch = None
+    processed = 0
+    batches = iter(loader)
     try:
-        for batch in loader:
+        while not stop.requested:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception:
+                if stop.requested:  # the signal also reached (and ended) a DataLoader worker
+                    break
+                raise
             if first_batch is None:
                 first_batch = time.time()
-            ids, scores = predictor(batch.pixel_values) if batch.pixel_values is not None else ([], [])
+            ok_pixels = batch.pixel_values
+            ids, scores = predictor(ok_pixels) if ok_pixels is not None else ([], [])
             predictions = iter(zip(ids, scores))
             for index, ok, error in zip(batch.indices, batch.ok, batch.errors):
                 label = items.labels[index]
                 rows["id"].append(items.ids[index])
                 rows["label"].append(label)
-                rows["target"].append(targets[label] if targets is not None and label is not None else None)
+                known = targets is not None and label is not None
+                rows["target"].append(targets[label] if known else None)
                 if ok:
                     top_ids, top_scores = next(predictions)
                     rows["topk_ids"].append(top_ids)
@@ -98,41 +121,73 @@ def _predict_units(spec: JobSpec, items: Items, loaded: LoadedModel, device: tor
                     writer.submit(current, rows)
                     rows = {c: [] for c in columns}
                     current = next(pending_units, None)
-            progress.add(len(batch.indices))
+            processed += len(batch.indices)
+            done, failed = progress.add(len(batch.indices), sum(e is not None for e in batch.errors))
+            _check_error_fraction(spec.runtime.max_error_fraction, done, failed, progress.total)
     finally:
+        del batches  # shuts the DataLoader workers down
         writer.close()
-    last_write = time.time()
-    return {"first_batch": first_batch, "last_write": last_write, "items": len(indices)}
+    return {"first_batch": first_batch, "last_write": time.time(), "items": processed}
+
+
+def _check_error_fraction(limit: float | None, done: int, failed: int, total: int) -> None:
+    if limit is None or done < min(MIN_ITEMS_FOR_ERROR_CHECK, total):
+        return
+    if failed > limit * done:
+        raise TooManyErrors(
+            f"{failed} of the {done} items seen so far could not be decoded, more than "
+            f"runtime.max_error_fraction ({limit}); is data.path the right input? "
+            "Committed units are kept: fix the input and run again, or raise the limit."
+        )
+
+
+def _list_items(spec: JobSpec, state, output: Path) -> Items:
+    """The main rank lists the input once; the others read its listing (or open the dataset)."""
+    shared = output / ITEMS_FILE
+    if state.is_main_process:
+        items = load_items(spec.data)
+        if items.paths is not None:
+            items.save(shared)
+        state.wait_for_everyone()
+        return items
+    state.wait_for_everyone()
+    if shared.exists():
+        return Items.load_saved(shared)
+    return load_items(spec.data)
 
 
 def run(spec: JobSpec) -> dict[str, Any] | None:
     """Run the job on this rank; the main rank returns the metrics."""
     state = init_state(spec.runtime.device, spec.runtime.timeout_s)
+    configure_logging(state.process_index, state.is_main_process)
+    stop = StopFlag().install()
+    lock = OutputLock(spec.output.dir) if state.is_main_process else contextlib.nullcontext()
     try:
-        metrics = _run_rank(spec, state)
-        # Keep every rank (and rank 0's rendezvous store) alive until the main rank is done.
-        state.wait_for_everyone()
+        with lock:
+            metrics = _run_rank(spec, state, stop)
+            # Keep every rank (and rank 0's rendezvous store) alive until the main rank is done.
+            state.wait_for_everyone()
     finally:
         state.destroy_process_group()
     return metrics
 
 
-def _run_rank(spec: JobSpec, state) -> dict[str, Any] | None:
-    configure_logging(state.process_index, state.is_main_process)
+def _run_rank(spec: JobSpec, state, stop: StopFlag) -> dict[str, Any] | None:
     device = state.device
     threads, workers = plan_cpu(state, spec.runtime.num_workers)
     torch.set_num_threads(threads)
     log.info("%d rank(s) on %s; %d thread(s), %d DataLoader worker(s) per rank",
              state.num_processes, device, threads, workers)
+    output = Path(spec.output.dir)
+    output.mkdir(parents=True, exist_ok=True)
 
-    items = load_items(spec.data)
+    items = _list_items(spec, state, output)
     loaded = load_model(spec.model, device)
     targets, unavailable = (None, None)
     if items.labelled:
         targets, unavailable = label_targets(items.classes, loaded.labels)
-    unit_size = choose_unit_size(len(items), state.num_processes, spec.output.unit_size)
-    output = Path(spec.output.dir)
     if state.is_main_process:
+        unit_size = choose_unit_size(len(items), state.num_processes, spec.output.unit_size)
         manifest = build_manifest(spec, items, loaded, unit_size, unavailable)
         prepare_output(output, manifest, spec.output.overwrite)
         (output / "config.yaml").write_text(spec.to_yaml())
@@ -151,9 +206,13 @@ def _run_rank(spec: JobSpec, state) -> dict[str, Any] | None:
     progress = Progress(len(items), already_done, state.is_main_process, spec.runtime.log_every_s)
     try:
         timing = _predict_units(spec, items, loaded, device, units, mine, targets, progress,
-                                workers, metadata)
+                                workers, metadata, stop)
     finally:
         progress.close()
+    if stop.requested:
+        log.warning("stopped on request with every finished unit committed; run the same "
+                    "command again to resume")
+        raise Preempted()
     timings = gather_object([timing])
     if not state.is_main_process:
         return None

@@ -74,3 +74,48 @@ def prepare_output(output_dir: str | Path, manifest: dict[str, Any], overwrite: 
     (output / PREDICTIONS_DIR).mkdir(exist_ok=True)
     write_json(output / MANIFEST, manifest)
     return manifest
+
+
+class OutputInUse(RuntimeError):
+    """Another job holds the output folder."""
+
+
+class OutputLock:
+    """An exclusive flock on ``<output.dir>/.lock`` for the life of the job.
+
+    The kernel drops it when the holder dies, even by SIGKILL, so a resumed job never finds
+    a stale lock. (On network filesystems flock must be enabled, as on Lustre's -o flock.)
+    """
+
+    def __init__(self, output_dir: str | Path):
+        self.path = Path(output_dir) / ".lock"
+        self._handle = None
+
+    def __enter__(self) -> OutputLock:
+        import fcntl
+        import os
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")  # noqa: SIM115 - held open for the job's lifetime
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise OutputInUse(
+                f"output.dir {self.path.parent} is in use by another job ({holder}); "
+                "wait for it to end, or choose another output.dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None

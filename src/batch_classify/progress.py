@@ -18,6 +18,7 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 DONE_KEY = "batch_classify/items_done"
+ERRORS_KEY = "batch_classify/items_failed"
 
 
 def _default_store():
@@ -44,6 +45,7 @@ class Progress:
         self.log_every_s = log_every_s
         self._store = _default_store()
         self._local = 0
+        self._local_errors = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._start_done = already_done
@@ -52,10 +54,13 @@ class Progress:
             self._thread = threading.Thread(target=self._watch, name="progress", daemon=True)
             self._thread.start()
 
-    def add(self, count: int) -> None:
+    def add(self, count: int, errors: int = 0) -> tuple[int, int]:
+        """Count finished items; return (items, errors) of this run over all ranks so far."""
         self._local += count
-        if self._store is not None:
-            self._store.add(DONE_KEY, count)
+        self._local_errors += errors
+        if self._store is None:
+            return self._local, self._local_errors
+        return self._store.add(DONE_KEY, count), self._store.add(ERRORS_KEY, errors)
 
     def _done(self) -> int:
         if self._store is not None:
