@@ -1,4 +1,4 @@
-"""``batch-classify``: run | demo | aggregate."""
+"""``batch-classify``: run | demo | aggregate | compare."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ commands:
   run        run a job in this process (use `accelerate launch jobs/classify.py` for many)
   demo       classify scikit-image's sample photos with real EfficientNet-Lite0 weights
   aggregate  recompute metrics.json from an output folder's Parquet files
+  compare    compare two output folders item by item (top-1 agreement, per-class differences)
 """
 
 
@@ -41,6 +42,23 @@ def _aggregate(argv: list[str]) -> int:
     return 0
 
 
+def _compare(argv: list[str]) -> int:
+    from .compare import CompareError, compare, format_comparison
+
+    parser = argparse.ArgumentParser(prog="batch-classify compare",
+                                     description="Compare two output folders, joined on id.")
+    parser.add_argument("dir_a")
+    parser.add_argument("dir_b")
+    args = parser.parse_args(argv)
+    try:
+        result = compare(args.dir_a, args.dir_b)
+    except CompareError as error:
+        print(f"batch-classify compare: {error}", file=sys.stderr)
+        return 1
+    print(format_comparison(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in {"-h", "--help"}:
@@ -55,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         return _demo(rest)
     if command == "aggregate":
         return _aggregate(rest)
+    if command == "compare":
+        return _compare(rest)
     print(f"batch-classify: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -1,0 +1,570 @@
+"""The report: per-class accuracy, confusions, calibration and a contact sheet of mistakes.
+
+``write_report(output_dir)`` reads the Parquet predictions and the manifest and writes,
+next to metrics.json, ``report.md`` with the files it shows. Labelled outputs get
+per-class accuracy, the most-confused pairs, the expected calibration error and the most
+confident mistakes; unlabelled ones (labelling mode) the distribution of predicted
+classes and the least confident predictions.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from .labels import imagenet_classes
+from .manifest import read_manifest
+
+REPORT = "report.md"
+PER_CLASS = "per_class.csv"
+CONFUSIONS = "confusions.csv"
+PER_CLASS_PLOT = "per_class.png"
+MISTAKES = "mistakes.jpg"
+PREDICTED = "predicted_classes.csv"
+PREDICTED_PLOT = "predicted_classes.png"
+UNCERTAIN = "least_confident.jpg"
+ALL_FILES = (REPORT, PER_CLASS, CONFUSIONS, PER_CLASS_PLOT, MISTAKES, PREDICTED, PREDICTED_PLOT, UNCERTAIN)
+
+ECE_BINS = 15
+TOP_CONFUSIONS = 20
+SHEET_MAX = 24
+SHEET_COLUMNS = 6
+THUMB = 168
+"""Thumbnails are fitted into a THUMB x THUMB square."""
+PAD = 4
+LINE = 16
+CAPTION_LINES = 3
+CELL = (THUMB + 2 * PAD, THUMB + 3 * PAD + CAPTION_LINES * LINE)
+"""(width, height) of one contact-sheet cell: the sheet is columns x rows of these."""
+
+
+# ---------------------------------------------------------------- rows and class names
+
+
+@dataclass
+class Rows:
+    """The prediction table as arrays; -1 marks a null label, target or prediction."""
+
+    ids: list[str]
+    label: np.ndarray
+    target: np.ndarray
+    top1: np.ndarray
+    confidence: np.ndarray
+    in_top5: np.ndarray
+    ok: np.ndarray
+    """Decoded and predicted: error null and at least one class kept."""
+    top5_available: bool
+    model_names: dict[int, str]
+    """Model class index -> the name the model gives it, for every index predicted."""
+
+    @property
+    def scored(self) -> np.ndarray:
+        return self.ok & (self.label >= 0) & (self.target >= 0)
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.top1 == self.target
+
+
+def _int_column(table: pa.Table, name: str) -> np.ndarray:
+    return np.array([-1 if v is None else v for v in table.column(name).to_pylist()], dtype=np.int64)
+
+
+def read_rows(table: pa.Table) -> Rows:
+    topk_ids = table.column("topk_ids").to_pylist()
+    topk_labels = table.column("topk_labels").to_pylist()
+    topk_scores = table.column("topk_scores").to_pylist()
+    errors = table.column("error").to_pylist()
+    target = _int_column(table, "target")
+    ok = np.array([e is None and bool(ids) for e, ids in zip(errors, topk_ids)], dtype=bool)
+    top1 = np.array([ids[0] if good else -1 for ids, good in zip(topk_ids, ok)], dtype=np.int64)
+    confidence = np.array([s[0] if good else np.nan for s, good in zip(topk_scores, ok)], dtype=np.float64)
+    in_top5 = np.array([good and t in ids[:5] for ids, t, good in zip(topk_ids, target, ok)], dtype=bool)
+    labelled = ok & (target >= 0)
+    top5_available = all(len(ids) >= 5 for ids, good in zip(topk_ids, labelled) if good)
+    model_names = {ids[0]: labels[0] for ids, labels, good in zip(topk_ids, topk_labels, ok)
+                   if good and labels}
+    return Rows(table.column("id").to_pylist(), _int_column(table, "label"), target, top1, confidence,
+                in_top5, ok, top5_available, model_names)
+
+
+def shorten(imagenet_name: str) -> str:
+    """The first of an ImageNet class's synonyms: 'tench, Tinca tinca' -> 'tench'."""
+    return imagenet_name.split(",")[0].strip()
+
+
+@dataclass
+class ClassNames:
+    """Names of the dataset's label indices and of the model's output indices."""
+
+    label_wnids: list[str]
+    label_names: list[str]
+    model_imagenet: bool
+    model_names: dict[int, str]
+
+    def label(self, index: int, short: bool = False) -> str:
+        if not 0 <= index < len(self.label_names):
+            return f"class {index}"
+        name = self.label_names[index]
+        return shorten(name) if short and self.label_wnids[index] else name
+
+    def label_wnid(self, index: int) -> str:
+        return self.label_wnids[index] if 0 <= index < len(self.label_wnids) else ""
+
+    def predicted(self, index: int, short: bool = False) -> str:
+        if self.model_imagenet and 0 <= index < 1000:
+            name = imagenet_classes()[1][index]
+            return shorten(name) if short else name
+        return self.model_names.get(index, f"class {index}")
+
+    def predicted_wnid(self, index: int) -> str:
+        return imagenet_classes()[0][index] if self.model_imagenet and 0 <= index < 1000 else ""
+
+
+def model_is_imagenet(model: dict[str, Any]) -> bool:
+    """Whether the model reports ImageNet-1k indices (as labels.model_labels decides)."""
+    return model.get("num_labels") == 1000 or "background" in str(model.get("label_space", ""))
+
+
+def class_names(manifest: dict[str, Any], rows: Rows) -> ClassNames:
+    classes = manifest["dataset"].get("classes", "imagenet-1k")
+    if classes == "imagenet-1k":
+        wnids, names = (list(c) for c in imagenet_classes())
+    else:
+        wnids, names = [""] * len(classes), [str(c) for c in classes]
+    return ClassNames(wnids, names, model_is_imagenet(manifest.get("model", {})), rows.model_names)
+
+
+# ---------------------------------------------------------------- the maths
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE over equal-width confidence bins (lo, hi] (0 goes to the first):
+    sum over bins of (n_bin / n) * |accuracy_bin - mean confidence_bin|."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    if confidence.size == 0:
+        return float("nan")
+    which = np.searchsorted(np.linspace(0.0, 1.0, bins + 1)[1:-1], confidence, side="left")
+    confidence_sum = np.bincount(which, weights=confidence, minlength=bins)
+    correct_sum = np.bincount(which, weights=np.asarray(correct, dtype=np.float64), minlength=bins)
+    return float(np.abs(correct_sum - confidence_sum).sum() / confidence.size)
+
+
+def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(count, accuracy, mean confidence) of each bin; accuracy and confidence NaN when empty."""
+    which = np.searchsorted(np.linspace(0.0, 1.0, bins + 1)[1:-1], confidence, side="left")
+    count = np.bincount(which, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        accuracy = np.bincount(which, weights=correct.astype(np.float64), minlength=bins) / count
+        mean_confidence = np.bincount(which, weights=confidence, minlength=bins) / count
+    return count, accuracy, mean_confidence
+
+
+@dataclass
+class ClassScore:
+    index: int
+    wnid: str
+    name: str
+    n: int
+    top1: float
+    top5: float | None
+
+
+def per_class(rows: Rows, names: ClassNames) -> list[ClassScore]:
+    """Accuracy of each dataset class present among the scored rows, by class index."""
+    scored = rows.scored
+    labels, correct, in_top5 = rows.label[scored], rows.correct[scored], rows.in_top5[scored]
+    scores = []
+    for index in np.unique(labels):
+        mask = labels == index
+        top5 = float(in_top5[mask].mean()) if rows.top5_available else None
+        scores.append(ClassScore(int(index), names.label_wnid(int(index)), names.label(int(index)),
+                                 int(mask.sum()), float(correct[mask].mean()), top5))
+    return scores
+
+
+def confusions(rows: Rows, limit: int = TOP_CONFUSIONS) -> list[tuple[int, int, int]]:
+    """(true label, predicted model class, count) of the commonest top-1 mistakes."""
+    wrong = rows.scored & ~rows.correct
+    pairs = Counter(zip(rows.label[wrong].tolist(), rows.top1[wrong].tolist()))
+    return sorted(((t, p, n) for (t, p), n in pairs.items()), key=lambda x: (-x[2], x[0], x[1]))[:limit]
+
+
+def ranked(mask: np.ndarray, confidence: np.ndarray, descending: bool, limit: int) -> list[int]:
+    """Row indices under ``mask`` ordered by confidence (stable: ties keep row order)."""
+    indices = np.flatnonzero(mask)
+    order = np.argsort(-confidence[indices] if descending else confidence[indices], kind="stable")
+    return indices[order][:limit].tolist()
+
+
+# ---------------------------------------------------------------- images
+
+
+def image_opener(manifest: dict[str, Any]) -> Callable[[str], Image.Image]:
+    """Open the image behind a row id. Raises when the dataset itself cannot be reached."""
+    from .config import DataConfig
+    from .decode import open_image
+
+    config = manifest.get("config", {})
+    data = config.get("data", {})
+    max_pixels = config.get("runtime", {}).get("max_image_pixels", 128_000_000)
+    kind = manifest["dataset"].get("kind")
+    if kind in {"imagefolder", "images", "file_list"}:
+        root = Path(data.get("path", manifest["dataset"]["path"]))
+        if kind == "file_list":
+            root = root.parent
+        if not root.is_dir():
+            raise FileNotFoundError(f"the image folder {root} does not exist (moved or removed?)")
+        return lambda item_id: open_image(str(root / item_id), max_pixels)
+    from .inputs import load_items
+
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    items = load_items(DataConfig(**{k: v for k, v in data.items() if k in known}))
+    position = {item_id: i for i, item_id in enumerate(items.ids)}
+    return lambda item_id: open_image(items.open(position[item_id]), max_pixels)
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int, keep_end: bool = False) -> str:
+    """The text, cut to ``width`` pixels with an ellipsis (at the start when ``keep_end``)."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[1:] if keep_end else text[:-1]
+    return "…" + text if keep_end else text + "…"
+
+
+@dataclass
+class Tile:
+    item_id: str
+    lines: list[tuple[str, str]]
+    """(text, colour) caption lines under the thumbnail."""
+
+
+def mistake_tile(rows: Rows, names: ClassNames, i: int) -> Tile:
+    return Tile(rows.ids[i], [(rows.ids[i], "dimgray"),
+                              ("true: " + names.label(int(rows.label[i]), short=True), "darkgreen"),
+                              (f"{rows.confidence[i]:.0%} {names.predicted(int(rows.top1[i]), short=True)}",
+                               "firebrick")])
+
+
+def prediction_tile(rows: Rows, names: ClassNames, i: int) -> Tile:
+    return Tile(rows.ids[i], [(rows.ids[i], "dimgray"),
+                              (f"pred: {names.predicted(int(rows.top1[i]), short=True)}", "black"),
+                              (f"confidence {rows.confidence[i]:.0%}", "firebrick")])
+
+
+def _thumbnail(opener: Callable[[str], Image.Image] | None, item_id: str) -> Image.Image | None:
+    if opener is None:
+        return None
+    try:
+        return ImageOps.contain(opener(item_id), (THUMB, THUMB))
+    except Exception:  # a moved or broken file: the cell says so
+        return None
+
+
+def contact_sheet(tiles: list[Tile], opener: Callable[[str], Image.Image] | None, path: Path) -> int:
+    """Draw the tiles in a grid of CELL-sized cells; return how many images opened.
+    Writes nothing when none did."""
+    columns = min(SHEET_COLUMNS, len(tiles))
+    sheet = Image.new("RGB", sheet_size(len(tiles)), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = _font(13)
+    opened = 0
+    for i, tile in enumerate(tiles):
+        x, y = (i % columns) * CELL[0], (i // columns) * CELL[1]
+        draw.rectangle([x + PAD, y + PAD, x + PAD + THUMB - 1, y + PAD + THUMB - 1], fill=(232, 232, 232))
+        thumb = _thumbnail(opener, tile.item_id)
+        if thumb is None:
+            draw.text((x + PAD + 8, y + PAD + THUMB // 2 - 8), "image unavailable", fill="gray", font=font)
+        else:
+            opened += 1
+            sheet.paste(thumb, (x + PAD + (THUMB - thumb.width) // 2, y + PAD + (THUMB - thumb.height) // 2))
+        for line, (text, colour) in enumerate(tile.lines):
+            fitted = _fit(draw, text, font, THUMB, keep_end=line == 0)  # the id's end is its file name
+            draw.text((x + PAD, y + 2 * PAD + THUMB + line * LINE), fitted, fill=colour, font=font)
+    if opened:
+        sheet.save(path, quality=88)
+    return opened
+
+
+def sheet_size(n_tiles: int) -> tuple[int, int]:
+    """(width, height) in pixels of the contact sheet of ``n_tiles`` tiles."""
+    columns = min(SHEET_COLUMNS, n_tiles)
+    return columns * CELL[0], math.ceil(n_tiles / columns) * CELL[1]
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _figure(width: float, height: float):
+    # The object API on the Agg canvas: no pyplot, no global backend switch, thread-safe.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def plot_accuracy(scores: list[ClassScore], count: np.ndarray, accuracy: np.ndarray,
+                  confidence: np.ndarray, macro: float, ece: float, title: str, path: Path) -> None:
+    """Left: per-class top-1 sorted from best to worst. Right: the reliability diagram."""
+    figure = _figure(11, 4.2)
+    left, right = figure.subplots(1, 2, width_ratios=[2.2, 1])
+    ordered = sorted(scores, key=lambda s: -s.top1)
+    positions = np.arange(len(ordered))
+    left.bar(positions, [s.top1 for s in ordered], width=1.0 if len(ordered) > 60 else 0.8,
+             color="#4C72B0", edgecolor="none")
+    left.axhline(macro, color="#C44E52", linestyle="--", linewidth=1.2, label=f"macro top-1 {macro:.1%}")
+    if len(ordered) <= 30:
+        left.set_xticks(positions, [shorten(s.name) if s.wnid else s.name for s in ordered],
+                        rotation=60, ha="right", fontsize=8)
+    else:
+        left.set_xlabel("classes, best to worst")
+    left.set_xlim(-0.6, len(ordered) - 0.4)
+    left.set_ylim(0, 1.02)
+    left.set_ylabel("top-1 accuracy")
+    left.set_title(f"Per-class top-1 ({len(ordered)} classes)")
+    left.legend(loc="lower left")
+    edges = np.linspace(0, 1, len(count) + 1)
+    filled = count > 0
+    width = edges[1] - edges[0]
+    right.bar(edges[:-1][filled], accuracy[filled], width=width, align="edge",
+              color="#55A868", edgecolor="white", label="accuracy")
+    right.bar(edges[:-1][filled], (confidence - accuracy)[filled], bottom=accuracy[filled], width=width,
+              align="edge", fill=False, hatch="///", edgecolor="#C44E52", linewidth=0.8,
+              label="gap to mean confidence")
+    right.plot([0, 1], [0, 1], color="gray", linestyle=":", label="perfect calibration")
+    right.set_xlim(0, 1)
+    right.set_ylim(0, 1)
+    right.set_xlabel("top-1 confidence")
+    right.set_ylabel("accuracy")
+    right.set_title(f"Calibration (ECE {ece:.3f})")
+    right.legend(loc="upper left", fontsize=8)
+    figure.suptitle(title, fontsize=10)
+    figure.savefig(path)
+
+
+def plot_predicted(counts: list[tuple[str, int]], title: str, path: Path) -> None:
+    figure = _figure(8, 0.8 + 0.28 * len(counts))
+    axes = figure.subplots()
+    names = [name for name, _ in counts][::-1]
+    axes.barh(np.arange(len(counts)), [n for _, n in counts][::-1], color="#4C72B0")
+    axes.set_yticks(np.arange(len(counts)), names, fontsize=8)
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.set_xlabel("images predicted (top-1)")
+    axes.set_title(title, fontsize=10)
+    figure.savefig(path)
+
+
+# ---------------------------------------------------------------- files
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None or value != value else f"{100.0 * value:.2f}%"
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, headers: list[str], rows: list[list[Any]]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(headers)
+        writer.writerows(["" if cell is None else cell for cell in row] for row in rows)
+
+
+def _image_note(opener_error: str | None, opened: int, shown: int) -> str:
+    if opener_error is not None:
+        return f"_The images could not be opened: {opener_error}._"
+    if opened < shown:
+        return f"_{shown - opened} of {shown} images could not be opened._"
+    return ""
+
+
+@dataclass
+class Context:
+    output: Path
+    manifest: dict[str, Any]
+    rows: Rows
+    names: ClassNames
+    metrics: dict[str, Any]
+    written: list[str] = dataclasses.field(default_factory=lambda: [REPORT])
+
+    @property
+    def model_name(self) -> str:
+        return str(self.manifest.get("model", {}).get("name"))
+
+
+def _header(ctx: Context) -> list[str]:
+    dataset = ctx.manifest["dataset"]
+    return ["# Classification report", "",
+            f"Model `{ctx.model_name}` on `{dataset.get('path')}` ({dataset.get('kind')}).", ""]
+
+
+def _summary(ctx: Context, extra: list[list[Any]]) -> list[str]:
+    m = ctx.metrics
+    errors = str(m["n_errors"]) + (f" ({', '.join(f'{k}: {v}' for k, v in m['errors_by_type'].items())})"
+                                   if m["n_errors"] else "")
+    rows = [["images", m["n"]], ["errors", errors], ["labelled", m["n_labelled"]], ["scored", m["n_scored"]]]
+    if m.get("images_per_second") is not None:
+        rows.append(["images/s", f"{m['images_per_second']:.1f}"])
+    return ["## Summary", "", markdown_table(["", ""], rows + extra), ""]
+
+
+def _opener(manifest: dict[str, Any]) -> tuple[Callable[[str], Image.Image] | None, str | None]:
+    try:
+        return image_opener(manifest), None
+    except Exception as error:  # the report goes on without pictures
+        return None, f"{type(error).__name__}: {error}"
+
+
+def _sheet_section(ctx: Context, title: str, tiles: list[Tile], name: str) -> list[str]:
+    lines = [f"## {title}", ""]
+    if not tiles:
+        return lines + ["None.", ""]
+    opener, opener_error = _opener(ctx.manifest)
+    opened = contact_sheet(tiles, opener, ctx.output / name)
+    if opened:
+        ctx.written.append(name)
+        lines += [f"![{title.lower()}]({name})", ""]
+    note = _image_note(opener_error, opened, len(tiles))
+    return lines + ([note, ""] if note else [])
+
+
+# ---------------------------------------------------------------- labelled: accuracy
+
+
+def _write_class_files(ctx: Context, scores: list[ClassScore], pairs: list[tuple[int, int, int]]) -> None:
+    write_csv(ctx.output / PER_CLASS, ["class_index", "wnid", "name", "n", "top1", "top5"],
+              [[s.index, s.wnid, s.name, s.n, s.top1, s.top5] for s in scores])
+    names = ctx.names
+    write_csv(ctx.output / CONFUSIONS, ["true_index", "true_wnid", "true_name", "predicted_index",
+                                        "predicted_wnid", "predicted_name", "count"],
+              [[t, names.label_wnid(t), names.label(t), p, names.predicted_wnid(p), names.predicted(p), n]
+               for t, p, n in pairs])
+    ctx.written += [PER_CLASS, CONFUSIONS]
+
+
+def _class_section(scores: list[ClassScore]) -> list[str]:
+    lines = ["## Per-class accuracy", "", f"![per-class accuracy and calibration]({PER_CLASS_PLOT})", ""]
+    if len(scores) > 1:
+        worst = sorted(scores, key=lambda s: (s.top1, -s.n, s.index))[:10]
+        lines += [f"Lowest top-1 (all classes in [{PER_CLASS}]({PER_CLASS})):", "",
+                  markdown_table(["class", "n", "top-1", "top-5"],
+                                 [[shorten(s.name) if s.wnid else s.name, s.n, _percent(s.top1),
+                                   _percent(s.top5)] for s in worst]), ""]
+    return lines
+
+
+def _confusion_section(names: ClassNames, pairs: list[tuple[int, int, int]]) -> list[str]:
+    if not pairs:
+        return ["## Most-confused pairs", "", "No mistakes.", ""]
+    table = markdown_table(["true", "predicted", "count"],
+                           [[names.label(t, short=True), names.predicted(p, short=True), n]
+                            for t, p, n in pairs])
+    return ["## Most-confused pairs", "", f"By top-1 prediction; all in [{CONFUSIONS}]({CONFUSIONS}).", "",
+            table, ""]
+
+
+def _labelled_report(ctx: Context) -> tuple[list[str], dict[str, Any]]:
+    rows = ctx.rows
+    scored = rows.scored
+    confidence, correct = rows.confidence[scored], rows.correct[scored]
+    scores = per_class(rows, ctx.names)
+    macro = float(np.mean([s.top1 for s in scores]))
+    ece = expected_calibration_error(confidence, correct)
+    pairs = confusions(rows)
+    _write_class_files(ctx, scores, pairs)
+    plot_accuracy(scores, *reliability(confidence, correct), macro, ece, ctx.model_name,
+                  ctx.output / PER_CLASS_PLOT)
+    ctx.written.append(PER_CLASS_PLOT)
+    summary = _summary(ctx, [["top-1", _percent(ctx.metrics["top1"])],
+                             ["top-5", _percent(ctx.metrics["top5"])],
+                             [f"macro top-1 (mean over {len(scores)} classes)", _percent(macro)],
+                             [f"expected calibration error ({ECE_BINS} bins)", f"{ece:.4f}"]])
+    mistakes = ranked(scored & ~rows.correct, rows.confidence, descending=True, limit=SHEET_MAX)
+    lines = (summary + _class_section(scores) + _confusion_section(ctx.names, pairs)
+             + _sheet_section(ctx, "Most confident mistakes",
+                              [mistake_tile(rows, ctx.names, i) for i in mistakes], MISTAKES))
+    return lines, {"macro_top1": macro, "ece": ece, "n_classes_scored": len(scores)}
+
+
+# ---------------------------------------------------------------- labelling mode: what was predicted
+
+
+def _labelling_report(ctx: Context) -> tuple[list[str], dict[str, Any]]:
+    rows, names = ctx.rows, ctx.names
+    n_predicted = int(rows.ok.sum())
+    ordered = sorted(Counter(rows.top1[rows.ok].tolist()).items(), key=lambda x: (-x[1], x[0]))
+    write_csv(ctx.output / PREDICTED, ["predicted_index", "predicted_wnid", "predicted_name", "count"],
+              [[p, names.predicted_wnid(p), names.predicted(p), n] for p, n in ordered])
+    ctx.written.append(PREDICTED)
+    why = ctx.metrics.get("accuracy_unavailable") or (
+        "the dataset has no labels" if ctx.metrics["n_labelled"] == 0 else "no item could be scored")
+    lines = _summary(ctx, [["accuracy", f"unavailable: {why}"], ["distinct top-1 classes", len(ordered)]])
+    lines += ["## Most frequent predictions", ""]
+    top = [(names.predicted(p, short=True), n) for p, n in ordered[:TOP_CONFUSIONS]]
+    if top:
+        plot_predicted(top, f"Top-1 predictions: {len(ordered)} classes over {n_predicted} images",
+                       ctx.output / PREDICTED_PLOT)
+        ctx.written.append(PREDICTED_PLOT)
+        lines += [f"![most frequent top-1 classes]({PREDICTED_PLOT})", "",
+                  markdown_table(["class", "images", "share"],
+                                 [[name, n, _percent(n / n_predicted)] for name, n in top]),
+                  "", f"All classes in [{PREDICTED}]({PREDICTED}).", ""]
+    else:
+        lines += ["No image was classified.", ""]
+    uncertain = ranked(rows.ok, rows.confidence, descending=False, limit=SHEET_MAX)
+    lines += _sheet_section(ctx, "Least confident predictions",
+                            [prediction_tile(rows, names, i) for i in uncertain], UNCERTAIN)
+    return lines, {"macro_top1": None, "ece": None, "n_classes_scored": 0}
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def write_report(output_dir: str | Path) -> dict[str, Any]:
+    """Write report.md and its files next to metrics.json; return metrics to merge into it:
+    ``macro_top1``, ``ece`` (both None in labelling mode), ``n_classes_scored``, ``report_files``."""
+    # Imported here, not at the top: aggregate() calls this module.
+    from .aggregate import TIMING, compute_metrics, read_predictions
+
+    output = Path(output_dir)
+    manifest = read_manifest(output)
+    if manifest is None:
+        raise FileNotFoundError(f"{output} has no manifest.json: not a batch-classify output folder")
+    table = read_predictions(output)
+    rows = read_rows(table)
+    metrics = compute_metrics(table)
+    metrics["accuracy_unavailable"] = manifest.get("accuracy_unavailable")
+    timing = json.loads((output / TIMING).read_text()) if (output / TIMING).exists() else {}
+    metrics["images_per_second"] = timing.get("images_per_second")
+    ctx = Context(output, manifest, rows, class_names(manifest, rows), metrics)
+    body, extra = _labelled_report(ctx) if rows.scored.any() else _labelling_report(ctx)
+    (output / REPORT).write_text("\n".join(_header(ctx) + body).rstrip() + "\n")
+    for stale in set(ALL_FILES) - set(ctx.written):  # left by an earlier report of other results
+        (output / stale).unlink(missing_ok=True)
+    return {**extra, "report_files": ctx.written}
