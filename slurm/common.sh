@@ -1,0 +1,211 @@
+# shellcheck shell=bash
+# The launch logic shared by the sbatch scripts in this folder. Sourced, never run: sourcing only
+# defines the settings below and functions; the sbatch script then calls `classify_main "$@"`.
+#
+# Site settings. Each is an environment variable: export it before `sbatch` (sbatch passes the
+# submitting shell's environment on), or pin it in the "Site settings" block at the top of an
+# sbatch script. The defaults:
+: "${PYTHON:=python3}"            # the interpreter with batch-classify installed (a venv's python)
+: "${GPU_PLATFORM:=auto}"         # rocm | cuda | none | auto: which env-*.sh every node sources;
+                                  # auto: /dev/kfd means ROCm, /dev/nvidiactl or nvidia-smi CUDA
+: "${GPUS_PER_NODE:=}"            # ranks per node; empty: the GPUs Slurm allocated on the node
+: "${LOG_DIR:=logs}"              # per-node logs; keep it equal to the #SBATCH --output folder
+: "${NODE_LOG:=%x-%j-node%n-%N.out}"  # per-node log name (srun filename patterns)
+: "${NODE_LOCAL_DIR:=${SLURM_TMPDIR:-/tmp}}"  # a node-local disk: per-job caches (MIOpen) go here
+: "${RDZV_BACKEND:=}"             # c10d | static; empty: c10d for several nodes, static for one
+: "${MAIN_PROCESS_PORT:=}"        # rendezvous port; empty: derived from the job id
+: "${MAIN_PROCESS_IP:=}"          # rendezvous host; empty: the first host of the allocation
+: "${MAX_REQUEUES:=20}"           # a job preempted this often stops requeueing itself
+: "${SRUN_ARGS:=}"                # more srun options for the launch, e.g. a container (pyxis):
+                                  # "--container-image=... --container-mounts=/data,/scratch"
+
+log() { printf '%s [batch %s] %s\n' "$(date +%H:%M:%S)" "${SLURM_JOB_ID:-?}" "$*"; }
+die() { log "error: $*" >&2; exit 2; }
+
+# Ranks per node: GPUS_PER_NODE, else what Slurm allocated on this (the first) node.
+gpus_per_node() {
+    local count
+    if [ -n "$GPUS_PER_NODE" ]; then
+        count=$GPUS_PER_NODE
+    elif [ -n "${SLURM_GPUS_ON_NODE:-}" ]; then
+        count=$SLURM_GPUS_ON_NODE
+    elif [ -n "${SLURM_GPUS_PER_NODE:-}" ]; then
+        count=${SLURM_GPUS_PER_NODE##*:}        # "8" or "mi300x:8"
+    elif [ -n "${SLURM_JOB_GPUS:-}" ]; then
+        local -a ids
+        IFS=, read -r -a ids <<<"$SLURM_JOB_GPUS"  # "0,1,2,3"
+        count=${#ids[@]}
+    else
+        die "no GPU count: request GPUs (#SBATCH --gpus-per-node=8) or set GPUS_PER_NODE"
+    fi
+    case $count in
+        '' | *[!0-9]* | 0) die "GPUs per node must be a positive integer, got '$count'" ;;
+    esac
+    echo "$count"
+}
+
+# The env-*.sh file every node sources before its ranks start; empty for none.
+gpu_env_file() {
+    local platform=$GPU_PLATFORM
+    if [ "$platform" = auto ]; then
+        if [ -e /dev/kfd ]; then
+            platform=rocm
+        elif [ -e /dev/nvidiactl ] || command -v nvidia-smi >/dev/null 2>&1; then
+            platform=cuda
+        else
+            platform=none
+        fi
+    fi
+    case $platform in
+        rocm | cuda) echo "$PROJECT_DIR/slurm/env-$platform.sh" ;;
+        none) echo "" ;;
+        *) die "GPU_PLATFORM must be rocm, cuda, none or auto, got '$GPU_PLATFORM'" ;;
+    esac
+}
+
+# A port per job, so jobs sharing a node do not collide; below Linux's ephemeral range.
+derived_port() { echo $((15000 + ${1:?job id} % 15000)); }
+
+# A per-node log name from an srun filename pattern, as srun expands it for node $1 on host $2.
+node_log_path() {
+    local name=$NODE_LOG
+    name=${name//%x/"${SLURM_JOB_NAME:-}"}
+    name=${name//%j/"${SLURM_JOB_ID:-}"}
+    name=${name//%A/"${SLURM_ARRAY_JOB_ID:-}"}
+    name=${name//%a/"${SLURM_ARRAY_TASK_ID:-}"}
+    name=${name//%n/"$1"}
+    name=${name//%N/"$2"}
+    echo "$LOG_DIR/$name"
+}
+
+# The metrics table the main rank printed as the job's final words. It is in the log of
+# whichever node holds global rank 0: c10d assigns ranks in the order the nodes join, so that
+# is not always node 0. With several (a requeued job appends), the newest log's last table.
+print_metrics_table() {
+    local node_log newest=""
+    local -a node_logs
+    mapfile -t node_logs < <(compgen -G "$(node_log_path '*' '*')")
+    for node_log in ${node_logs[@]+"${node_logs[@]}"}; do
+        if grep -q '^images/s  ' "$node_log" && { [ -z "$newest" ] || [ "$node_log" -nt "$newest" ]; }; then
+            newest=$node_log
+        fi
+    done
+    if [ -z "$newest" ]; then
+        log "no metrics table in the per-node logs"
+        return 0
+    fi
+    awk '/^model  / { table = $0; next }
+         table != "" && /^(dataset|images|errors|top-1|top-5|images\/s|accuracy)  / {
+             table = table "\n" $0 }
+         END { if (table != "") print table }' "$newest"
+}
+
+# Stop the running step gracefully: SIGTERM to every process of the job's steps (launchers and
+# ranks; never the batch shell). Not `kill -TERM <srun>`: srun answers SIGTERM by SIGKILLing its
+# tasks ("forcing job termination"), which would lose the ranks' chance to commit their work.
+stop_step() {
+    local reason=$1
+    trapped=1
+    [ -n "${step_pid:-}" ] || return 0
+    log "$reason: sending SIGTERM to the ranks (scancel --signal=TERM $SLURM_JOB_ID)"
+    if ! scancel --signal=TERM "$SLURM_JOB_ID"; then
+        log "scancel failed; stopping srun itself (its tasks get SIGKILL, committed units stay)"
+        kill -TERM "$step_pid" 2>/dev/null || true
+    fi
+}
+on_usr1() { preempted=1; stop_step "SIGUSR1 (time limit near or preemption)"; }
+on_term() { stop_step "SIGTERM (job cancelled)"; }
+
+# Run one classification job on the allocation: <config> [--section.key value ...].
+classify_main() {
+    if [ $# -lt 1 ] || [ "${1#--}" != "$1" ]; then
+        die "usage: sbatch [options] $0 <config.yaml> [--section.key value ...]"
+    fi
+    local config=$1
+    shift
+    : "${SLURM_JOB_ID:?not inside a Slurm job: submit with sbatch}"
+    [ -f "$PROJECT_DIR/jobs/classify.py" ] \
+        || die "no jobs/classify.py under PROJECT_DIR=$PROJECT_DIR: submit from the project root or set PROJECT_DIR"
+    [ -f "$config" ] || die "config file '$config' not found (relative to $PWD)"
+
+    local nodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+    local per_node processes first_host port backend
+    per_node=$(gpus_per_node)
+    processes=$((nodes * per_node))
+    # (`|| true`: head may close the pipe before scontrol has printed a long node list.)
+    first_host=$({ scontrol show hostnames "$SLURM_JOB_NODELIST" || true; } | head -n1)
+    [ -n "$first_host" ] || die "scontrol show hostnames '$SLURM_JOB_NODELIST' gave no host"
+    port=${MAIN_PROCESS_PORT:-$(derived_port "$SLURM_JOB_ID")}
+    backend=${RDZV_BACKEND:-$([ "$nodes" -gt 1 ] && echo c10d || echo static)}
+    # Read on every node by launch-node.sh (srun passes the environment on).
+    export PYTHON RDZV_BACKEND=$backend JOB_LOCAL_DIR="$NODE_LOCAL_DIR/batch-classify-$SLURM_JOB_ID"
+    export PYTHONUNBUFFERED=${PYTHONUNBUFFERED:-1}  # log lines as they happen, not per 8 KB
+    GPU_ENV_FILE=$(gpu_env_file)
+    export GPU_ENV_FILE
+
+    local -a srun_args launcher=(--config_file "$PROJECT_DIR/slurm/accelerate.yaml"
+        --num_machines "$nodes" --num_processes "$processes"
+        --main_process_ip "${MAIN_PROCESS_IP:-$first_host}" --main_process_port "$port"
+        --rdzv_backend "$backend")
+    # accelerate starts N real ranks only with --multi_gpu (also on the CPU); it refuses it for one.
+    if [ "$processes" -gt 1 ]; then
+        launcher=(--multi_gpu "${launcher[@]}")
+    fi
+    read -r -a srun_args <<<"$SRUN_ARGS"
+
+    mkdir -p "$LOG_DIR"
+    log "job $SLURM_JOB_ID (${SLURM_JOB_NAME:-}) run $((${SLURM_RESTART_COUNT:-0} + 1)):" \
+        "$nodes node(s) x $per_node rank(s) = $processes, rendezvous $backend at" \
+        "${MAIN_PROCESS_IP:-$first_host}:$port, env ${GPU_ENV_FILE:-none}"
+    log "config $config, overrides: $*"
+    log "per-node logs: $(node_log_path '<n>' '<host>')"
+
+    preempted=0
+    step_pid=
+    trap on_usr1 USR1
+    trap on_term TERM
+    srun --nodes="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 --open-mode=append \
+        --output="$LOG_DIR/$NODE_LOG" ${srun_args[@]+"${srun_args[@]}"} \
+        "$PROJECT_DIR/slurm/launch-node.sh" "${launcher[@]}" \
+        "$PROJECT_DIR/jobs/classify.py" --config "$config" "$@" &
+    step_pid=$!
+
+    local status
+    while :; do
+        trapped=0
+        status=0
+        wait "$step_pid" || status=$?
+        # `wait` returns early (status > 128) when a trapped signal arrives; the step runs on.
+        [ "$trapped" = 1 ] || break
+    done
+    step_pid=  # from here on a late signal stops nothing (and, trapped, does not kill this shell)
+    log "step ended with status $status"
+
+    if [ -n "${GPU_ENV_FILE}" ]; then
+        srun --nodes="$nodes" --ntasks-per-node=1 rm -rf "$JOB_LOCAL_DIR" \
+            || log "could not remove $JOB_LOCAL_DIR on every node"
+    fi
+
+    if [ "$status" = 0 ]; then
+        log "done. Metrics:"
+        print_metrics_table
+        return 0
+    fi
+    if [ "$preempted" = 1 ]; then
+        # The ranks committed their finished units; the requeued job runs this same command and
+        # resumes where they stopped (it keeps its job id, so its logs append to these).
+        if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then
+            log "preempted, but requeued $MAX_REQUEUES times already (MAX_REQUEUES): not again;" \
+                "submit the same command to resume"
+            return 75
+        fi
+        log "preempted: requeueing job $SLURM_JOB_ID"
+        if scontrol requeue "$SLURM_JOB_ID"; then
+            return 0
+        fi
+        log "requeue failed: submit the same command again to resume"
+        return 75
+    fi
+    log "the job failed: the per-node logs say why"
+    return "$status"
+}
