@@ -57,6 +57,7 @@ def test_sigkill_of_a_rank_then_resume_with_another_world_size(job_args, tmp_pat
                "--config_file", str(ROOT / "configs" / "accelerate" / "cpu-2proc.yaml"),
                str(ROOT / "jobs" / "classify.py"), *args, "--output.dir", str(out),
                "--runtime.device", "cpu"]
+    orphans: list[psutil.Process] = []
     launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 cwd=ROOT, start_new_session=True)
     try:
@@ -68,15 +69,20 @@ def test_sigkill_of_a_rank_then_resume_with_another_world_size(job_args, tmp_pat
             time.sleep(0.2)
         rank1 = _rank_process(launcher, 1)
         assert rank1 is not None
+        # Its DataLoader worker (blocked on the FIFO) lives in the rank's own session: end it
+        # below, as a real requeue would end the whole allocation.
+        orphans = rank1.children(recursive=True)
         rank1.send_signal(signal.SIGKILL)
         # The surviving rank is ended too, well before any collective timeout.
         launcher.wait(timeout=120)
         assert launcher.returncode != 0
     finally:
-        # Also ends the killed rank's orphaned DataLoader worker, still blocked on the FIFO.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(launcher.pid, signal.SIGKILL)
         launcher.wait()
+        for orphan in orphans:
+            with contextlib.suppress(psutil.Error):
+                orphan.kill()
     committed = sorted(p.name for p in (out / "predictions").glob("unit-*.parquet"))
     assert committed == [f"unit-{u:06d}.parquet" for u in range(5)]
     with pytest.raises(AggregateError, match="10 prediction rows but the manifest lists 11"):

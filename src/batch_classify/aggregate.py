@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .manifest import read_manifest, write_json
+from .report import write_report
 from .writer import PREDICTIONS_DIR, SCHEMA, unit_of
 
 METRICS = "metrics.json"
@@ -64,6 +65,7 @@ def aggregate(output_dir: str | Path) -> dict[str, Any]:
     """Score the output folder, write metrics.json, return the metrics.
 
     Refuses outputs in which an id appears twice or whose item count differs from the manifest.
+    Also writes the report (per_class.csv, confusions.csv, report.md, plots, contact sheet).
     """
     output = Path(output_dir)
     manifest = read_manifest(output)
@@ -97,6 +99,7 @@ def aggregate(output_dir: str | Path) -> dict[str, Any]:
     metrics["timing"] = timing
     metrics["model"] = manifest["model"]
     metrics["dataset"] = manifest["dataset"]
+    metrics.update(write_report(output))
     write_json(output / METRICS, metrics)
     return metrics
 

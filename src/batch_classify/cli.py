@@ -1,4 +1,4 @@
-"""``batch-classify``: run | demo | aggregate | compare."""
+"""``batch-classify``: run | demo | aggregate | compare | verify."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ commands:
   demo       classify scikit-image's sample photos with real EfficientNet-Lite0 weights
   aggregate  recompute metrics.json from an output folder's Parquet files
   compare    compare two output folders item by item (top-1 agreement, per-class differences)
+  verify     check an output folder against its manifest: every id exactly once
 """
 
 
@@ -59,6 +60,22 @@ def _compare(argv: list[str]) -> int:
     return 0
 
 
+def _verify(argv: list[str]) -> int:
+    from .verify import verify
+
+    parser = argparse.ArgumentParser(prog="batch-classify verify",
+                                     description="Check an output folder against its manifest.")
+    parser.add_argument("output_dir")
+    args = parser.parse_args(argv)
+    try:
+        result = verify(args.output_dir)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"batch-classify verify: {error}", file=sys.stderr)
+        return 2
+    print(result.summary())
+    return 0 if result.complete else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in {"-h", "--help"}:
@@ -75,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         return _aggregate(rest)
     if command == "compare":
         return _compare(rest)
+    if command == "verify":
+        return _verify(rest)
     print(f"batch-classify: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
+import time
 
 import torch
 from accelerate import PartialState
@@ -62,3 +64,108 @@ def configure_logging(rank: int, is_main: bool) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
+
+
+def default_store():
+    """The rendezvous store of the process group, or None when running alone."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # a backend without a store
+        return None
+
+
+class RankFailed(RuntimeError):
+    """Another rank of this job failed or stopped; the message carries its reason."""
+
+
+class JobBoard:
+    """End-of-job coordination through the rendezvous store instead of collectives.
+
+    A rank that is still waiting for its peers keeps checking its stop flag and the peers'
+    failures, so a stop signal or a crashed rank never leaves it hanging in a collective;
+    ``timeout_s`` bounds the wait for a rank that vanished without a word (SIGKILL).
+    """
+
+    PREFIX = "batch_classify/board/"
+
+    def __init__(self, store, rank: int, world_size: int, timeout_s: float, poll_s: float = 0.2):
+        self.store = store
+        self.rank = rank
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        self.poll_s = poll_s
+
+    def _key(self, name: str) -> str:
+        return self.PREFIX + name
+
+    def report_failure(self, reason: str) -> None:
+        """Tell the other ranks why this one is leaving (best effort: the store may be gone)."""
+        if self.store is None:
+            return
+        try:
+            self.store.set(self._key("failure"), f"rank {self.rank}: {reason}"[:2000])
+            self.store.add(self._key("failures"), 1)
+        except Exception:  # the store's host may already be gone; the timeout still bounds
+            log.debug("could not publish the failure of rank %d", self.rank)
+
+    def _raise_if_failed(self, stop) -> None:
+        if stop is not None and stop.requested:
+            from .preemption import Preempted
+
+            raise Preempted()
+        if self.store.add(self._key("failures"), 0) > 0:
+            reason = self.store.get(self._key("failure")).decode()
+            raise RankFailed(f"another rank of the job failed or stopped: {reason}")
+
+    def _wait_for(self, counter: str, target: int, what: str, stop,
+                  timeout_s: float | None = None) -> None:
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        while self.store.add(self._key(counter), 0) < target:
+            self._raise_if_failed(stop)
+            if time.monotonic() > deadline:
+                raise RankFailed(f"timed out after {timeout_s:.0f} s waiting for {what} "
+                                 "(runtime.timeout_s); a rank may have died")
+            time.sleep(self.poll_s)
+
+    def announce(self, stage: str) -> None:
+        """Main rank: ``stage`` is done (e.g. the input is listed, the output folder ready)."""
+        if self.store is not None:
+            self.store.add(self._key(f"stage/{stage}"), 1)
+
+    def wait_for_main(self, stage: str, stop) -> None:
+        """Other ranks: wait until the main rank announced ``stage``, or failed."""
+        if self.store is not None and self.rank != 0:
+            self._wait_for(f"stage/{stage}", 1, f"the main rank ({stage})", stop)
+
+    def finish(self, payload: dict, stop) -> list[dict] | None:
+        """Publish this rank's payload; the main rank gets every rank's, in rank order."""
+        if self.store is None:
+            return [payload]
+        self.store.set(self._key(f"payload/{self.rank}"), json.dumps(payload))
+        self.store.add(self._key("finished"), 1)
+        if self.rank != 0:
+            return None
+        self._wait_for("finished", self.world_size, "every rank to finish its units", stop)
+        return [json.loads(self.store.get(self._key(f"payload/{r}"))) for r in range(self.world_size)]
+
+    def release(self, stop) -> None:
+        """Main rank: results written. Others: wait for that, so rank 0's store outlives them."""
+        if self.store is None:
+            return
+        if self.rank == 0:
+            self.store.add(self._key("released"), 1)
+            # Leave only once every rank has seen the release (rank 0 may host the store), but
+            # the results are written: a rank that vanished now costs a warning, not the job.
+            try:
+                self._wait_for("left", self.world_size - 1, "the other ranks to leave", None,
+                               timeout_s=min(self.timeout_s, 60.0))
+            except RankFailed as error:
+                log.warning("results are written; %s", error)
+        else:
+            self._wait_for("released", 1, "the main rank to write the results", stop)
+            self.store.add(self._key("left"), 1)

