@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,43 @@ def compute_metrics(table: pa.Table) -> dict[str, Any]:
     return metrics
 
 
+VAL_ID = re.compile(r"ILSVRC2012_val_(\d{8})")
+
+
+def real_labels_path(value: str) -> Path:
+    """``data.real_labels``: a real.json path, or 'imagenet-real' for the copy timm ships."""
+    if value == "imagenet-real":
+        return Path(str(resources.files("timm.data").joinpath("_info", "imagenet_real_labels.json")))
+    return Path(value)
+
+
+def real_accuracy(table: pa.Table, real_path: Path) -> dict[str, Any]:
+    """ImageNet-ReaL top-1/top-5: a prediction is right if it is among the image's ReaL labels.
+
+    Rows are matched to real.json by the validation file number in their id; images with no
+    ReaL label are left out, as in the ReaL paper and timm."""
+    try:
+        real = json.loads(real_path.read_text())
+    except (OSError, ValueError) as error:
+        raise AggregateError(f"data.real_labels {real_path}: cannot read it ({error})") from None
+    top1, top5 = [], []
+    for item_id, ids, error in zip(table.column("id").to_pylist(), table.column("topk_ids").to_pylist(),
+                                   table.column("error").to_pylist()):
+        match = VAL_ID.search(item_id)
+        if match is None or error is not None:
+            continue
+        index = int(match.group(1)) - 1
+        if not 0 <= index < len(real) or not real[index]:
+            continue
+        labels = set(real[index])
+        top1.append(ids[0] in labels)
+        top5.append(any(i in labels for i in ids[:5]))
+    if not top1:
+        return {"real_top1": None, "real_top5": None, "n_real": 0,
+                "real_unavailable": "no row id holds an ILSVRC2012_val_ file number with ReaL labels"}
+    return {"real_top1": float(np.mean(top1)), "real_top5": float(np.mean(top5)), "n_real": len(top1)}
+
+
 def aggregate(output_dir: str | Path) -> dict[str, Any]:
     """Score the output folder, write metrics.json, return the metrics.
 
@@ -99,6 +138,12 @@ def aggregate(output_dir: str | Path) -> dict[str, Any]:
     metrics["timing"] = timing
     metrics["model"] = manifest["model"]
     metrics["dataset"] = manifest["dataset"]
+    real = manifest.get("config", {}).get("data", {}).get("real_labels")
+    if real:
+        if not manifest["model"].get("imagenet_ids", True):
+            metrics["real_unavailable"] = "the model's classes are not ImageNet-1k"
+        else:
+            metrics.update(real_accuracy(table, real_labels_path(real)))
     metrics.update(write_report(output))
     write_json(output / METRICS, metrics)
     return metrics
@@ -119,8 +164,11 @@ def format_table(metrics: dict[str, Any]) -> str:
             f" {metrics['errors_by_type']}" if metrics["n_errors"] else "")),
         ("top-1", _percent(metrics["top1"])),
         ("top-5", _percent(metrics["top5"])),
+        *([("ReaL top-1", _percent(metrics["real_top1"]))] if metrics.get("real_top1") is not None else []),
         ("images/s", "n/a" if speed is None else f"{speed:.1f}"),
     ]
+    if metrics["model"].get("label_space"):
+        rows.append(("labels", metrics["model"]["label_space"]))
     if metrics.get("accuracy_unavailable"):
         rows.append(("accuracy", "unavailable: " + metrics["accuracy_unavailable"]))
     width = max(len(name) for name, _ in rows)

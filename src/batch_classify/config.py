@@ -56,6 +56,11 @@ class DataConfig:
     """Label column of a dataset (default: 'label' where present; none means unlabelled)."""
     id_column: str | None = None
     """Column giving each row's id (default: the row index)."""
+    class_subset: str | None = None
+    """Score only these ImageNet-1k classes: 'imagenet-a', 'imagenet-r' (200 classes each) or
+    a file of wnids or indices, one per line (as timm's --valid-labels)."""
+    real_labels: str | None = None
+    """ImageNet-ReaL labels (real.json as published) for a second score on ImageNet val."""
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "data.path", "is required (a folder, file list or dataset)")

@@ -17,7 +17,7 @@ from .config import ConfigError, JobSpec, parse_args
 from .decode import ItemDataset, collate, describe_error, worker_init
 from .distributed import JobBoard, RankFailed, configure_logging, default_store, init_state, plan_cpu
 from .inputs import Items, load_items
-from .labels import label_targets
+from .labels import class_subset, label_targets
 from .manifest import FORMAT_VERSION, OutputLock, prepare_output, read_manifest, write_json
 from .model import LoadedModel, load_model
 from .predict import Predictor
@@ -44,7 +44,8 @@ def build_manifest(spec: JobSpec, items: Items, loaded: LoadedModel, unit_size: 
             "notes": items.notes,
         },
         "model": loaded.identity,
-        "job": {"top_k": spec.output.top_k, "unit_size": unit_size},
+        "job": {"top_k": spec.output.top_k, "unit_size": unit_size,
+                "class_subset": spec.data.class_subset},
         "accuracy_unavailable": unavailable,
         "config": spec.to_dict(),
     }
@@ -76,7 +77,7 @@ def _predict_units(spec: JobSpec, items: Items, loaded: LoadedModel, device: tor
     )
     predictor = Predictor(loaded.model, loaded.labels, device, spec.runtime.precision,
                           spec.output.top_k)
-    names = loaded.labels.names
+    names = dict(zip(loaded.labels.ids, loaded.labels.names))
     writer = UnitWriter(spec.output.dir, metadata)
     columns = ("id", "label", "target", "topk_ids", "topk_labels", "topk_scores", "error")
     pending_units = iter(unit_ids)
@@ -189,6 +190,10 @@ def _run_rank(spec: JobSpec, state, stop: StopFlag, board: JobBoard) -> dict[str
 
     items = _list_items(spec, state.is_main_process, output, board, stop)
     loaded = load_model(spec.model, device)
+    if spec.data.class_subset is not None:
+        loaded.labels = loaded.labels.restrict(class_subset(spec.data.class_subset),
+                                               spec.data.class_subset)
+        loaded.identity["label_space"] = loaded.labels.note
     targets, unavailable = (None, None)
     if items.labelled:
         targets, unavailable = label_targets(items.classes, loaded.labels)

@@ -35,7 +35,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     found = []
     for section, keys in {"dataset": ("n_items", "fingerprint"),
                           "model": ("name", "revision", "weights_sha256"),
-                          "job": ("top_k", "unit_size")}.items():
+                          "job": ("top_k", "unit_size", "class_subset")}.items():
         for key in keys:
             before, after = old.get(section, {}).get(key), new.get(section, {}).get(key)
             if before != after:

@@ -97,5 +97,6 @@ def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
         "num_labels": config.num_labels,
         "weights_sha256": weights_sha256(_weights_folder(cfg, commit)),
         "label_space": labels.note,
+        "imagenet_ids": labels.imagenet,
     }
     return LoadedModel(model, processor, labels, identity)

@@ -21,6 +21,8 @@ class Predictor:
         self.device = device
         self.dtype = PRECISIONS[precision]
         self.k = min(top_k, len(labels.names))
+        self._keep = torch.tensor(labels.keep, device=device)
+        self._ids = torch.tensor(labels.ids, device=device)
 
     def _autocast(self):
         if self.dtype is None:
@@ -30,8 +32,8 @@ class Predictor:
     def __call__(self, pixel_values: torch.Tensor) -> tuple[list[list[int]], list[list[float]]]:
         with torch.inference_mode(), self._autocast():
             logits = self.model(pixel_values=pixel_values.to(self.device, non_blocking=True)).logits
-        logits = logits[:, self.labels.first_logit:].float()
+        logits = logits.index_select(1, self._keep).float()
         # Rank by logits: softmax rounds near-equal logits to equal probabilities.
-        ids = logits.topk(self.k, dim=-1).indices
-        scores = logits.softmax(dim=-1).gather(1, ids)
-        return ids.cpu().tolist(), scores.cpu().tolist()
+        positions = logits.topk(self.k, dim=-1).indices
+        scores = logits.softmax(dim=-1).gather(1, positions)
+        return self._ids[positions].cpu().tolist(), scores.cpu().tolist()

@@ -134,6 +134,8 @@ class ClassNames:
 
 def model_is_imagenet(model: dict[str, Any]) -> bool:
     """Whether the model reports ImageNet-1k indices (as labels.model_labels decides)."""
+    if "imagenet_ids" in model:
+        return bool(model["imagenet_ids"])
     return model.get("num_labels") == 1000 or "background" in str(model.get("label_space", ""))
 
 
@@ -431,6 +433,9 @@ def _summary(ctx: Context, extra: list[list[Any]]) -> list[str]:
     rows = [["images", m["n"]], ["errors", errors], ["labelled", m["n_labelled"]], ["scored", m["n_scored"]]]
     if m.get("images_per_second") is not None:
         rows.append(["images/s", f"{m['images_per_second']:.1f}"])
+    label_space = ctx.manifest.get("model", {}).get("label_space")
+    if label_space:
+        rows.append(["label space", label_space])
     return ["## Summary", "", markdown_table(["", ""], rows + extra), ""]
 
 
