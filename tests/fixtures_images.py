@@ -72,6 +72,14 @@ def write_exif_pair(folder: Path) -> tuple[str, str]:
     return "upright.png", "rotated.png"
 
 
+def broken_exif_jpeg() -> bytes:
+    """A good JPEG whose EXIF block claims an IFD entry it does not hold."""
+    good = jpeg_bytes(photo())
+    payload = b"Exif\x00\x00" + b"II\x2a\x00\x08\x00\x00\x00\x05\x00\x12\x01"
+    segment = b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+    return good[:2] + segment + good[2:]
+
+
 def write_bad_images(folder: Path) -> dict[str, str]:
     """Files that must become error rows; returns name -> what is wrong with it."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -82,6 +90,7 @@ def write_bad_images(folder: Path) -> dict[str, str]:
         "text.jpg": b"this is not an image, just text with a .jpg name\n",
         "unsupported.jpg": b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj<<>>endobj\n",
         "bomb.png": bomb_png(),
+        "broken-exif.jpg": broken_exif_jpeg(),
     }
     for name, content in bad.items():
         (folder / name).write_bytes(content)

@@ -59,6 +59,7 @@ def test_exif_orientation_is_applied(tmp_path):
     ("text.jpg", "UnidentifiedImageError"),
     ("unsupported.jpg", "UnidentifiedImageError"),
     ("bomb.png", "ImageTooLarge"),
+    ("broken-exif.jpg", "CorruptExif"),
 ])
 def test_broken_files_raise_typed_errors(tmp_path, name, error_type):
     write_bad_images(tmp_path)
@@ -95,3 +96,17 @@ def test_bad_images_become_rows_and_the_job_goes_on(tmp_path, tiny_models):
     assert metrics["n"] == len(rows) and metrics["n_errors"] == len(bad)
     assert sum(metrics["errors_by_type"].values()) == len(bad)
     assert metrics["errors_by_type"]["EmptyImageFile"] == 1
+    assert metrics["errors_by_type"]["CorruptExif"] == 1
+
+
+def test_a_file_gone_between_listing_and_reading_is_a_row(tmp_path, tiny_models):
+    folder = tmp_path / "imgs"
+    write_good_images(folder)
+    listing = tmp_path / "list.txt"
+    listing.write_text("imgs/rgb.jpg\nimgs/deleted.jpg\nimgs/grey.png\n")
+    out = tmp_path / "out"
+    run_job(["--model.name", str(tiny_models["efficientnet"]), "--data.path", str(listing),
+             "--output.dir", str(out)])
+    rows = read_rows(out)
+    assert rows["imgs/deleted.jpg"]["error"].startswith("FileNotFoundError: ")
+    assert rows["imgs/rgb.jpg"]["error"] is None and rows["imgs/grey.png"]["error"] is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+class CorruptExif(ValueError):
+    """The EXIF block cannot be parsed, so the photo's orientation is unknown."""
+
+
 class EmptyImageFile(ValueError):
     """The file holds no bytes at all."""
 
@@ -55,16 +60,22 @@ def open_image(source: Any, max_pixels: int) -> Image.Image:
     # Pillow's own bomb check warns at one limit and fails at twice it; one limit, ours, is
     # checked below from the header, before any pixel is decoded.
     Image.MAX_IMAGE_PIXELS = None
-    image = Image.open(source)
-    width, height = image.size
-    if width * height > max_pixels:
-        raise ImageTooLarge(
-            f"{width}x{height} = {width * height} pixels exceeds runtime.max_image_pixels "
-            f"({max_pixels})"
-        )
-    image.seek(0)  # first frame of an animation
-    image.load()
-    image = ImageOps.exif_transpose(image)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image = Image.open(source)
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageTooLarge(
+                f"{width}x{height} = {width * height} pixels exceeds runtime.max_image_pixels "
+                f"({max_pixels})"
+            )
+        image.seek(0)  # first frame of an animation
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    corrupt = [str(w.message) for w in caught if "corrupt exif" in str(w.message).lower()]
+    if corrupt:
+        # Pillow reads on past a broken EXIF block, but then the orientation may be wrong.
+        raise CorruptExif(corrupt[0].strip())
     return to_rgb(image)
 
 
