@@ -107,6 +107,7 @@ stop_step() {
     local reason=$1
     trapped=1
     [ -n "${step_pid:-}" ] || return 0
+    stop_sent=1
     log "$reason: sending SIGTERM to the ranks (scancel --signal=TERM $SLURM_JOB_ID)"
     if ! scancel --signal=TERM "$SLURM_JOB_ID"; then
         log "scancel failed; stopping srun itself (its tasks get SIGKILL, committed units stay)"
@@ -161,6 +162,7 @@ classify_main() {
     log "per-node logs: $(node_log_path '<n>' '<host>')"
 
     preempted=0
+    stop_sent=0
     step_pid=
     trap on_usr1 USR1
     trap on_term TERM
@@ -186,6 +188,13 @@ classify_main() {
             || log "could not remove $JOB_LOCAL_DIR on every node"
     fi
 
+    if [ "$status" = 0 ] && [ "$stop_sent" = 1 ]; then
+        # launch-node.sh reports ranks stopped on request (status 75) as a clean exit, so that
+        # srun --kill-on-bad-exit leaves the other nodes to finish their batch: 0 after a stop
+        # means stopped (or finished at that very moment: a requeued run then finds every unit
+        # committed and only writes the results).
+        status=75
+    fi
     if [ "$status" = 0 ]; then
         log "done. Metrics:"
         print_metrics_table
@@ -204,6 +213,10 @@ classify_main() {
             return 0
         fi
         log "requeue failed: submit the same command again to resume"
+        return 75
+    fi
+    if [ "$status" = 75 ] && [ "$stop_sent" = 1 ]; then
+        log "stopped on request, finished units committed: submit the same command to resume"
         return 75
     fi
     log "the job failed: the per-node logs say why"

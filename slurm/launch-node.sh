@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One task per node, started by `srun` from slurm/common.sh: prepare this node, then exec
+# One task per node, started by `srun` from slurm/common.sh: prepare this node, then run
 # `accelerate launch`, which starts this node's ranks. Usage (from srun only):
 #   launch-node.sh <accelerate launch options> <script> <script args>
 #
@@ -8,6 +8,12 @@
 # rendezvous fails (accelerate #2816; SLURM_PROCID is not it either, accelerate #1645).
 set -euo pipefail
 : "${SLURM_NODEID:?launch-node.sh runs under srun, one task per node}"
+
+# The stop signals (SIGTERM, SIGUSR1: scancel from the batch script) reach every process of the
+# step, this shell too: noted here, acted on by the ranks. See the end for why this shell stays.
+trap 'stop_signal=TERM' TERM
+trap 'stop_signal=USR1' USR1
+stop_signal=
 
 if [ -n "${GPU_ENV_FILE:-}" ]; then
     # shellcheck source=/dev/null  # env-rocm.sh or env-cuda.sh, chosen by the batch script
@@ -28,5 +34,22 @@ echo "node $SLURM_NODEID of ${SLURM_NNODES:-1} ($(hostname)): machine rank $SLUR
     "rendezvous ${RDZV_BACKEND:-static}, GPU env ${GPU_ENV_FILE:-none}," \
     "visible GPUs: ROCR=${ROCR_VISIBLE_DEVICES-unset} HIP=${HIP_VISIBLE_DEVICES-unset}" \
     "CUDA=${CUDA_VISIBLE_DEVICES-unset}"
-exec "${PYTHON:-python3}" -m accelerate.commands.launch --machine_rank "$SLURM_NODEID" \
-    ${rendezvous[@]+"${rendezvous[@]}"} "$@"
+
+if [ -n "$stop_signal" ]; then
+    echo "node $SLURM_NODEID: SIG$stop_signal before the launch: not starting the ranks"
+    exit 0
+fi
+# Not `exec`: ranks stopped on request exit 75, and srun --kill-on-bad-exit answers the first
+# non-zero task exit by SIGTERM, then SIGKILL, to every other node's tasks, which may still be
+# finishing their batch and committing it (a process already on its way out, its default
+# SIGTERM action back, dies of it). So this node reports such a stop as a clean exit, 0; the
+# batch script knows it asked for the stop. Any other status still ends the step everywhere.
+status=0
+"${PYTHON:-python3}" -m accelerate.commands.launch --machine_rank "$SLURM_NODEID" \
+    ${rendezvous[@]+"${rendezvous[@]}"} "$@" || status=$?
+if [ "$status" = 75 ]; then
+    echo "node $SLURM_NODEID: the ranks stopped on request${stop_signal:+ (SIG$stop_signal)}" \
+        "with their finished units committed (launcher status 75): task exits 0"
+    exit 0
+fi
+exit "$status"

@@ -306,17 +306,21 @@ def _signal_when_running(cluster: Cluster, args: list[str], job_id: str, sent: s
 
 @pytest.mark.parametrize(("sent", "requeued", "status"), [("USR1", True, 0), ("TERM", False, 75)])
 def test_usr1_stops_the_ranks_and_requeues_but_term_only_stops(tmp_path, sent, requeued, status):
-    cluster, args = _fake_job(tmp_path, "wait")
+    # Node 1 takes a while to finish its batch: node 0's stop must not end node 1's tasks.
+    cluster, args = _fake_job(tmp_path, "wait", FAKE_SLOW_STOP_NODE="1")
     job_id = _free_job_id()
-    assert _signal_when_running(cluster, args, job_id, sent) == status
+    assert _signal_when_running(cluster, args, job_id, sent) == status, cluster.logs()
     # Every process of the step got SIGTERM from scancel; srun itself was never signalled.
     assert f"scancel SIGTERM {job_id}.0 (2 task(s))" in cluster.record("signals.log")
     assert not any(line.startswith("srun ") for line in cluster.record("signals.log"))
     for node in (0, 1):
-        assert "stopped by SIGTERM" in cluster.log(f"classify-{job_id}-node{node}-localhost.out")
+        node_log = cluster.log(f"classify-{job_id}-node{node}-localhost.out")
+        assert "stopped by SIGTERM" in node_log and "stopped on request" in node_log
     assert cluster.record("requeue.log") == ([job_id] if requeued else [])
     main_log = cluster.log(f"classify-{job_id}.out")
     assert ("preempted: requeueing" in main_log) == requeued
+    # A stop is no bad exit: srun --kill-on-bad-exit left every node to finish its batch.
+    assert "Terminating StepId" not in main_log and "srun: error" not in main_log, main_log
 
 
 def test_a_failed_job_is_not_requeued_and_ends_with_its_status(tmp_path):

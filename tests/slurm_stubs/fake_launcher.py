@@ -5,7 +5,8 @@
 FAKE_LAUNCH picks what every node's "launcher" does:
   ok    print a metrics table (from the node named by FAKE_MAIN_NODE, default 0) and exit 0
   fail  exit 3
-  wait  wait for SIGTERM or SIGUSR1, then exit 75 as the job's ranks do (1 after 60 s without)
+  wait  wait for SIGTERM or SIGUSR1, then exit 75 as the job's ranks do (1 after 60 s without);
+        the node named by FAKE_SLOW_STOP_NODE first "finishes its batch" for FAKE_STOP_S (1 s)
 Each writes its arguments to $SLURM_STUB_STATE/launch-<node id>.json once it is ready.
 """
 
@@ -44,6 +45,8 @@ def main() -> int:
             time.sleep(0.05)
         if not received:
             return 1
+        if node == os.environ.get("FAKE_SLOW_STOP_NODE"):
+            time.sleep(float(os.environ.get("FAKE_STOP_S", "1")))
         print(f"stopped by {signal.Signals(received[0]).name}", flush=True)
         return 75
     if node == os.environ.get("FAKE_MAIN_NODE", "0"):

@@ -501,6 +501,10 @@ def main() -> int:
     except UsageError as error:
         print(error, file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader left (`scontrol show hostnames | head -n1`): quiet, as SIGPIPE ends a C tool.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":
