@@ -68,17 +68,22 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {name: build(base / name) for name, build in BUILDERS.items()}
 
 
-def run_job(args: list[str], processes: int = 1, expect_ok: bool = True,
-            env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run jobs/classify.py: plainly for 1 process, through accelerate launch for more."""
+def job_command(args: list[str], processes: int = 1) -> list[str]:
+    """jobs/classify.py on the CPU: plainly for 1 process, through accelerate launch for more."""
     if processes == 1:
         command = [sys.executable, str(ROOT / "jobs" / "classify.py")]
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch",
                    "--config_file", str(ROOT / "configs" / "accelerate" / "cpu-2proc.yaml"),
                    "--num_processes", str(processes), str(ROOT / "jobs" / "classify.py")]
+    return [*command, "--runtime.device", "cpu", *args]
+
+
+def run_job(args: list[str], processes: int = 1, expect_ok: bool = True,
+            env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the job to its end and return its output."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    result = subprocess.run(command + ["--runtime.device", "cpu", *args], capture_output=True,
+    result = subprocess.run(job_command(args, processes), capture_output=True,
                             text=True, env=full_env, timeout=timeout, cwd=ROOT)
     if expect_ok and result.returncode != 0:
         raise AssertionError(f"job failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")

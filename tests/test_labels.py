@@ -6,6 +6,7 @@ import json
 
 import pytest
 from conftest import read_rows, run_job
+from tiny_models import save_tiny_classifier
 
 from batch_classify.labels import (
     class_subset,
@@ -79,14 +80,7 @@ def test_parse_imagenet_label():
 
 
 def test_unmappable_model_still_writes_predictions(tmp_path, corpus):
-    from transformers import MobileNetV1Config, MobileNetV1ForImageClassification, MobileNetV1ImageProcessor
-
-    model_dir = tmp_path / "three-classes"
-    config = MobileNetV1Config(image_size=32, depth_multiplier=0.25, initializer_range=0.3,
-                               id2label={0: "red", 1: "green", 2: "blue"})
-    MobileNetV1ForImageClassification(config).save_pretrained(model_dir)
-    MobileNetV1ImageProcessor(size={"shortest_edge": 36},
-                              crop_size={"height": 32, "width": 32}).save_pretrained(model_dir)
+    model_dir = save_tiny_classifier(tmp_path / "three-classes", {0: "red", 1: "green", 2: "blue"})
     out = tmp_path / "out"
     run_job(["--model.name", str(model_dir), "--data.path", str(corpus), "--output.dir", str(out)])
     rows = read_rows(out)
@@ -116,14 +110,8 @@ def test_job_with_a_class_subset_file(tmp_path, tiny_models, corpus):
 
 
 def test_job_with_a_model_mapped_by_name(tmp_path, corpus):
-    from transformers import MobileNetV1Config, MobileNetV1ForImageClassification, MobileNetV1ImageProcessor
-
     names = {0: "warplane, military plane", 1: "tabby, tabby cat", 2: "tench, Tinca tinca", 3: "goldfish"}
-    model_dir = tmp_path / "four-classes"
-    config = MobileNetV1Config(image_size=32, depth_multiplier=0.25, initializer_range=0.3, id2label=names)
-    MobileNetV1ForImageClassification(config).save_pretrained(model_dir)
-    MobileNetV1ImageProcessor(size={"shortest_edge": 36},
-                              crop_size={"height": 32, "width": 32}).save_pretrained(model_dir)
+    model_dir = save_tiny_classifier(tmp_path / "four-classes", names)
     out = tmp_path / "out"
     run_job(["--model.name", str(model_dir), "--data.path", str(corpus), "--output.dir", str(out)])
     rows = read_rows(out)

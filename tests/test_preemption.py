@@ -8,13 +8,12 @@ import os
 import queue
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, make_corpus, read_rows, run_job
+from conftest import ROOT, job_command, make_corpus, read_rows, run_job
 from fixtures_images import write_bad_images
 
 from batch_classify.cli import main as cli_main
@@ -25,14 +24,8 @@ class Background:
     """A job in its own process group, its output lines collected on a thread."""
 
     def __init__(self, args: list[str], processes: int):
-        if processes == 1:
-            command = [sys.executable, str(ROOT / "jobs" / "classify.py")]
-        else:
-            command = [sys.executable, "-m", "accelerate.commands.launch",
-                       "--config_file", str(ROOT / "configs" / "accelerate" / "cpu-2proc.yaml"),
-                       "--num_processes", str(processes), str(ROOT / "jobs" / "classify.py")]
         self.process = subprocess.Popen(
-            [*command, *args, "--runtime.device", "cpu"], stdout=subprocess.PIPE,
+            job_command(args, processes), stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, cwd=ROOT, start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.lines: queue.Queue[str] = queue.Queue()
@@ -97,8 +90,11 @@ def _feed(fifo: Path, content: bytes, timeout: float = 15) -> bool:
                 return False
             time.sleep(0.05)
     os.set_blocking(descriptor, True)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(content)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(content)
+    except BrokenPipeError:  # the reader closed early (it had what it needed from a last feed)
+        return False
     return True
 
 

@@ -8,12 +8,11 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
 import pytest
-from conftest import ROOT, make_corpus, read_rows, run_job
+from conftest import ROOT, job_command, make_corpus, read_rows, run_job
 
 from batch_classify.aggregate import AggregateError, aggregate
 
@@ -53,10 +52,7 @@ def test_sigkill_of_a_rank_then_resume_with_another_world_size(job_args, tmp_pat
     os.mkfifo(blocked)
 
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "accelerate.commands.launch",
-               "--config_file", str(ROOT / "configs" / "accelerate" / "cpu-2proc.yaml"),
-               str(ROOT / "jobs" / "classify.py"), *args, "--output.dir", str(out),
-               "--runtime.device", "cpu"]
+    command = job_command([*args, "--output.dir", str(out)], processes=2)
     orphans: list[psutil.Process] = []
     launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 cwd=ROOT, start_new_session=True)

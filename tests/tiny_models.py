@@ -83,3 +83,16 @@ BUILDERS = {
     "mobilenet_v1": save_tiny_mobilenet_v1,
     "efficientnet": save_tiny_efficientnet,
 }
+
+
+def save_tiny_classifier(folder: Path, id2label: dict[int, str]) -> Path:
+    """A tiny MobileNetV1 with the given classes (for label-space tests)."""
+    from transformers import MobileNetV1Config, MobileNetV1ForImageClassification, MobileNetV1ImageProcessor
+
+    torch.manual_seed(0)
+    config = MobileNetV1Config(image_size=32, depth_multiplier=0.25, initializer_range=0.3,
+                               id2label=id2label)
+    MobileNetV1ForImageClassification(config).save_pretrained(folder)
+    MobileNetV1ImageProcessor(size={"shortest_edge": 36},
+                              crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
