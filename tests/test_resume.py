@@ -101,7 +101,10 @@ def test_rerun_of_a_finished_job_changes_nothing(job_args, tmp_path):
     out = tmp_path / "out"
     run_job([*args, "--output.dir", str(out)])
     before = {p.name: p.stat().st_mtime_ns for p in (out / "predictions").iterdir()}
+    partial = out / "predictions" / ".unit-000003.parquet.tmp-4242"  # left by a killed writer
+    partial.write_bytes(b"PAR1 half a file")
     result = run_job([*args, "--output.dir", str(out)], processes=2)
+    assert not partial.exists()
     assert "resuming: 11 of 11" in result.stderr
     assert {p.name: p.stat().st_mtime_ns for p in (out / "predictions").iterdir()} == before
 

@@ -326,7 +326,9 @@ def test_usr1_stops_the_ranks_and_requeues_but_term_only_stops(tmp_path, sent, r
 def test_a_failed_job_is_not_requeued_and_ends_with_its_status(tmp_path):
     cluster, args = _fake_job(tmp_path, "fail")
     job_id = _free_job_id()
-    assert cluster.run(args, job_id).returncode == 3
+    # Both nodes fail with 3, but --kill-on-bad-exit may SIGTERM the slower one first (143):
+    # the step's status is either, never success.
+    assert cluster.run(args, job_id).returncode in {3, 128 + 15}
     assert cluster.record("requeue.log") == []
     assert "the job failed" in cluster.log(f"classify-{job_id}.out")
 

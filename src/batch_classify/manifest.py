@@ -43,6 +43,12 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return found
 
 
+def _remove_partial_files(output: Path) -> None:
+    """Temporary files of writers killed mid-write: never committed, safe to drop under the lock."""
+    for partial in (output / PREDICTIONS_DIR).glob(".unit-*.tmp-*"):
+        partial.unlink(missing_ok=True)
+
+
 def prepare_output(output_dir: str | Path, manifest: dict[str, Any], overwrite: bool) -> dict[str, Any]:
     """Create or check the output folder; return the manifest in force (an existing one on resume).
 
@@ -53,6 +59,7 @@ def prepare_output(output_dir: str | Path, manifest: dict[str, Any], overwrite: 
     if old is not None:
         differences = _differences(old, manifest)
         if not differences:
+            _remove_partial_files(output)
             return old
         if not overwrite:
             raise OutputMismatch(
