@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 USAGE = """batch-classify <command> [options]
 
@@ -27,53 +28,46 @@ def _demo(argv: list[str]) -> int:
     return run_demo(args.output_dir, extra)
 
 
+def _on_folders(command: str, description: str, folders: list[str], argv: list[str],
+                action: Callable[..., tuple[str, int]], errors: tuple[type[Exception], ...],
+                error_status: int = 1) -> int:
+    """Parse output-folder arguments, run ``action`` on them, print its text or a clear error."""
+    parser = argparse.ArgumentParser(prog=f"batch-classify {command}", description=description)
+    for folder in folders:
+        parser.add_argument(folder)
+    args = parser.parse_args(argv)
+    try:
+        text, status = action(*(getattr(args, folder) for folder in folders))
+    except errors as error:
+        print(f"batch-classify {command}: {error}", file=sys.stderr)
+        return error_status
+    print(text)
+    return status
+
+
 def _aggregate(argv: list[str]) -> int:
     from .aggregate import AggregateError, aggregate, format_table
 
-    parser = argparse.ArgumentParser(prog="batch-classify aggregate",
-                                     description="Recompute metrics.json from the Parquet files.")
-    parser.add_argument("output_dir")
-    args = parser.parse_args(argv)
-    try:
-        metrics = aggregate(args.output_dir)
-    except AggregateError as error:
-        print(f"batch-classify aggregate: {error}", file=sys.stderr)
-        return 1
-    print(format_table(metrics))
-    return 0
+    return _on_folders("aggregate", "Recompute metrics.json from the Parquet files.", ["output_dir"],
+                       argv, lambda folder: (format_table(aggregate(folder)), 0), (AggregateError,))
 
 
 def _compare(argv: list[str]) -> int:
     from .compare import CompareError, compare, format_comparison
 
-    parser = argparse.ArgumentParser(prog="batch-classify compare",
-                                     description="Compare two output folders, joined on id.")
-    parser.add_argument("dir_a")
-    parser.add_argument("dir_b")
-    args = parser.parse_args(argv)
-    try:
-        result = compare(args.dir_a, args.dir_b)
-    except CompareError as error:
-        print(f"batch-classify compare: {error}", file=sys.stderr)
-        return 1
-    print(format_comparison(result))
-    return 0
+    return _on_folders("compare", "Compare two output folders, joined on id.", ["dir_a", "dir_b"],
+                       argv, lambda a, b: (format_comparison(compare(a, b)), 0), (CompareError,))
 
 
 def _verify(argv: list[str]) -> int:
     from .verify import verify
 
-    parser = argparse.ArgumentParser(prog="batch-classify verify",
-                                     description="Check an output folder against its manifest.")
-    parser.add_argument("output_dir")
-    args = parser.parse_args(argv)
-    try:
-        result = verify(args.output_dir)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"batch-classify verify: {error}", file=sys.stderr)
-        return 2
-    print(result.summary())
-    return 0 if result.complete else 1
+    def check(folder: str) -> tuple[str, int]:
+        result = verify(folder)
+        return result.summary(), 0 if result.complete else 1
+
+    return _on_folders("verify", "Check an output folder against its manifest.", ["output_dir"],
+                       argv, check, (FileNotFoundError, ValueError), error_status=2)
 
 
 def main(argv: list[str] | None = None) -> int:
