@@ -10,6 +10,7 @@ USAGE = """batch-classify <command> [options]
 
 commands:
   run        run a job in this process (use `accelerate launch jobs/classify.py` for many)
+  bench      measure images/s: model alone, input pipeline, the job, and two baselines
   demo       classify scikit-image's sample photos with real EfficientNet-Lite0 weights
   aggregate  recompute metrics.json from an output folder's Parquet files
   compare    compare two output folders item by item (top-1 agreement, per-class differences)
@@ -80,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         from .job import main as run_main
 
         return run_main(rest)
+    if command == "bench":
+        from .bench import main as bench_main
+
+        return bench_main(rest)
     if command == "demo":
         return _demo(rest)
     if command == "aggregate":

@@ -91,12 +91,23 @@ class RuntimeConfig:
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: the rank's GPU (CUDA or ROCm) when there is one, else the CPU."""
-    batch_size: int = 32
-    """Images per forward pass on each rank."""
+    batch_size: int | None = None
+    """Images per forward pass on each rank (default: 16 on the CPU, where bigger batches
+    fall out of cache; 64 on a GPU; lowered automatically on out-of-memory)."""
     num_workers: int | None = None
     """DataLoader workers per rank (default: from the cores available to the rank)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast precision of the forward pass."""
+    preprocess: Literal["auto", "fast", "processor"] = "auto"
+    """fast: workers decode, resize and crop to uint8, the device normalises; processor: the
+    checkpoint's own image processor in the workers; auto: fast where it reproduces the
+    processor (checked at start-up), else processor."""
+    channels_last: bool | None = None
+    """NHWC memory layout (default: on for convolutional networks)."""
+    fold_batchnorm: bool = True
+    """Fold BatchNorm into the preceding convolutions (checked against the unfolded logits)."""
+    compile: bool = False
+    """torch.compile the model (pays a compilation at start-up; cached by Inductor)."""
     max_image_pixels: int = 128_000_000
     """Images whose header claims more pixels are refused unopened (decompression bombs)."""
     max_error_fraction: float | None = None
@@ -107,7 +118,8 @@ class RuntimeConfig:
     """Progress log interval when there is no terminal (Slurm, CI)."""
 
     def __post_init__(self) -> None:
-        _require(self.batch_size >= 1, "runtime.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.batch_size is None or self.batch_size >= 1, "runtime.batch_size",
+                 f"must be >= 1, got {self.batch_size}")
         _require(
             self.num_workers is None or self.num_workers >= 0,
             "runtime.num_workers",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
 import time
@@ -15,11 +16,19 @@ from . import __version__
 from .aggregate import TIMING, aggregate, format_table
 from .config import ConfigError, JobSpec, parse_args
 from .decode import ItemDataset, collate, describe_error, worker_init
-from .distributed import JobBoard, RankFailed, configure_logging, default_store, init_state, plan_cpu
+from .distributed import (
+    JobBoard,
+    RankFailed,
+    configure_logging,
+    default_batch_size,
+    default_store,
+    init_state,
+    plan_cpu,
+)
 from .inputs import Items, load_items
 from .labels import class_subset, label_targets
 from .manifest import FORMAT_VERSION, OutputLock, prepare_output, read_manifest, write_json
-from .model import LoadedModel, load_model
+from .model import Inference, LoadedModel, load_model, prepare_inference
 from .predict import Predictor
 from .preemption import Preempted, StopFlag
 from .progress import Progress
@@ -59,32 +68,54 @@ class TooManyErrors(RuntimeError):
     """More than runtime.max_error_fraction of the items seen failed to decode."""
 
 
-def _predict_units(spec: JobSpec, items: Items, loaded: LoadedModel, device: torch.device,
-                   units: list[range], unit_ids: list[int], targets: list[int] | None,
-                   progress: Progress, workers: int, metadata: dict[str, Any],
-                   stop: StopFlag) -> dict[str, Any]:
+def _predict_units(spec: JobSpec, items: Items, loaded: LoadedModel, inference: Inference,
+                   device: torch.device, units: list[range], unit_ids: list[int],
+                   targets: list[int] | None, progress: Progress, workers: int,
+                   metadata: dict[str, Any], stop: StopFlag) -> dict[str, Any]:
     """Run this rank's units; commit each as it completes. Returns this rank's timing."""
     indices = [index for unit in unit_ids for index in units[unit]]
-    dataset = ItemDataset(items, indices, loaded.transform, spec.runtime.max_image_pixels)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=spec.runtime.batch_size,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=device.type == "cuda",
-        worker_init_fn=worker_init,
-        prefetch_factor=4 if workers > 0 else None,
-    )
-    predictor = Predictor(loaded.model, loaded.labels, device, spec.runtime.precision,
-                          spec.output.top_k)
+    dataset = ItemDataset(items, indices, inference.input_path.worker, spec.runtime.max_image_pixels)
+    loader = make_loader(dataset, spec.runtime.batch_size, workers, device)
+    predictor = Predictor(inference.model, loaded.labels, device, spec.runtime.precision,
+                          spec.output.top_k, inference.prepare(device),
+                          pad_to=spec.runtime.batch_size if spec.runtime.compile else None)
     names = dict(zip(loaded.labels.ids, loaded.labels.names))
     writer = UnitWriter(spec.output.dir, metadata)
     columns = ("id", "label", "target", "topk_ids", "topk_labels", "topk_scores", "error")
     pending_units = iter(unit_ids)
-    current = next(pending_units, None)
-    rows: dict[str, list] = {c: [] for c in columns}
+    state = {"unit": next(pending_units, None), "rows": {c: [] for c in columns}, "processed": 0}
+
+    def emit(batch, pending) -> None:
+        """Rows of one finished batch; a unit is committed as soon as its last row is in."""
+        ids, scores = pending.result()
+        predictions = iter(zip(ids, scores))
+        rows = state["rows"]
+        for index, ok, error in zip(batch.indices, batch.ok, batch.errors):
+            label = items.labels[index]
+            rows["id"].append(items.ids[index])
+            rows["label"].append(label)
+            known = targets is not None and label is not None
+            rows["target"].append(targets[label] if known else None)
+            if ok:
+                top_ids, top_scores = next(predictions)
+                rows["topk_ids"].append(top_ids)
+                rows["topk_labels"].append([names[i] for i in top_ids])
+                rows["topk_scores"].append(top_scores)
+            else:
+                log.warning("item %s: %s", items.ids[index], error)
+                for column in ("topk_ids", "topk_labels", "topk_scores"):
+                    rows[column].append(None)
+            rows["error"].append(error)
+            if len(rows["id"]) == len(units[state["unit"]]):
+                writer.submit(state["unit"], rows)
+                rows = state["rows"] = {c: [] for c in columns}
+                state["unit"] = next(pending_units, None)
+        state["processed"] += len(batch.indices)
+        done, failed = progress.add(len(batch.indices), sum(e is not None for e in batch.errors))
+        _check_error_fraction(spec.runtime.max_error_fraction, done, failed, progress.total)
+
     first_batch = None
-    processed = 0
+    in_flight = None  # the batch on the device while the host reads the next one
     batches = iter(loader)
     try:
         while not stop.requested:
@@ -98,36 +129,30 @@ def _predict_units(spec: JobSpec, items: Items, loaded: LoadedModel, device: tor
                 raise
             if first_batch is None:
                 first_batch = time.time()
-            ok_pixels = batch.pixel_values
-            ids, scores = predictor(ok_pixels) if ok_pixels is not None else ([], [])
-            predictions = iter(zip(ids, scores))
-            for index, ok, error in zip(batch.indices, batch.ok, batch.errors):
-                label = items.labels[index]
-                rows["id"].append(items.ids[index])
-                rows["label"].append(label)
-                known = targets is not None and label is not None
-                rows["target"].append(targets[label] if known else None)
-                if ok:
-                    top_ids, top_scores = next(predictions)
-                    rows["topk_ids"].append(top_ids)
-                    rows["topk_labels"].append([names[i] for i in top_ids])
-                    rows["topk_scores"].append(top_scores)
-                else:
-                    log.warning("item %s: %s", items.ids[index], error)
-                    for column in ("topk_ids", "topk_labels", "topk_scores"):
-                        rows[column].append(None)
-                rows["error"].append(error)
-                if len(rows["id"]) == len(units[current]):
-                    writer.submit(current, rows)
-                    rows = {c: [] for c in columns}
-                    current = next(pending_units, None)
-            processed += len(batch.indices)
-            done, failed = progress.add(len(batch.indices), sum(e is not None for e in batch.errors))
-            _check_error_fraction(spec.runtime.max_error_fraction, done, failed, progress.total)
+            launched = (batch, predictor.launch(batch.pixel_values))
+            if in_flight is not None:
+                emit(*in_flight)
+            in_flight = launched
+        if in_flight is not None:
+            emit(*in_flight)
     finally:
         del batches  # shuts the DataLoader workers down
         writer.close()
-    return {"first_batch": first_batch, "last_write": time.time(), "items": processed}
+    return {"first_batch": first_batch, "last_write": time.time(), "items": state["processed"]}
+
+
+def make_loader(dataset: ItemDataset, batch_size: int, workers: int,
+                device: torch.device) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=worker_init,
+        prefetch_factor=4 if workers > 0 else None,
+        persistent_workers=False,
+    )
 
 
 def _check_error_fraction(limit: float | None, done: int, failed: int, total: int) -> None:
@@ -179,17 +204,28 @@ def run(spec: JobSpec) -> dict[str, Any] | None:
         state.destroy_process_group()
 
 
+def resolve_runtime(spec: JobSpec, device: torch.device) -> JobSpec:
+    """The spec with the device-dependent defaults filled in (as config.yaml records it)."""
+    if spec.runtime.batch_size is not None:
+        return spec
+    runtime = dataclasses.replace(spec.runtime, batch_size=default_batch_size(device))
+    return dataclasses.replace(spec, runtime=runtime)
+
+
 def _run_rank(spec: JobSpec, state, stop: StopFlag, board: JobBoard) -> dict[str, Any] | None:
     device = state.device
+    spec = resolve_runtime(spec, device)
     threads, workers = plan_cpu(state, spec.runtime.num_workers)
     torch.set_num_threads(threads)
-    log.info("%d rank(s) on %s; %d thread(s), %d DataLoader worker(s) per rank",
-             state.num_processes, device, threads, workers)
+    log.info("%d rank(s) on %s; %d thread(s), %d DataLoader worker(s), batches of %d per rank",
+             state.num_processes, device, threads, workers, spec.runtime.batch_size)
     output = Path(spec.output.dir)
     output.mkdir(parents=True, exist_ok=True)
 
     items = _list_items(spec, state.is_main_process, output, board, stop)
     loaded = load_model(spec.model, device)
+    inference = prepare_inference(loaded, spec.runtime, device)
+    log.info("model: %s", inference.describe())
     if spec.data.class_subset is not None:
         loaded.labels = loaded.labels.restrict(class_subset(spec.data.class_subset),
                                                spec.data.class_subset)
@@ -217,8 +253,8 @@ def _run_rank(spec: JobSpec, state, stop: StopFlag, board: JobBoard) -> dict[str
                 "config": spec.to_dict()}
     progress = Progress(len(items), already_done, state.is_main_process, spec.runtime.log_every_s)
     try:
-        timing = _predict_units(spec, items, loaded, device, units, mine, targets, progress,
-                                workers, metadata, stop)
+        timing = _predict_units(spec, items, loaded, inference, device, units, mine, targets,
+                                progress, workers, metadata, stop)
     finally:
         progress.close()
     if stop.requested:
@@ -239,6 +275,8 @@ def _run_rank(spec: JobSpec, state, stop: StopFlag, board: JobBoard) -> dict[str
         "world_size": state.num_processes,
         "device": str(device),
         "precision": spec.runtime.precision,
+        "batch_size": spec.runtime.batch_size,
+        "input_path": inference.input_path.name,
     })
     metrics = aggregate(output)
     print(format_table(metrics), flush=True)

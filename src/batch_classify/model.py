@@ -11,8 +11,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .config import ModelConfig
+from .config import ModelConfig, RuntimeConfig
 from .labels import ModelLabels, model_labels
+from .optimize import optimise
+from .preprocess import InputPath, choose_input_path, synthetic_images
 
 log = logging.getLogger(__name__)
 
@@ -100,3 +102,29 @@ def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
         "imagenet_ids": labels.imagenet,
     }
     return LoadedModel(model, processor, labels, identity)
+
+
+@dataclass
+class Inference:
+    """The model as the job runs it, and the input path that feeds it."""
+
+    model: torch.nn.Module
+    input_path: InputPath
+    channels_last: bool
+    notes: list[str]
+
+    def prepare(self, device: torch.device):
+        """Worker batch -> model input on ``device``."""
+        return self.input_path.device_side(device, self.channels_last)
+
+    def describe(self) -> str:
+        return "; ".join([f"{self.input_path.name} input path ({self.input_path.note})", *self.notes])
+
+
+def prepare_inference(loaded: LoadedModel, runtime: RuntimeConfig, device: torch.device) -> Inference:
+    """Choose the input path and apply the model rewrites that ``runtime`` asks for."""
+    input_path = choose_input_path(loaded.processor, loaded.transform, runtime.preprocess)
+    example = loaded.transform(synthetic_images()[0]).unsqueeze(0).repeat(2, 1, 1, 1).to(device)
+    optimised = optimise(loaded.model, example, runtime.fold_batchnorm, runtime.channels_last,
+                         runtime.compile)
+    return Inference(optimised.model, input_path, optimised.channels_last, optimised.notes)

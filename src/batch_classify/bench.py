@@ -1,0 +1,325 @@
+"""``batch-classify bench``: how close the job runs to the model alone, and to the peers.
+
+One run, the same images, model, device, batch size and precision, five stages:
+
+1. model: forward passes on ready tensors (on the device, normalised, in the job's layout);
+2. pipeline: decode + preprocess into device batches, no model;
+3. job: the full job, end to end, writing Parquet (its own timing.json);
+4. hf_pipeline: ``transformers.pipeline("image-classification", batch_size=...)``;
+5. seed_loop: one image at a time, ``processor(image)`` then ``model(**inputs)``.
+
+Started plainly it is one rank; under ``accelerate launch`` every stage runs on every rank
+at once over that rank's share of the images (the job's own layout), and a stage's rate is
+all its images over the time from the first rank's start to the last rank's end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .config import ConfigError, JobSpec, parse_args
+from .decode import ItemDataset, open_image
+from .distributed import configure_logging, init_state, plan_cpu
+from .inputs import Items, load_items
+from .job import make_loader, resolve_runtime
+from .model import load_model, prepare_inference
+from .predict import PRECISIONS, Predictor
+
+log = logging.getLogger("batch_classify.bench")
+
+STAGES = ("model", "pipeline", "hf_pipeline", "seed_loop", "job")
+RATIOS = {"job/model": ("job", "model"), "job/hf_pipeline": ("job", "hf_pipeline"),
+          "job/seed_loop": ("job", "seed_loop"), "pipeline/model": ("pipeline", "model")}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            model = next(line.split(":", 1)[1].strip() for line in handle
+                         if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({os.cpu_count()} logical CPUs)"
+
+
+def versions() -> dict[str, str | None]:
+    import accelerate
+    import timm
+    import torchvision
+    import transformers
+
+    return {"batch_classify": __version__, "python": platform.python_version(),
+            "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "transformers": transformers.__version__, "timm": timm.__version__,
+            "accelerate": accelerate.__version__, "cuda": torch.version.cuda,
+            "hip": getattr(torch.version, "hip", None)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, precision: str):
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        import contextlib
+
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def stage_model(spec, loaded, inference, device, n_images: int, first: torch.Tensor) -> dict:
+    """Forward passes over ready device tensors: the first real batch, repeated."""
+    prepare = inference.prepare(device)
+    with torch.inference_mode():
+        ready = prepare(first)
+    predictor = Predictor(inference.model, loaded.labels, device, spec.runtime.precision,
+                          spec.output.top_k, prepare=lambda pixels: pixels)
+    predictor.launch(ready).result()  # warm-up (kernel selection, allocator)
+    _sync(device)
+    batches, done = [], 0
+    while done < n_images:
+        batches.append(min(len(ready), n_images - done))
+        done += batches[-1]
+    start = time.perf_counter()
+    pending = None
+    for size in batches:
+        launched = predictor.launch(ready[:size])
+        if pending is not None:
+            pending.result()
+        pending = launched
+    if pending is not None:
+        pending.result()
+    _sync(device)
+    return {"images": n_images, "start": start, "end": time.perf_counter()}
+
+
+def stage_pipeline(spec, items, indices, inference, device, workers) -> tuple[dict, torch.Tensor]:
+    """Decode and preprocess into device batches, no model. Returns its first worker batch."""
+    dataset = ItemDataset(items, indices, inference.input_path.worker, spec.runtime.max_image_pixels)
+    loader = make_loader(dataset, spec.runtime.batch_size, workers, device)
+    prepare = inference.prepare(device)
+    first, start, count = None, None, 0
+    with torch.inference_mode():
+        for batch in loader:
+            if start is None:
+                start = time.perf_counter()
+            if batch.pixel_values is not None:
+                first = batch.pixel_values if first is None else first
+                prepare(batch.pixel_values)
+            count += len(batch.indices)
+    _sync(device)
+    return {"images": count, "start": start, "end": time.perf_counter()}, first
+
+
+def _paths(items: Items, indices: list[int]) -> list[Any]:
+    if items.paths is not None:
+        return [items.paths[i] for i in indices]
+    return [open_image(items.open(i), 10**9) for i in indices]  # datasets: decoded up front
+
+
+def stage_hf_pipeline(spec, items, indices, device) -> dict:
+    """transformers' image-classification pipeline, batched, as a user would run it."""
+    from transformers import pipeline
+
+    dtype = PRECISIONS[spec.runtime.precision] or torch.float32
+    classify = pipeline("image-classification", model=spec.model.name, device=device,
+                        dtype=dtype, revision=spec.model.revision,
+                        trust_remote_code=spec.model.trust_remote_code)
+    inputs = _paths(items, indices)
+    classify(inputs[:2], batch_size=spec.runtime.batch_size, top_k=spec.output.top_k)  # warm-up
+    start = time.perf_counter()
+    results = classify(inputs, batch_size=spec.runtime.batch_size, top_k=spec.output.top_k)
+    _sync(device)
+    return {"images": len(results), "start": start, "end": time.perf_counter()}
+
+
+def stage_seed_loop(spec, items, indices, device) -> dict:
+    """One image at a time: processor(image), then model(**inputs), as the seed script did."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    kwargs = {"revision": spec.model.revision, "trust_remote_code": spec.model.trust_remote_code}
+    processor = AutoImageProcessor.from_pretrained(spec.model.name, **kwargs)
+    model = AutoModelForImageClassification.from_pretrained(spec.model.name, **kwargs).eval().to(device)
+    from PIL import Image
+
+    def classify(index: int) -> int:
+        source = items.open(index)
+        image = Image.open(source).convert("RGB")
+        inputs = processor(images=image, return_tensors="pt").to(device)
+        with torch.inference_mode(), _autocast(device, spec.runtime.precision):
+            return int(model(**inputs).logits.argmax(-1).item())
+
+    classify(indices[0])  # warm-up
+    start = time.perf_counter()
+    for index in indices:
+        classify(index)
+    return {"images": len(indices), "start": start, "end": time.perf_counter()}
+
+
+def _combine(per_rank: list[dict]) -> dict:
+    """All ranks' images over the span from the first start to the last end."""
+    images = sum(r["images"] for r in per_rank)
+    seconds = max(r["end"] for r in per_rank) - min(r["start"] for r in per_rank)
+    return {"images": images, "seconds": round(seconds, 3),
+            "images_per_s": round(images / seconds, 2) if seconds > 0 else None}
+
+
+def run_bench(spec: JobSpec, stages: list[str], limit: int | None, baseline_limit: int | None,
+              bench_dir: Path) -> dict | None:
+    state = init_state(spec.runtime.device, spec.runtime.timeout_s)
+    configure_logging(state.process_index, state.is_main_process)
+    device = state.device
+    spec = resolve_runtime(spec, device)
+    threads, workers = plan_cpu(state, spec.runtime.num_workers)
+    torch.set_num_threads(threads)
+    items = load_items(spec.data)
+    total = len(items) if limit is None else min(limit, len(items))
+    mine = list(range(state.process_index, total, state.num_processes))
+    baseline = mine if baseline_limit is None else mine[:max(1, baseline_limit // state.num_processes)]
+    loaded = load_model(spec.model, device)
+    inference = prepare_inference(loaded, spec.runtime, device)
+    described = inference.describe()
+    log.info("bench: %d image(s) over %d rank(s) on %s; %s", total, state.num_processes, device,
+             described)
+    _read_once(items, mine)
+    results: dict[str, dict] = {}
+    pipeline_result, first = stage_pipeline(spec, items, mine, inference, device, workers)
+    if first is None:
+        raise RuntimeError("bench: none of this rank's images could be decoded")
+    if "pipeline" in stages:
+        results["pipeline"] = pipeline_result
+    state.wait_for_everyone()
+    if "model" in stages:
+        results["model"] = stage_model(spec, loaded, inference, device, len(mine), first)
+        state.wait_for_everyone()
+    del loaded, inference
+    if "hf_pipeline" in stages:
+        results["hf_pipeline"] = stage_hf_pipeline(spec, items, baseline, device)
+        state.wait_for_everyone()
+    if "seed_loop" in stages:
+        results["seed_loop"] = stage_seed_loop(spec, items, baseline, device)
+        state.wait_for_everyone()
+    from accelerate.utils import gather_object
+
+    gathered = gather_object([results]) if state.num_processes > 1 else [results]
+    report = None
+    if state.is_main_process:
+        report = {
+            "device": device_name(device),
+            "world_size": state.num_processes,
+            "settings": {"model": spec.model.name, "data": spec.data.path, "images": total,
+                         "batch_size": spec.runtime.batch_size,
+                         "precision": spec.runtime.precision, "threads_per_rank": threads,
+                         "workers_per_rank": workers, "preprocess": spec.runtime.preprocess,
+                         "input_path_and_model": described},
+            "versions": versions(),
+            "stages": {name: _combine([r[name] for r in gathered])
+                       for name in STAGES if name != "job" and name in gathered[0]},
+        }
+    if "job" in stages:
+        job_spec = replace(spec, output=replace(spec.output, dir=str(bench_dir / "job"), overwrite=True))
+        if total < len(items):
+            listing = _limited_list(items, total, bench_dir, state)
+            job_spec = replace(job_spec, data=replace(spec.data, path=str(listing), kind="file_list",
+                                                      labels=None))
+        if state.is_main_process and (bench_dir / "job").exists():
+            shutil.rmtree(bench_dir / "job")  # a fresh job each time, never a resume
+        state.wait_for_everyone()
+        from .job import run
+
+        run(job_spec)  # leaves the process group
+        if report is not None:
+            timing = json.loads((bench_dir / "job" / "timing.json").read_text())
+            report["stages"]["job"] = {"images": timing["items_this_run"],
+                                       "seconds": round(timing["seconds"], 3),
+                                       "images_per_s": round(timing["images_per_second"], 2)}
+    if report is None:
+        return None
+    rates = {name: stage.get("images_per_s") for name, stage in report["stages"].items()}
+    report["ratios"] = {name: round(rates[a] / rates[b], 3) for name, (a, b) in RATIOS.items()
+                        if rates.get(a) and rates.get(b)}
+    (bench_dir / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(format_bench(report), flush=True)
+    return report
+
+
+def _read_once(items: Items, indices: list[int]) -> None:
+    """Read this rank's files once, so that no stage pays for a cold page cache."""
+    if items.paths is None:
+        return
+    for index in indices:
+        with open(items.paths[index], "rb") as handle:
+            while handle.read(1 << 20):
+                pass
+
+
+def _limited_list(items: Items, total: int, bench_dir: Path, state) -> Path:
+    """A file list of the first ``total`` images, for the job stage of a limited bench."""
+    if items.paths is None:
+        raise ConfigError("bench.limit needs a file-based data.path (a folder or file list)")
+    path = bench_dir / "images.txt"
+    if state.is_main_process:
+        path.write_text("".join(f"{Path(p).resolve()}\n" for p in items.paths[:total]))
+    state.wait_for_everyone()
+    return path
+
+
+def format_bench(report: dict) -> str:
+    lines = [f"device: {report['device']}, {report['world_size']} rank(s), "
+             f"batch {report['settings']['batch_size']}, {report['settings']['precision']}"]
+    for name in STAGES:
+        stage = report["stages"].get(name)
+        if stage:
+            lines.append(f"  {name:<12} {stage['images_per_s']:>10.1f} images/s "
+                         f"({stage['images']} images, {stage['seconds']:.1f} s)")
+    for name, value in report.get("ratios", {}).items():
+        lines.append(f"  {name:<16} {value:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="batch-classify bench", description=__doc__.split("\n\n")[0],
+        epilog="Every other option is a job option (--config FILE, --model.name ..., --runtime.*).")
+    parser.add_argument("--bench.dir", dest="bench_dir", default="outputs/bench",
+                        help="where bench.json and the job stage's output go (default outputs/bench)")
+    parser.add_argument("--bench.limit", dest="limit", type=int, default=None,
+                        help="use only the first N images")
+    parser.add_argument("--bench.baseline_limit", dest="baseline_limit", type=int, default=None,
+                        help="at most N images for the two baselines (they are slow)")
+    parser.add_argument("--bench.stages", dest="stages", default=",".join(STAGES),
+                        help=f"comma-separated subset of {','.join(STAGES)}")
+    args, rest = parser.parse_known_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = sorted(set(stages) - set(STAGES))
+    try:
+        if unknown:
+            raise ConfigError(f"bench.stages: unknown stage(s) {unknown}; choose from {list(STAGES)}")
+        # The job stage writes under bench.dir, never into the config's own output folder.
+        spec = parse_args([*rest, "--output.dir", str(Path(args.bench_dir) / "job")],
+                          prog="batch-classify bench")
+    except ConfigError as error:
+        print(f"batch-classify bench: configuration error: {error}", file=sys.stderr)
+        return 2
+    bench_dir = Path(args.bench_dir)
+    bench_dir.mkdir(parents=True, exist_ok=True)
+    run_bench(spec, stages, args.limit, args.baseline_limit, bench_dir)
+    return 0
