@@ -53,13 +53,26 @@ def timm_reference() -> dict[str, list[int]]:
 
 @pytest.fixture(scope="module")
 def job_runs(lite0, tmp_path_factory) -> dict[int, tuple[dict, dict]]:
+    """The default (fast) path on 1, 2 and 3 processes."""
     runs = {}
     for processes in (1, 2, 3):
         out = tmp_path_factory.mktemp(f"lite0-{processes}")
         run_job(["--model.name", str(lite0), "--data.path", str(IMAGENET_SAMPLE),
                  "--output.dir", str(out)], processes=processes, timeout=900)
+        assert json.loads((out / "timing.json").read_text())["input_path"] == "fast"
         runs[processes] = (read_rows(out), json.loads((out / "metrics.json").read_text()))
     return runs
+
+
+@pytest.fixture(scope="module")
+def reference_run(lite0, tmp_path_factory) -> tuple[dict, dict]:
+    """The reference path: the checkpoint's own processor, the model as loaded (no rewrites)."""
+    out = tmp_path_factory.mktemp("lite0-reference")
+    run_job(["--model.name", str(lite0), "--data.path", str(IMAGENET_SAMPLE), "--output.dir", str(out),
+             "--runtime.preprocess", "processor", "--runtime.fold_batchnorm", "false",
+             "--runtime.channels_last", "false"], processes=2, timeout=900)
+    assert json.loads((out / "timing.json").read_text())["input_path"] == "processor"
+    return read_rows(out), json.loads((out / "metrics.json").read_text())
 
 
 def test_lite0_matches_timms_own_evaluation(timm_reference, job_runs):
@@ -83,3 +96,14 @@ def test_lite0_is_the_same_on_one_two_and_three_processes(job_runs):
         rows, metrics = job_runs[processes]
         assert {i: r["topk_ids"] for i, r in rows.items()} == {i: r["topk_ids"] for i, r in rows1.items()}
         assert (metrics["top1"], metrics["top5"]) == (metrics1["top1"], metrics1["top5"])
+
+
+def test_fast_path_gives_the_reference_paths_answers(job_runs, reference_run):
+    """uint8 crops normalised on the device, folded BatchNorm, channels_last: same answers."""
+    reference_rows, reference_metrics = reference_run
+    rows, metrics = job_runs[1]
+    assert set(rows) == set(reference_rows)
+    agreement = np.mean([rows[i]["topk_ids"][0] == reference_rows[i]["topk_ids"][0] for i in rows])
+    assert agreement >= 0.995, agreement
+    assert abs(metrics["top1"] - reference_metrics["top1"]) <= 0.002
+    assert abs(metrics["top5"] - reference_metrics["top5"]) <= 0.002

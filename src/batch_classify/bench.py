@@ -321,5 +321,9 @@ def main(argv: list[str]) -> int:
         return 2
     bench_dir = Path(args.bench_dir)
     bench_dir.mkdir(parents=True, exist_ok=True)
-    run_bench(spec, stages, args.limit, args.baseline_limit, bench_dir)
+    try:
+        run_bench(spec, stages, args.limit, args.baseline_limit, bench_dir)
+    except ConfigError as error:
+        print(f"batch-classify bench: configuration error: {error}", file=sys.stderr)
+        return 2
     return 0

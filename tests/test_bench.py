@@ -1,0 +1,76 @@
+"""``batch-classify bench`` runs every stage and reports them (no speed is asserted here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import ROOT
+
+STAGES = {"model", "pipeline", "job", "hf_pipeline", "seed_loop"}
+
+
+def run_bench(args: list[str], processes: int = 1) -> subprocess.CompletedProcess:
+    if processes == 1:
+        command = [sys.executable, "-m", "batch_classify.cli", "bench"]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch",
+                   "--config_file", str(ROOT / "configs" / "accelerate" / "cpu-2proc.yaml"),
+                   "--num_processes", str(processes), "-m", "batch_classify.cli", "bench"]
+    return subprocess.run([*command, "--runtime.device", "cpu", *args], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _predicted_ids(job_dir) -> list[str]:
+    return [i for path in sorted((job_dir / "predictions").glob("*.parquet"))
+            for i in pq.read_table(path).column("id").to_pylist()]
+
+
+def test_bench_runs_all_five_stages_on_the_same_images(tiny_models, corpus, tmp_path):
+    bench_dir = tmp_path / "bench"
+    result = run_bench(["--model.name", str(tiny_models["mobilenet_v1"]), "--data.path", str(corpus),
+                        "--bench.dir", str(bench_dir), "--bench.limit", "8",
+                        "--runtime.batch_size", "4"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((bench_dir / "bench.json").read_text())
+    assert set(report["stages"]) == STAGES
+    for name, stage in report["stages"].items():
+        assert stage["images"] == 8, name
+        assert stage["images_per_s"] > 0 and stage["seconds"] > 0, name
+    assert set(report["ratios"]) >= {"job/model", "job/hf_pipeline", "job/seed_loop"}
+    assert report["ratios"]["job/model"] == pytest.approx(
+        report["stages"]["job"]["images_per_s"] / report["stages"]["model"]["images_per_s"], rel=0.01)
+    settings = report["settings"]
+    assert settings["batch_size"] == 4 and settings["precision"] == "fp32"
+    assert "fast input path" in settings["input_path_and_model"]
+    assert report["versions"]["torch"] and report["device"]
+    # The job stage really ran the job: 8 predictions, each image once.
+    ids = _predicted_ids(bench_dir / "job")
+    assert len(ids) == len(set(ids)) == 8
+    for name in ("model", "pipeline", "job", "hf_pipeline", "seed_loop"):
+        assert name in result.stdout
+
+
+def test_bench_in_the_jobs_layout_counts_every_rank(tiny_models, corpus, tmp_path):
+    bench_dir = tmp_path / "bench2"
+    result = run_bench(["--model.name", str(tiny_models["efficientnet"]), "--data.path", str(corpus),
+                        "--bench.dir", str(bench_dir), "--bench.stages", "model,pipeline,job",
+                        "--runtime.batch_size", "2"], processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((bench_dir / "bench.json").read_text())
+    assert report["world_size"] == 2
+    assert set(report["stages"]) == {"model", "pipeline", "job"}
+    assert all(stage["images"] == 11 for stage in report["stages"].values())
+    ids = _predicted_ids(bench_dir / "job")
+    assert len(ids) == len(set(ids)) == 11
+
+
+def test_bench_rejects_an_unknown_stage(tiny_models, corpus, tmp_path):
+    result = run_bench(["--model.name", str(tiny_models["mobilenet_v1"]), "--data.path", str(corpus),
+                        "--bench.dir", str(tmp_path / "b"), "--bench.stages", "model,warp"])
+    assert result.returncode == 2
+    assert "bench.stages" in result.stderr and "warp" in result.stderr
