@@ -71,7 +71,8 @@ class TooManyErrors(RuntimeError):
 def _predict_units(spec: JobSpec, items: Items, loaded: LoadedModel, inference: Inference,
                    device: torch.device, units: list[range], unit_ids: list[int],
                    targets: list[int] | None, progress: Progress, workers: int,
-                   metadata: dict[str, Any], stop: StopFlag) -> dict[str, Any]:
+                   metadata: dict[str, Any], stop: StopFlag,
+                   overlap: bool | None = None) -> dict[str, Any]:
     """Run this rank's units; commit each as it completes. Returns this rank's timing."""
     indices = [index for unit in unit_ids for index in units[unit]]
     dataset = ItemDataset(items, indices, inference.input_path.worker, spec.runtime.max_image_pixels)
@@ -115,7 +116,11 @@ def _predict_units(spec: JobSpec, items: Items, loaded: LoadedModel, inference: 
         _check_error_fraction(spec.runtime.max_error_fraction, done, failed, progress.total)
 
     first_batch = None
-    in_flight = None  # the batch on the device while the host reads the next one
+    # On a GPU the host reads the next batch and queues it before collecting the previous
+    # one, so the device never waits for the host's row building. On the CPU the forward
+    # pass is synchronous: rows are written at once, and a unit commits as soon as it ends.
+    overlap = device.type != "cpu" if overlap is None else overlap
+    in_flight = None
     batches = iter(loader)
     try:
         while not stop.requested:
@@ -133,6 +138,9 @@ def _predict_units(spec: JobSpec, items: Items, loaded: LoadedModel, inference: 
             if in_flight is not None:
                 emit(*in_flight)
             in_flight = launched
+            if not overlap:
+                emit(*in_flight)
+                in_flight = None
         if in_flight is not None:
             emit(*in_flight)
     finally:
