@@ -38,6 +38,7 @@ def test_bench_runs_all_five_stages_on_the_same_images(tiny_models, corpus, tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((bench_dir / "bench.json").read_text())
     assert set(report["stages"]) == STAGES
+    assert len(report["stages"]["model"]["rounds"]) == 3  # the model alone: median of 3 rounds
     for name, stage in report["stages"].items():
         assert stage["images"] == 8, name
         assert stage["images_per_s"] > 0 and stage["seconds"] > 0, name
@@ -69,8 +70,13 @@ def test_bench_in_the_jobs_layout_counts_every_rank(tiny_models, corpus, tmp_pat
     assert len(ids) == len(set(ids)) == 11
 
 
-def test_bench_rejects_an_unknown_stage(tiny_models, corpus, tmp_path):
+@pytest.mark.parametrize(("option", "named"), [
+    (["--bench.stages", "model,warp"], "warp"),
+    (["--bench.rounds", "0"], "bench.rounds"),
+    (["--runtime.preprocess", "turbo"], "runtime.preprocess"),
+])
+def test_bench_rejects_bad_options_naming_them(tiny_models, corpus, tmp_path, option, named):
     result = run_bench(["--model.name", str(tiny_models["mobilenet_v1"]), "--data.path", str(corpus),
-                        "--bench.dir", str(tmp_path / "b"), "--bench.stages", "model,warp"])
+                        "--bench.dir", str(tmp_path / "b"), *option])
     assert result.returncode == 2
-    assert "bench.stages" in result.stderr and "warp" in result.stderr
+    assert "configuration error" in result.stderr and named in result.stderr

@@ -45,6 +45,8 @@ def test_resolved_spec_round_trips_through_yaml(tmp_path):
     ({"output": {"dir": "o", "top_k": 0}}, "output.top_k"),
     ({"model": {"name": ""}}, "model.name"),
     ({"data": {"path": "d", "kind": "zip"}}, "data.kind"),
+    ({"runtime": {"preprocess": "turbo"}}, "runtime.preprocess"),
+    ({"runtime": {"channels_last": "sometimes"}}, "runtime.channels_last"),
 ])
 def test_bad_keys_and_values_fail_naming_the_key(tmp_path, change, named):
     path = write_yaml(tmp_path / "job.yaml", {**MINIMAL, **change})

@@ -284,7 +284,7 @@ def test_the_batch_loop_writes_every_row_once_with_and_without_overlap(overlap, 
     units = unit_ranges(len(items), 3)
     mine = [0, 2, 3]  # not every unit: rows must land in the right files
     progress = Progress(len(items), 0, False, 10.0)
-    timing = _predict_units(spec, items, loaded, inference, device, units, mine, None, progress, 0,
+    timing = _predict_units(spec, items, loaded, inference, device, units, mine, None, progress, 0, 2,
                             {}, StopFlag(), overlap=overlap)
     progress.close()
     assert timing["items"] == sum(len(units[u]) for u in mine)
@@ -293,3 +293,15 @@ def test_the_batch_loop_writes_every_row_once_with_and_without_overlap(overlap, 
     rows = read_rows(tmp_path / "out")
     assert sorted(rows) == sorted(items.ids[i] for u in mine for i in units[u])
     assert all(r["topk_ids"] is not None for r in rows.values())
+
+
+def test_decode_threads_instead_of_worker_processes_give_the_same_rows(tiny_models, corpus, tmp_path):
+    """runtime.num_workers 0: batches decoded on the rank's threads (no /dev/shm needed)."""
+    runs = {}
+    for workers in ("0", "1"):
+        out = tmp_path / f"w{workers}"
+        run_job(["--model.name", str(tiny_models["mobilenet_v1"]), "--data.path", str(corpus),
+                 "--output.dir", str(out), "--runtime.num_workers", workers,
+                 "--runtime.batch_size", "3"])
+        runs[workers] = read_rows(out)
+    assert runs["0"] == runs["1"] and len(runs["0"]) == 11

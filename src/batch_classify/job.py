@@ -15,7 +15,7 @@ import torch
 from . import __version__
 from .aggregate import TIMING, aggregate, format_table
 from .config import ConfigError, JobSpec, parse_args
-from .decode import ItemDataset, collate, describe_error, worker_init
+from .decode import ItemDataset, describe_error
 from .distributed import (
     JobBoard,
     RankFailed,
@@ -27,6 +27,7 @@ from .distributed import (
 )
 from .inputs import Items, load_items
 from .labels import class_subset, label_targets
+from .loader import make_loader
 from .manifest import FORMAT_VERSION, OutputLock, prepare_output, read_manifest, write_json
 from .model import Inference, LoadedModel, load_model, prepare_inference
 from .predict import Predictor
@@ -70,13 +71,13 @@ class TooManyErrors(RuntimeError):
 
 def _predict_units(spec: JobSpec, items: Items, loaded: LoadedModel, inference: Inference,
                    device: torch.device, units: list[range], unit_ids: list[int],
-                   targets: list[int] | None, progress: Progress, workers: int,
+                   targets: list[int] | None, progress: Progress, workers: int, threads: int,
                    metadata: dict[str, Any], stop: StopFlag,
                    overlap: bool | None = None) -> dict[str, Any]:
     """Run this rank's units; commit each as it completes. Returns this rank's timing."""
     indices = [index for unit in unit_ids for index in units[unit]]
     dataset = ItemDataset(items, indices, inference.input_path.worker, spec.runtime.max_image_pixels)
-    loader = make_loader(dataset, spec.runtime.batch_size, workers, device)
+    loader = make_loader(dataset, spec.runtime.batch_size, workers, device, threads)
     predictor = Predictor(inference.model, loaded.labels, device, spec.runtime.precision,
                           spec.output.top_k, inference.prepare(device),
                           pad_to=spec.runtime.batch_size if spec.runtime.compile else None)
@@ -144,23 +145,9 @@ def _predict_units(spec: JobSpec, items: Items, loaded: LoadedModel, inference: 
         if in_flight is not None:
             emit(*in_flight)
     finally:
-        del batches  # shuts the DataLoader workers down
+        del batches  # shuts the DataLoader workers (or decode threads) down
         writer.close()
     return {"first_batch": first_batch, "last_write": time.time(), "items": state["processed"]}
-
-
-def make_loader(dataset: ItemDataset, batch_size: int, workers: int,
-                device: torch.device) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=device.type == "cuda",
-        worker_init_fn=worker_init,
-        prefetch_factor=4 if workers > 0 else None,
-        persistent_workers=False,
-    )
 
 
 def _check_error_fraction(limit: float | None, done: int, failed: int, total: int) -> None:
@@ -262,7 +249,7 @@ def _run_rank(spec: JobSpec, state, stop: StopFlag, board: JobBoard) -> dict[str
     progress = Progress(len(items), already_done, state.is_main_process, spec.runtime.log_every_s)
     try:
         timing = _predict_units(spec, items, loaded, inference, device, units, mine, targets,
-                                progress, workers, metadata, stop)
+                                progress, workers, threads, metadata, stop)
     finally:
         progress.close()
     if stop.requested:

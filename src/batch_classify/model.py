@@ -124,6 +124,8 @@ class Inference:
 def prepare_inference(loaded: LoadedModel, runtime: RuntimeConfig, device: torch.device) -> Inference:
     """Choose the input path and apply the model rewrites that ``runtime`` asks for."""
     input_path = choose_input_path(loaded.processor, loaded.transform, runtime.preprocess)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # batches have one shape: tune the kernels once
     example = loaded.transform(synthetic_images()[0]).unsqueeze(0).repeat(2, 1, 1, 1).to(device)
     optimised = optimise(loaded.model, example, runtime.fold_batchnorm, runtime.channels_last,
                          runtime.compile)
