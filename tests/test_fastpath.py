@@ -305,3 +305,46 @@ def test_decode_threads_instead_of_worker_processes_give_the_same_rows(tiny_mode
                  "--runtime.batch_size", "3"])
         runs[workers] = read_rows(out)
     assert runs["0"] == runs["1"] and len(runs["0"]) == 11
+
+
+# Threads and workers from the rank's cores ---------------------------------------------
+
+class _State:
+    def __init__(self, device: str):
+        self.device = torch.device(device)
+
+
+@pytest.mark.parametrize(("device", "expected"), [("cpu", (4, 1)), ("cuda", (2, 3))])
+def test_threads_and_workers_come_from_the_ranks_share_of_slurms_cores(monkeypatch, device, expected):
+    from batch_classify.distributed import plan_cpu
+
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert plan_cpu(_State(device), None) == expected
+    assert plan_cpu(_State(device), 0)[1] == 0  # an explicit runtime.num_workers wins
+
+
+def test_without_slurm_the_affinity_mask_counts(monkeypatch):
+    import os
+
+    from batch_classify.distributed import available_cores, plan_cpu
+
+    monkeypatch.delenv("SLURM_CPUS_ON_NODE", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert available_cores() == len(os.sched_getaffinity(0))
+    assert plan_cpu(_State("cpu"), None)[0] == len(os.sched_getaffinity(0))
+
+
+def test_default_batch_size_depends_on_the_device(tiny_models, tmp_path):
+    from batch_classify.config import load_spec
+    from batch_classify.job import resolve_runtime
+
+    (tmp_path / "job.yaml").write_text(f"model: {{name: {tiny_models['beit']}}}\n"
+                                       f"data: {{path: x}}\noutput: {{dir: {tmp_path}}}\n")
+    spec = load_spec(tmp_path / "job.yaml")
+    assert spec.runtime.batch_size is None
+    cpu = resolve_runtime(spec, torch.device("cpu")).runtime.batch_size
+    gpu = resolve_runtime(spec, torch.device("cuda")).runtime.batch_size
+    assert (cpu, gpu) == (16, 64)
+    explicit = load_spec(tmp_path / "job.yaml", ["--runtime.batch_size", "7"])
+    assert resolve_runtime(explicit, torch.device("cpu")).runtime.batch_size == 7
