@@ -73,6 +73,7 @@ def test_bench_in_the_jobs_layout_counts_every_rank(tiny_models, corpus, tmp_pat
 @pytest.mark.parametrize(("option", "named"), [
     (["--bench.stages", "model,warp"], "warp"),
     (["--bench.rounds", "0"], "bench.rounds"),
+    (["--bench.limit", "0"], "bench.limit"),
     (["--runtime.preprocess", "turbo"], "runtime.preprocess"),
 ])
 def test_bench_rejects_bad_options_naming_them(tiny_models, corpus, tmp_path, option, named):

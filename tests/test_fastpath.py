@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from batch_classify.labels import model_labels
+from batch_classify.model import ProcessorTransform
 from batch_classify.optimize import fold_batchnorm, optimise
 from batch_classify.predict import OutOfMemory, Predictor
 from batch_classify.preprocess import (
@@ -60,7 +61,7 @@ def _fast_output(spec, image) -> torch.Tensor:
 def test_fast_path_reproduces_the_processor(name):
     processor = PROCESSORS[name]()
     spec = pixel_spec(processor)
-    assert check_spec(processor, spec) is None
+    assert check_spec(ProcessorTransform(processor), spec) is None
     # On an image the check never saw, both outputs agree to within resampling rounding.
     image = Image.effect_mandelbrot((517, 311), (-2.0, -1.2, 1.0, 1.2), 60).convert("RGB")
     reference, fast = _processor_output(processor, image), _fast_output(spec, image)
@@ -76,7 +77,7 @@ def test_timm_checkpoints_processor_is_read_from_its_eval_transform(tmp_path):
     processor = AutoImageProcessor.from_pretrained(folder)
     spec = pixel_spec(processor)
     assert (spec.resize, spec.size, spec.crop) == ("shortest", (256,), (224, 224))
-    assert check_spec(processor, spec) is None
+    assert check_spec(ProcessorTransform(processor), spec) is None
 
 
 class FlippingProcessor(MobileNetV1ImageProcessor):
@@ -88,12 +89,23 @@ class FlippingProcessor(MobileNetV1ImageProcessor):
 
 def test_a_processor_the_spec_misreads_falls_back_or_is_refused(caplog):
     processor = FlippingProcessor()
-    reference = object()
+    reference = ProcessorTransform(processor)
     with caplog.at_level(logging.WARNING):
         chosen = choose_input_path(processor, reference, "auto")
     assert chosen.name == "processor" and chosen.worker is reference
     assert "fast path unavailable" in chosen.note and "uint8 levels" in chosen.note
     with pytest.raises(UnsupportedProcessor, match="runtime.preprocess"):
+        choose_input_path(processor, reference, "fast")
+
+
+def test_a_processor_with_unexpected_settings_falls_back_instead_of_crashing():
+    processor = MobileNetV1ImageProcessor()
+    processor.crop_size = {"shortest_edge": 224}  # not a height and width: unreadable crop
+    reference = ProcessorTransform(processor)
+    chosen = choose_input_path(processor, reference, "auto")
+    assert chosen.name == "processor" and chosen.worker is reference
+    assert "while reading the processor" in chosen.note
+    with pytest.raises(UnsupportedProcessor, match="runtime.preprocess fast"):
         choose_input_path(processor, reference, "fast")
 
 

@@ -37,7 +37,7 @@ from .inputs import Items, load_items
 from .job import resolve_runtime
 from .loader import make_loader
 from .model import load_model, prepare_inference
-from .predict import PRECISIONS, Predictor
+from .predict import PRECISIONS, Predictor, autocast
 
 log = logging.getLogger("batch_classify.bench")
 
@@ -75,15 +75,6 @@ def versions() -> dict[str, str | None]:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _autocast(device: torch.device, precision: str):
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        import contextlib
-
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def stage_model(spec, loaded, inference, device, n_images: int, ready: list[torch.Tensor]) -> dict:
@@ -137,10 +128,10 @@ def stage_pipeline(spec, items, indices, inference, device, workers, threads) ->
     return {"images": count, "start": start, "end": time.perf_counter()}, kept
 
 
-def _paths(items: Items, indices: list[int]) -> list[Any]:
+def _paths(items: Items, indices: list[int], max_pixels: int) -> list[Any]:
     if items.paths is not None:
         return [items.paths[i] for i in indices]
-    return [open_image(items.open(i), 10**9) for i in indices]  # datasets: decoded up front
+    return [open_image(items.open(i), max_pixels) for i in indices]  # datasets: decoded up front
 
 
 def stage_hf_pipeline(spec, items, indices, device) -> dict:
@@ -151,7 +142,7 @@ def stage_hf_pipeline(spec, items, indices, device) -> dict:
     classify = pipeline("image-classification", model=spec.model.name, device=device,
                         dtype=dtype, revision=spec.model.revision,
                         trust_remote_code=spec.model.trust_remote_code)
-    inputs = _paths(items, indices)
+    inputs = _paths(items, indices, spec.runtime.max_image_pixels)
     classify(inputs[:2], batch_size=spec.runtime.batch_size, top_k=spec.output.top_k)  # warm-up
     start = time.perf_counter()
     results = classify(inputs, batch_size=spec.runtime.batch_size, top_k=spec.output.top_k)
@@ -172,7 +163,7 @@ def stage_seed_loop(spec, items, indices, device) -> dict:
         source = items.open(index)
         image = Image.open(source).convert("RGB")
         inputs = processor(images=image, return_tensors="pt").to(device)
-        with torch.inference_mode(), _autocast(device, spec.runtime.precision):
+        with torch.inference_mode(), autocast(device, spec.runtime.precision):
             return int(model(**inputs).logits.argmax(-1).item())
 
     classify(indices[0])  # warm-up
@@ -209,6 +200,10 @@ def run_bench(spec: JobSpec, stages: list[str], limit: int | None, baseline_limi
     torch.set_num_threads(threads)
     items = load_items(spec.data)
     total = len(items) if limit is None else min(limit, len(items))
+    if "job" in stages and total < len(items) and items.paths is None:
+        # Checked before any stage runs: the job stage of a limited bench reads a file list.
+        raise ConfigError("bench.limit with the job stage needs a file-based data.path (a folder or "
+                          "file list); leave out the job stage (--bench.stages) or bench.limit")
     mine = list(range(state.process_index, total, state.num_processes))
     baseline = mine if baseline_limit is None else mine[:max(1, baseline_limit // state.num_processes)]
     loaded = load_model(spec.model, device)
@@ -218,8 +213,7 @@ def run_bench(spec: JobSpec, stages: list[str], limit: int | None, baseline_limi
              described)
     _read_once(items, mine)
     results: dict[str, dict] = {}
-    pipeline_result, ready = stage_pipeline(spec, items, mine, inference, device, workers,
-                                                     threads)
+    pipeline_result, ready = stage_pipeline(spec, items, mine, inference, device, workers, threads)
     if not ready:
         raise RuntimeError("bench: none of this rank's images could be decoded")
     if "pipeline" in stages:
@@ -296,8 +290,6 @@ def _read_once(items: Items, indices: list[int]) -> None:
 
 def _limited_list(items: Items, total: int, bench_dir: Path, state) -> Path:
     """A file list of the first ``total`` images, for the job stage of a limited bench."""
-    if items.paths is None:
-        raise ConfigError("bench.limit needs a file-based data.path (a folder or file list)")
     path = bench_dir / "images.txt"
     if state.is_main_process:
         path.write_text("".join(f"{Path(p).resolve()}\n" for p in items.paths[:total]))
@@ -338,8 +330,10 @@ def main(argv: list[str]) -> int:
     try:
         if unknown:
             raise ConfigError(f"bench.stages: unknown stage(s) {unknown}; choose from {list(STAGES)}")
-        if args.rounds < 1:
-            raise ConfigError(f"bench.rounds: must be >= 1, got {args.rounds}")
+        for name, value in (("rounds", args.rounds), ("limit", args.limit),
+                            ("baseline_limit", args.baseline_limit)):
+            if value is not None and value < 1:
+                raise ConfigError(f"bench.{name}: must be >= 1, got {value}")
         # The job stage writes under bench.dir, never into the config's own output folder.
         spec = parse_args([*rest, "--output.dir", str(Path(args.bench_dir) / "job")],
                           prog="batch-classify bench")

@@ -129,4 +129,5 @@ def prepare_inference(loaded: LoadedModel, runtime: RuntimeConfig, device: torch
     example = loaded.transform(synthetic_images()[0]).unsqueeze(0).repeat(2, 1, 1, 1).to(device)
     optimised = optimise(loaded.model, example, runtime.fold_batchnorm, runtime.channels_last,
                          runtime.compile)
+    loaded.model = optimised.model  # the unfolded copy would only hold device memory
     return Inference(optimised.model, input_path, optimised.channels_last, optimised.notes)

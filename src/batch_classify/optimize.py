@@ -95,10 +95,11 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, 
     return folded, count
 
 
-def _same_logits(a: nn.Module, b: nn.Module, example: torch.Tensor, b_input: torch.Tensor) -> float:
+def _logit_change(a: nn.Module, b: nn.Module, example: torch.Tensor) -> float:
+    """Largest difference between the two models' logits, relative to the largest logit."""
     with torch.inference_mode():
         reference = a(pixel_values=example).logits.float()
-        candidate = b(pixel_values=b_input).logits.float()
+        candidate = b(pixel_values=example).logits.float()
     scale = reference.abs().max().clamp_min(1e-6)
     return ((reference - candidate).abs().max() / scale).item()
 
@@ -118,7 +119,7 @@ def optimise(model: nn.Module, example: torch.Tensor, fold: bool, channels_last:
     if fold and convolutional:
         folded, count = fold_batchnorm(model, example)
         if count:
-            error = _same_logits(model, folded, example, example)
+            error = _logit_change(model, folded, example)
             if error <= tolerance:
                 notes.append(f"{count} BatchNorm layers folded into their convolutions")
                 model = folded

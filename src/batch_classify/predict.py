@@ -16,6 +16,14 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 OutOfMemory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
+def autocast(device: torch.device, precision: str):
+    """Autocast to ``precision`` on ``device`` (a no-op context for fp32)."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 class Pending:
     """Top-k of one batch, still on the device: ``result()`` waits for it and copies it back."""
 
@@ -43,7 +51,7 @@ class Predictor:
         self.model = model
         self.labels = labels
         self.device = device
-        self.dtype = PRECISIONS[precision]
+        self.precision = precision
         self.k = min(top_k, len(labels.names))
         self.prepare = prepare
         self.pad_to = pad_to
@@ -52,11 +60,6 @@ class Predictor:
         self._keep = torch.tensor(labels.keep, device=device)
         self._ids = torch.tensor(labels.ids, device=device)
 
-    def _autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
-
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """Logits over the kept classes for a worker batch, in chunks that fit the device."""
         chunks = []
@@ -64,7 +67,7 @@ class Predictor:
         while start < len(batch):
             size = len(batch) - start if self.max_chunk is None else self.max_chunk
             try:
-                with torch.inference_mode(), self._autocast():
+                with torch.inference_mode(), autocast(self.device, self.precision):
                     pixels = self.prepare(batch[start:start + size])
                     chunks.append(self._forward(pixels))
             except OutOfMemory:
@@ -82,7 +85,9 @@ class Predictor:
 
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
         n = len(pixels)
-        target = self.pad_to if self.max_chunk is None else min(self.pad_to or 0, self.max_chunk)
+        target = self.pad_to
+        if target and self.max_chunk:
+            target = min(target, self.max_chunk)
         if target and n < target:
             layout = (torch.channels_last if pixels.dim() == 4
                       and pixels.is_contiguous(memory_format=torch.channels_last)
