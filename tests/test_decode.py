@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
 import pytest
-from conftest import read_rows, run_job
-from fixtures_images import write_bad_images, write_exif_pair, write_good_images
+import torch
+from conftest import IMAGENET_SAMPLE, read_rows, run_job
+from fixtures_images import photo, write_bad_images, write_exif_pair, write_good_images
 from PIL import Image
+from torchvision.io import decode_jpeg as torchvision_decode_jpeg
 
-from batch_classify.decode import ImageTooLarge, describe_error, open_image, to_rgb
+from batch_classify import decode
+from batch_classify.decode import ImageTooLarge, describe_error, open_image, read_pixels, to_rgb
 
 LIMIT = 128_000_000
 
@@ -53,6 +57,85 @@ def test_exif_orientation_is_applied(tmp_path):
     assert a.shape == b.shape and (a == b).all()
 
 
+def _jpegs_with_every_orientation(folder) -> list[str]:
+    """One JPEG per EXIF orientation, plus a grey one; each stored so that it shows upright."""
+    folder.mkdir(parents=True, exist_ok=True)
+    upright = photo((56, 40))
+    undo = {2: [Image.Transpose.FLIP_LEFT_RIGHT], 3: [Image.Transpose.ROTATE_180],
+            4: [Image.Transpose.FLIP_TOP_BOTTOM], 5: [Image.Transpose.TRANSPOSE],
+            6: [Image.Transpose.ROTATE_90], 7: [Image.Transpose.TRANSVERSE],
+            8: [Image.Transpose.ROTATE_270]}
+    names = []
+    for orientation in range(1, 9):
+        stored = upright
+        for step in undo.get(orientation, []):
+            stored = stored.transpose(step)
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        stored.save(folder / f"o{orientation}.jpg", quality=95, exif=exif)
+        names.append(f"o{orientation}.jpg")
+    upright.convert("L").save(folder / "grey.jpg", quality=95)
+    return [*names, "grey.jpg"]
+
+
+def test_read_pixels_gives_the_pixels_of_open_image(tmp_path):
+    names = [*write_good_images(tmp_path), *write_exif_pair(tmp_path),
+             *_jpegs_with_every_orientation(tmp_path)]
+    for name in names:
+        path = str(tmp_path / name)
+        tensor = read_pixels(path, LIMIT)
+        assert tensor.dtype == torch.uint8 and tensor.shape[0] == 3, name
+        expected = np.asarray(open_image(path, LIMIT))
+        assert (tensor.permute(1, 2, 0).numpy() == expected).all(), name
+        with open(path, "rb") as stream:  # datasets hand over streams, not paths
+            assert torch.equal(read_pixels(io.BytesIO(stream.read()), LIMIT), tensor), name
+    # every orientation shows the same upright picture (JPEG noise aside)
+    pictures = [read_pixels(str(tmp_path / f"o{i}.jpg"), LIMIT).float() for i in range(1, 9)]
+    assert all(p.shape == (3, 40, 56) for p in pictures)
+    assert max((p - pictures[0]).abs().mean().item() for p in pictures) < 3
+
+
+def test_only_plain_upright_jpegs_skip_pillow(tmp_path, monkeypatch):
+    _jpegs_with_every_orientation(tmp_path)
+    write_good_images(tmp_path)
+    calls = []
+
+    def counting(data, **kwargs):
+        calls.append(1)
+        return torchvision_decode_jpeg(data, **kwargs)
+
+    monkeypatch.setattr(decode, "decode_jpeg", counting)
+    used = {}
+    for name in ["o1.jpg", "grey.jpg", "rgb.jpg", "o6.jpg", "o3.jpg", "cmyk.jpg", "grey.png"]:
+        calls.clear()
+        read_pixels(str(tmp_path / name), LIMIT)
+        used[name] = bool(calls)
+    assert used == {"o1.jpg": True, "grey.jpg": True, "rgb.jpg": True, "o6.jpg": False,
+                    "o3.jpg": False, "cmyk.jpg": False, "grey.png": False}
+
+
+def test_a_jpeg_torchvision_refuses_goes_through_pillow(tmp_path, monkeypatch):
+    write_good_images(tmp_path)
+
+    def refusing(data, **kwargs):
+        raise RuntimeError("decode_jpeg: unsupported marker")
+
+    path = str(tmp_path / "rgb.jpg")
+    expected = read_pixels(path, LIMIT)
+    monkeypatch.setattr(decode, "decode_jpeg", refusing)
+    assert torch.equal(read_pixels(path, LIMIT), expected)
+
+
+def test_read_pixels_matches_pillow_on_real_photos():
+    if not IMAGENET_SAMPLE.is_dir():
+        pytest.skip(f"the ImageNet sample is not at {IMAGENET_SAMPLE}")
+    files = sorted(IMAGENET_SAMPLE.glob("*/*.JPEG"))[::10]  # 100 photos, grey ones included
+    for path in files:
+        expected = np.asarray(open_image(str(path), LIMIT))
+        assert (read_pixels(str(path), LIMIT).permute(1, 2, 0).numpy() == expected).all(), path
+
+
+@pytest.mark.parametrize("reader", [open_image, read_pixels])
 @pytest.mark.parametrize(("name", "error_type"), [
     ("zero-bytes.jpg", "EmptyImageFile"),
     ("truncated.jpg", "OSError"),
@@ -61,10 +144,10 @@ def test_exif_orientation_is_applied(tmp_path):
     ("bomb.png", "ImageTooLarge"),
     ("broken-exif.jpg", "CorruptExif"),
 ])
-def test_broken_files_raise_typed_errors(tmp_path, name, error_type):
+def test_broken_files_raise_typed_errors(tmp_path, name, error_type, reader):
     write_bad_images(tmp_path)
     with pytest.raises(Exception) as caught:
-        open_image(str(tmp_path / name), LIMIT)
+        reader(str(tmp_path / name), LIMIT)
     assert describe_error(caught.value).startswith(error_type + ": ")
 
 

@@ -183,19 +183,28 @@ def _centre_crop(pixels: torch.Tensor, crop: tuple[int, int], floor: bool) -> to
 
 
 class FastTransform:
-    """Worker side: RGB PIL image -> uint8 tensor (H, W, 3), resized and cropped (picklable)."""
+    """Worker side: RGB image -> uint8 tensor (H, W, 3), resized and cropped (picklable).
+
+    The image is a PIL image or, where the resize filter exists in torchvision
+    (``takes_tensor``), the uint8 (3, H, W) tensor of ``decode.read_pixels``.
+    """
 
     def __init__(self, spec: PixelSpec):
         self.spec = spec
+        self.takes_tensor = spec.resample in _TENSOR_MODES
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         spec = self.spec
-        height, width = _output_size(spec, image.height, image.width)
-        mode = _TENSOR_MODES.get(spec.resample)
-        if mode is None:  # a filter only Pillow has
-            image = image.resize((width, height), spec.resample)
-        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+        if isinstance(image, torch.Tensor):
+            height, width = _output_size(spec, image.shape[1], image.shape[2])
+            pixels = image
+        else:
+            height, width = _output_size(spec, image.height, image.width)
+            if not self.takes_tensor:  # a filter only Pillow has
+                image = image.resize((width, height), spec.resample)
+            pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
         if (height, width) != tuple(pixels.shape[1:]):
+            mode = _TENSOR_MODES[spec.resample]
             pixels = F.resize(pixels, [height, width], interpolation=mode,
                               antialias=mode != InterpolationMode.NEAREST_EXACT)
         if spec.crop is not None:
