@@ -8,7 +8,8 @@ One run, the same images, model, device, batch size and precision, five stages:
 4. hf_pipeline: ``transformers.pipeline("image-classification", batch_size=...)``;
 5. seed_loop: one image at a time, ``processor(image)`` then ``model(**inputs)``.
 
-Started plainly it is one rank; under ``accelerate launch`` every stage runs on every rank
+They run in the order pipeline, hf_pipeline, seed_loop, model, job: the model-only rounds
+and the job back to back. Started plainly it is one rank; under ``accelerate launch`` every stage runs on every rank
 at once over that rank's share of the images (the job's own layout), and a stage's rate is
 all its images over the time from the first rank's start to the last rank's end.
 """
@@ -41,7 +42,7 @@ from .predict import PRECISIONS, Predictor, autocast
 
 log = logging.getLogger("batch_classify.bench")
 
-STAGES = ("model", "pipeline", "hf_pipeline", "seed_loop", "job")
+STAGES = ("model", "pipeline", "hf_pipeline", "seed_loop", "job")  # as reported
 RATIOS = {"job/model": ("job", "model"), "job/hf_pipeline": ("job", "hf_pipeline"),
           "job/seed_loop": ("job", "seed_loop"), "pipeline/model": ("pipeline", "model")}
 
@@ -219,6 +220,14 @@ def run_bench(spec: JobSpec, stages: list[str], limit: int | None, baseline_limi
     if "pipeline" in stages:
         results["pipeline"] = [pipeline_result]
     state.wait_for_everyone()
+    # The baselines first: the model-only rounds and the job then run back to back, so that
+    # a shared machine's drift moves both sides of job/model alike.
+    if "hf_pipeline" in stages:
+        results["hf_pipeline"] = [stage_hf_pipeline(spec, items, baseline, device)]
+        state.wait_for_everyone()
+    if "seed_loop" in stages:
+        results["seed_loop"] = [stage_seed_loop(spec, items, baseline, device)]
+        state.wait_for_everyone()
     if "model" in stages:
         # Several rounds: the model alone is the ceiling, and one round of it is the noisiest
         # figure on a shared machine; the median round is reported, every round recorded.
@@ -228,12 +237,6 @@ def run_bench(spec: JobSpec, stages: list[str], limit: int | None, baseline_limi
             state.wait_for_everyone()
     del ready
     del loaded, inference
-    if "hf_pipeline" in stages:
-        results["hf_pipeline"] = [stage_hf_pipeline(spec, items, baseline, device)]
-        state.wait_for_everyone()
-    if "seed_loop" in stages:
-        results["seed_loop"] = [stage_seed_loop(spec, items, baseline, device)]
-        state.wait_for_everyone()
     from accelerate.utils import gather_object
 
     gathered = gather_object([results]) if state.num_processes > 1 else [results]
