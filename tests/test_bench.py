@@ -38,7 +38,7 @@ def test_bench_runs_all_five_stages_on_the_same_images(tiny_models, corpus, tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((bench_dir / "bench.json").read_text())
     assert set(report["stages"]) == STAGES
-    assert len(report["stages"]["model"]["rounds"]) == 3  # the model alone: median of 3 rounds
+    assert len(report["stages"]["model"]["rounds"]) == 4  # the model alone: median of 4 rounds
     for name, stage in report["stages"].items():
         assert stage["images"] == 8, name
         assert stage["images_per_s"] > 0 and stage["seconds"] > 0, name
@@ -60,10 +60,14 @@ def test_bench_in_the_jobs_layout_counts_every_rank(tiny_models, corpus, tmp_pat
     bench_dir = tmp_path / "bench2"
     result = run_bench(["--model.name", str(tiny_models["efficientnet"]), "--data.path", str(corpus),
                         "--bench.dir", str(bench_dir), "--bench.stages", "model,pipeline,job",
-                        "--runtime.batch_size", "2"], processes=2)
+                        "--runtime.batch_size", "2", "--runtime.decode", "device",
+                        "--bench.rounds", "3"], processes=2)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((bench_dir / "bench.json").read_text())
     assert report["world_size"] == 2
+    assert len(report["stages"]["model"]["rounds"]) == 3
+    assert report["settings"]["decode"] == "device"
+    assert "JPEGs decoded on cpu" in report["settings"]["input_path_and_model"]
     assert set(report["stages"]) == {"model", "pipeline", "job"}
     assert all(stage["images"] == 11 for stage in report["stages"].values())
     ids = _predicted_ids(bench_dir / "job")

@@ -8,10 +8,11 @@ One run, the same images, model, device, batch size and precision, five stages:
 4. hf_pipeline: ``transformers.pipeline("image-classification", batch_size=...)``;
 5. seed_loop: one image at a time, ``processor(image)`` then ``model(**inputs)``.
 
-They run in the order pipeline, hf_pipeline, seed_loop, model, job: the model-only rounds
-and the job back to back. Started plainly it is one rank; under ``accelerate launch`` every stage runs on every rank
-at once over that rank's share of the images (the job's own layout), and a stage's rate is
-all its images over the time from the first rank's start to the last rank's end.
+They run in the order pipeline, hf_pipeline, seed_loop, then the model-only rounds with the
+job in their middle. Started plainly it is one rank; under ``accelerate launch``
+every stage runs on every rank at once over that rank's share of the images (the job's own
+layout), and a stage's rate is all its images over the time from the first rank's start to
+the last rank's end.
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ def stage_pipeline(spec, items, indices, inference, device, workers, threads) ->
         for batch in loader:
             if start is None:
                 start = time.perf_counter()
+            batch = inference.input_path.finish_decoding(batch)
             if batch.pixel_values is not None:
                 ready = prepare(batch.pixel_values)
                 if len(kept) < KEEP_BATCHES and (not kept or len(ready) >= len(kept[0])):
@@ -192,7 +194,7 @@ def _combine_rounds(per_rank: list[list[dict]]) -> dict:
 
 
 def run_bench(spec: JobSpec, stages: list[str], limit: int | None, baseline_limit: int | None,
-              bench_dir: Path, rounds: int = 3) -> dict | None:
+              bench_dir: Path, rounds: int = 4) -> dict | None:
     state = init_state(spec.runtime.device, spec.runtime.timeout_s)
     configure_logging(state.process_index, state.is_main_process)
     device = state.device
@@ -228,57 +230,68 @@ def run_bench(spec: JobSpec, stages: list[str], limit: int | None, baseline_limi
     if "seed_loop" in stages:
         results["seed_loop"] = [stage_seed_loop(spec, items, baseline, device)]
         state.wait_for_everyone()
-    if "model" in stages:
-        # Several rounds: the model alone is the ceiling, and one round of it is the noisiest
-        # figure on a shared machine; the median round is reported, every round recorded.
-        results["model"] = []
-        for _ in range(rounds):
-            results["model"].append(stage_model(spec, loaded, inference, device, len(mine), ready))
+    # Several rounds: the model alone is the ceiling, and one round of it is the noisiest
+    # figure on a shared machine. With the job stage, half the rounds run before the job and
+    # half after it, so the machine's drift during the job weighs on both sides of job/model.
+    # The median round is reported, every round recorded.
+    model_results, job_timing = [], None
+    job_turn = rounds - rounds // 2 if "model" in stages else 0
+    for turn in range(rounds + 1):
+        if turn == job_turn and "job" in stages:
+            job_timing = _stage_job(spec, items, total, bench_dir, state)
+        if turn < rounds and "model" in stages:
+            model_results.append(stage_model(spec, loaded, inference, device, len(mine), ready))
             state.wait_for_everyone()
+    if model_results:
+        results["model"] = model_results
     del ready
     del loaded, inference
     from accelerate.utils import gather_object
 
     gathered = gather_object([results]) if state.num_processes > 1 else [results]
-    report = None
-    if state.is_main_process:
-        report = {
-            "device": device_name(device),
-            "world_size": state.num_processes,
-            "settings": {"model": spec.model.name, "data": spec.data.path, "images": total,
-                         "batch_size": spec.runtime.batch_size,
-                         "precision": spec.runtime.precision, "threads_per_rank": threads,
-                         "workers_per_rank": workers, "preprocess": spec.runtime.preprocess,
-                         "input_path_and_model": described},
-            "versions": versions(),
-            "stages": {name: _combine_rounds([r[name] for r in gathered])
-                       for name in STAGES if name != "job" and name in gathered[0]},
-        }
-    if "job" in stages:
-        job_spec = replace(spec, output=replace(spec.output, dir=str(bench_dir / "job"), overwrite=True))
-        if total < len(items):
-            listing = _limited_list(items, total, bench_dir, state)
-            job_spec = replace(job_spec, data=replace(spec.data, path=str(listing), kind="file_list",
-                                                      labels=None))
-        if state.is_main_process and (bench_dir / "job").exists():
-            shutil.rmtree(bench_dir / "job")  # a fresh job each time, never a resume
-        state.wait_for_everyone()
-        from .job import run
-
-        run(job_spec)  # leaves the process group
-        if report is not None:
-            timing = json.loads((bench_dir / "job" / "timing.json").read_text())
-            report["stages"]["job"] = {"images": timing["items_this_run"],
-                                       "seconds": round(timing["seconds"], 3),
-                                       "images_per_s": round(timing["images_per_second"], 2)}
-    if report is None:
+    state.destroy_process_group()
+    if not state.is_main_process:
         return None
+    report = {
+        "device": device_name(device),
+        "world_size": state.num_processes,
+        "settings": {"model": spec.model.name, "data": spec.data.path, "images": total,
+                     "batch_size": spec.runtime.batch_size,
+                     "precision": spec.runtime.precision, "threads_per_rank": threads,
+                     "workers_per_rank": workers, "preprocess": spec.runtime.preprocess,
+                     "decode": spec.runtime.decode, "input_path_and_model": described},
+        "versions": versions(),
+        "stages": {name: _combine_rounds([r[name] for r in gathered])
+                   for name in STAGES if name in gathered[0]},
+    }
+    if job_timing is not None:
+        report["stages"]["job"] = {"images": job_timing["items_this_run"],
+                                   "seconds": round(job_timing["seconds"], 3),
+                                   "images_per_s": round(job_timing["images_per_second"], 2)}
     rates = {name: stage.get("images_per_s") for name, stage in report["stages"].items()}
     report["ratios"] = {name: round(rates[a] / rates[b], 3) for name, (a, b) in RATIOS.items()
                         if rates.get(a) and rates.get(b)}
     (bench_dir / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     print(format_bench(report), flush=True)
     return report
+
+
+def _stage_job(spec: JobSpec, items: Items, total: int, bench_dir: Path, state) -> dict | None:
+    """The full job over the bench's images, in bench_dir/job; the main rank returns its timing."""
+    from .job import run
+
+    job_spec = replace(spec, output=replace(spec.output, dir=str(bench_dir / "job"), overwrite=True))
+    if total < len(items):
+        listing = _limited_list(items, total, bench_dir, state)
+        job_spec = replace(job_spec, data=replace(spec.data, path=str(listing), kind="file_list",
+                                                  labels=None))
+    if state.is_main_process and (bench_dir / "job").exists():
+        shutil.rmtree(bench_dir / "job")  # a fresh job each time, never a resume
+    state.wait_for_everyone()
+    run(job_spec, leave_process_group=False)
+    if not state.is_main_process:
+        return None
+    return json.loads((bench_dir / "job" / "timing.json").read_text())
 
 
 def _read_once(items: Items, indices: list[int]) -> None:
@@ -323,8 +336,9 @@ def main(argv: list[str]) -> int:
                         help="use only the first N images")
     parser.add_argument("--bench.baseline_limit", dest="baseline_limit", type=int, default=None,
                         help="at most N images for the two baselines (they are slow)")
-    parser.add_argument("--bench.rounds", dest="rounds", type=int, default=3,
-                        help="rounds of the model-only stage; the median is reported (default 3)")
+    parser.add_argument("--bench.rounds", dest="rounds", type=int, default=4,
+                        help="rounds of the model-only stage, half of them before the job stage "
+                             "and half after it; the median is reported (default 4)")
     parser.add_argument("--bench.stages", dest="stages", default=",".join(STAGES),
                         help=f"comma-separated subset of {','.join(STAGES)}")
     args, rest = parser.parse_known_args(argv)

@@ -102,6 +102,11 @@ class RuntimeConfig:
     """fast: workers decode, resize and crop to uint8, the device normalises; processor: the
     checkpoint's own image processor in the workers; auto: fast where it reproduces the
     processor (checked at start-up), else processor."""
+    decode: Literal["cpu", "device"] = "cpu"
+    """Where plain JPEGs are decoded. cpu: in the DataLoader workers. device: in batches on
+    the rank's device (torchvision's nvJPEG on NVIDIA), the workers only read and check the
+    files; falls back to cpu, with a warning, where the device has no JPEG decoder (ROCm)
+    or the input path is the processor's. Not yet measured on a GPU: compare with bench."""
     channels_last: bool | None = None
     """NHWC memory layout (default: on for convolutional networks)."""
     fold_batchnorm: bool = True
@@ -125,6 +130,9 @@ class RuntimeConfig:
             "runtime.num_workers",
             f"must be >= 0, got {self.num_workers}",
         )
+        _require(not (self.decode == "device" and self.preprocess == "processor"),
+                 "runtime.decode", "device decodes for the fast input path; runtime.preprocess "
+                 "processor runs the checkpoint's processor on images decoded in the workers")
         _require(self.max_image_pixels >= 1, "runtime.max_image_pixels", "must be >= 1")
         _require(
             self.max_error_fraction is None or 0.0 <= self.max_error_fraction < 1.0,

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .inputs import Items
 
@@ -97,7 +97,11 @@ def _open_header(data: bytes, max_pixels: int) -> Image.Image:
     # checked here from the header, before any pixel is decoded.
     Image.MAX_IMAGE_PIXELS = None
     with _exif_checked():  # JPEG and TIFF read their EXIF while opening
-        image = Image.open(io.BytesIO(data))
+        try:
+            image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise UnidentifiedImageError(
+                f"not an image format Pillow reads (it starts with {data[:12]!r})") from None
     width, height = image.size
     if width * height > max_pixels:
         raise ImageTooLarge(
@@ -120,6 +124,18 @@ def open_image(source: Any, max_pixels: int) -> Image.Image:
     return _decode_with_pillow(_open_header(_read(source), max_pixels))
 
 
+def _plain_jpeg(image: Image.Image) -> bool:
+    """An upright RGB or grey JPEG: torchvision's decoders give Pillow's pixels for it."""
+    if decode_jpeg is None or image.format != "JPEG" or image.mode not in {"RGB", "L"}:
+        return False
+    with _exif_checked():  # cheap for a JPEG: the block was read with the header
+        return image.getexif().get(ExifTags.Base.Orientation, 1) == 1
+
+
+def _pillow_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(_decode_with_pillow(image))).permute(2, 0, 1)
+
+
 def read_pixels(source: Any, max_pixels: int) -> torch.Tensor:
     """The image as RGB uint8 (3, H, W): the pixels of ``open_image``, often for less CPU.
 
@@ -131,18 +147,31 @@ def read_pixels(source: Any, max_pixels: int) -> torch.Tensor:
     """
     data = _read(source)
     image = _open_header(data, max_pixels)
-    if decode_jpeg is not None and image.format == "JPEG" and image.mode in {"RGB", "L"}:
-        with _exif_checked():  # cheap for a JPEG: the block was read with the header
-            upright = image.getexif().get(ExifTags.Base.Orientation, 1) == 1
-    else:
-        upright = False
-    if upright:
+    if _plain_jpeg(image):
         try:
             return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
                                mode=ImageReadMode.RGB)
         except RuntimeError:
             pass  # Pillow decodes it, or names what is wrong with it
-    return torch.from_numpy(np.array(_decode_with_pillow(image))).permute(2, 0, 1)
+    return _pillow_tensor(image)
+
+
+@dataclass
+class Encoded:
+    """A plain JPEG's bytes, header and EXIF checked, left for the device to decode."""
+
+    data: torch.Tensor
+    """1-D uint8."""
+
+
+def read_encoded(source: Any, max_pixels: int) -> Encoded | torch.Tensor:
+    """A plain JPEG stays encoded (for ``runtime.decode device``); anything else is decoded
+    here, as ``read_pixels`` does. The pixel limit and the EXIF check apply to both."""
+    data = _read(source)
+    image = _open_header(data, max_pixels)
+    if _plain_jpeg(image):
+        return Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    return _pillow_tensor(image)
 
 
 def describe_error(error: BaseException) -> str:
@@ -161,8 +190,8 @@ class Sample:
 class ItemDataset(torch.utils.data.Dataset):
     """Items at the given global indices, decoded and preprocessed.
 
-    ``preprocess`` takes the RGB PIL image, or, where it has a true ``takes_tensor``
-    attribute, the RGB uint8 (3, H, W) tensor from ``read_pixels``.
+    ``preprocess`` takes what its ``decoder`` attribute returns (``read_pixels``,
+    ``read_encoded``), else the RGB PIL image of ``open_image``.
     """
 
     def __init__(self, items: Items, indices: list[int],
@@ -171,7 +200,7 @@ class ItemDataset(torch.utils.data.Dataset):
         self.indices = indices
         self.preprocess = preprocess
         self.max_pixels = max_pixels
-        self.decode = read_pixels if getattr(preprocess, "takes_tensor", False) else open_image
+        self.decode = getattr(preprocess, "decoder", open_image)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -189,13 +218,14 @@ class ItemDataset(torch.utils.data.Dataset):
 class Batch:
     indices: list[int]
     """Global indices of every item in the batch, in order."""
-    pixel_values: torch.Tensor | None
-    """Stacked inputs of the items that decoded, in order."""
+    pixel_values: torch.Tensor | list[Any] | None
+    """Stacked inputs of the items that decoded, in order; a list where some are still
+    encoded (``runtime.decode device``), for ``device_decode.DeviceDecode``."""
     ok: list[bool]
     errors: list[str | None]
 
     def pin_memory(self) -> Batch:
-        if self.pixel_values is not None:
+        if isinstance(self.pixel_values, torch.Tensor):
             self.pixel_values = self.pixel_values.pin_memory()
         return self
 
@@ -204,7 +234,8 @@ def collate(samples: list[Sample]) -> Batch:
     good = [s.pixel_values for s in samples if s.error is None]
     return Batch(
         indices=[s.index for s in samples],
-        pixel_values=torch.stack(good) if good else None,
+        pixel_values=(None if not good else list(good)
+                      if any(isinstance(value, Encoded) for value in good) else torch.stack(good)),
         ok=[s.error is None for s in samples],
         errors=[s.error for s in samples],
     )

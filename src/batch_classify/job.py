@@ -135,6 +135,7 @@ def _predict_units(spec: JobSpec, items: Items, loaded: LoadedModel, inference: 
                 raise
             if first_batch is None:
                 first_batch = time.time()
+            batch = inference.input_path.finish_decoding(batch)
             launched = (batch, predictor.launch(batch.pixel_values))
             if in_flight is not None:
                 emit(*in_flight)
@@ -176,8 +177,11 @@ def _list_items(spec: JobSpec, is_main: bool, output: Path, board: JobBoard, sto
     return load_items(spec.data)
 
 
-def run(spec: JobSpec) -> dict[str, Any] | None:
-    """Run the job on this rank; the main rank returns the metrics."""
+def run(spec: JobSpec, leave_process_group: bool = True) -> dict[str, Any] | None:
+    """Run the job on this rank; the main rank returns the metrics.
+
+    ``leave_process_group=False`` keeps the ranks' group for a caller that goes on (bench).
+    """
     state = init_state(spec.runtime.device, spec.runtime.timeout_s)
     configure_logging(state.process_index, state.is_main_process)
     stop = StopFlag().install()
@@ -196,7 +200,8 @@ def run(spec: JobSpec) -> dict[str, Any] | None:
         board.report_failure(describe_error(error))
         raise
     finally:
-        state.destroy_process_group()
+        if leave_process_group:
+            state.destroy_process_group()
 
 
 def resolve_runtime(spec: JobSpec, device: torch.device) -> JobSpec:

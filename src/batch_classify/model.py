@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from .config import ModelConfig, RuntimeConfig
+from .device_decode import decode_on_device
 from .labels import ModelLabels, model_labels
 from .optimize import optimise
 from .preprocess import InputPath, choose_input_path, synthetic_images
@@ -124,6 +125,8 @@ class Inference:
 def prepare_inference(loaded: LoadedModel, runtime: RuntimeConfig, device: torch.device) -> Inference:
     """Choose the input path and apply the model rewrites that ``runtime`` asks for."""
     input_path = choose_input_path(loaded.processor, loaded.transform, runtime.preprocess)
+    if runtime.decode == "device":
+        input_path = decode_on_device(input_path, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # batches have one shape: tune the kernels once
     example = loaded.transform(synthetic_images()[0]).unsqueeze(0).repeat(2, 1, 1, 1).to(device)

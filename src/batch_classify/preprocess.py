@@ -20,6 +20,8 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
+from .decode import open_image, read_pixels
+
 log = logging.getLogger(__name__)
 
 # Pillow's filters that torchvision reproduces on uint8 tensors (NEAREST_EXACT is Pillow's
@@ -192,6 +194,7 @@ class FastTransform:
     def __init__(self, spec: PixelSpec):
         self.spec = spec
         self.takes_tensor = spec.resample in _TENSOR_MODES
+        self.decoder = read_pixels if self.takes_tensor else open_image
 
     def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         spec = self.spec
@@ -306,6 +309,12 @@ class InputPath:
     name: str
     """'fast' or 'processor'."""
     note: str
+    device_decode: Any = None
+    """``device_decode.DeviceDecode`` where JPEGs are decoded on the device, else None."""
+
+    def finish_decoding(self, batch):
+        """A worker batch with every image decoded (on the device, where that is the path)."""
+        return batch if self.device_decode is None else self.device_decode(batch)
 
     def device_side(self, device: torch.device, channels_last: bool):
         if self.spec is None:

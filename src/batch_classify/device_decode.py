@@ -1,0 +1,121 @@
+"""``runtime.decode device``: plain JPEGs decoded on the rank's device, in batches.
+
+With torchvision built with nvJPEG (NVIDIA) the workers only read each file and check its
+header; the rank decodes the batch's JPEGs in one ``decode_jpeg(..., device=...)`` call,
+then resizes and crops each image on the device. Other images arrive decoded and cropped
+by the workers, as on the default path. A JPEG the device cannot decode is decoded with
+Pillow instead, and one Pillow cannot decode either becomes that item's error row.
+
+ROCm wheels ship no GPU JPEG decoder: there the start-up probe fails and the job decodes
+in the workers, with a warning. On a CPU device the decode runs in the rank's process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .decode import Batch, Encoded, decode_jpeg, describe_error, open_image, read_encoded
+from .preprocess import FastTransform, InputPath, PixelSpec
+
+log = logging.getLogger(__name__)
+
+
+def _probe_jpeg() -> torch.Tensor:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 8), (200, 30, 90)).save(buffer, format="JPEG")
+    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+
+def unavailable(device: torch.device) -> str | None:
+    """None if JPEGs can be decoded on ``device``, else why not."""
+    if decode_jpeg is None:
+        return "this torchvision has no JPEG decoder"
+    try:
+        image = decode_jpeg(_probe_jpeg(), mode="RGB", device=device)
+    except Exception as error:  # no nvJPEG in this build (ROCm), or no usable device
+        return f"torchvision cannot decode JPEGs on {device} ({describe_error(error)})"
+    if tuple(image.shape) != (3, 8, 16):
+        return f"torchvision decoded a 16x8 test JPEG on {device} to shape {tuple(image.shape)}"
+    return None
+
+
+class Passthrough:
+    """Worker side: plain JPEGs stay encoded; other images are resized and cropped here."""
+
+    def __init__(self, fast: FastTransform):
+        self.fast = fast
+        self.decoder = read_encoded
+
+    def __call__(self, value: Encoded | torch.Tensor) -> Encoded | torch.Tensor:
+        return value if isinstance(value, Encoded) else self.fast(value)
+
+
+class DeviceDecode:
+    """Rank side: a batch's encoded JPEGs -> uint8 (N, H, W, 3) crops on the device."""
+
+    def __init__(self, spec: PixelSpec, device: torch.device):
+        self.fast = FastTransform(spec)
+        self.device = device
+
+    def _decode(self, encoded: list[torch.Tensor]) -> list[torch.Tensor | Exception]:
+        try:
+            return decode_jpeg(encoded, mode="RGB", device=self.device)
+        except RuntimeError:  # one bad file fails the whole call: decode them one by one
+            results: list[torch.Tensor | Exception] = []
+            for data in encoded:
+                try:
+                    results.append(decode_jpeg(data, mode="RGB", device=self.device))
+                except RuntimeError as error:
+                    results.append(error)
+            return results
+
+    def _with_pillow(self, data: torch.Tensor) -> torch.Tensor:
+        # the pixel limit was checked in the worker; the image is no bigger than its header
+        image = open_image(io.BytesIO(data.numpy().tobytes()), max_pixels=2**62)
+        return self.fast(image).to(self.device)
+
+    def __call__(self, batch: Batch) -> Batch:
+        """Decode in place; items that fail are marked as errors in ``batch``."""
+        parts: Any = batch.pixel_values
+        if not isinstance(parts, list):
+            return batch
+        positions = [i for i, ok in enumerate(batch.ok) if ok]  # parts[k] is item positions[k]
+        encoded = [k for k, part in enumerate(parts) if isinstance(part, Encoded)]
+        decoded = dict(zip(encoded, self._decode([parts[k].data for k in encoded])))
+        crops: list[torch.Tensor | None] = []
+        for k, part in enumerate(parts):
+            try:
+                if not isinstance(part, Encoded):
+                    crops.append(part.to(self.device, non_blocking=True))
+                elif isinstance(decoded[k], Exception):
+                    crops.append(self._with_pillow(part.data))
+                else:
+                    crops.append(self.fast(decoded[k]))
+            except Exception as error:  # this item's error row; the batch goes on
+                crops.append(None)
+                batch.ok[positions[k]] = False
+                batch.errors[positions[k]] = describe_error(error)
+        kept = [crop for crop in crops if crop is not None]
+        batch.pixel_values = torch.stack(kept) if kept else None
+        return batch
+
+
+def decode_on_device(path: InputPath, device: torch.device) -> InputPath:
+    """``path`` with its JPEGs decoded on ``device``, or unchanged (with a warning) where
+    that cannot work."""
+    if path.spec is None:
+        problem = f"the input path is the checkpoint's processor ({path.note})"
+    else:
+        problem = unavailable(device)
+    if problem is not None:
+        log.warning("runtime.decode device: decoding in the workers instead: %s", problem)
+        return dataclasses.replace(path, note=f"{path.note}; decoded in the workers ({problem})")
+    return dataclasses.replace(path, worker=Passthrough(FastTransform(path.spec)),
+                               device_decode=DeviceDecode(path.spec, device),
+                               note=f"{path.note}; plain JPEGs decoded on {device}")
