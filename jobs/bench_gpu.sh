@@ -29,3 +29,9 @@ for run in beit-base-patch16-224:256 efficientnet-b7:32 mobilenet-v1-1.0-224:256
         --runtime.precision bf16 --runtime.batch_size "$batch" --bench.baseline_limit 2000 \
         --bench.dir "$out/$preset" "${@:4}" 2>&1 | grep -v "^Loading weights" | tail -n 12
 done
+# The decode-bound case again, its plain JPEGs decoded on the GPU in batches (nvJPEG;
+# on ROCm the job says it falls back to the workers)
+batch-classify bench --model.name "$out/models/mobilenet-v1-1.0-224" --data.path "$images" \
+    --data.kind images --runtime.precision bf16 --runtime.batch_size 256 --runtime.decode device \
+    --bench.stages model,pipeline,job --bench.dir "$out/mobilenet-v1-1.0-224-decode-device" "${@:4}" \
+    2>&1 | grep -v "^Loading weights" | tail -n 8

@@ -57,21 +57,29 @@ class Passthrough:
 
 
 class DeviceDecode:
-    """Rank side: a batch's encoded JPEGs -> uint8 (N, H, W, 3) crops on the device."""
+    """Rank side: a batch's encoded JPEGs -> uint8 (N, H, W, 3) crops on the device.
+
+    On CUDA the decode, resize and crop run on a stream of their own, which the compute
+    stream waits for before it uses the crops. nvJPEG can write its output buffers before
+    the work already queued on the calling stream has run (pytorch/vision#9606), and the
+    caching allocator hands it blocks that such work may still read; so each batch starts
+    from an idle decode stream, while the model's stream runs on.
+    """
 
     def __init__(self, spec: PixelSpec, device: torch.device):
         self.fast = FastTransform(spec)
         self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def _decode(self, encoded: list[torch.Tensor]) -> list[torch.Tensor | Exception]:
         try:
             return decode_jpeg(encoded, mode="RGB", device=self.device)
-        except RuntimeError:  # one bad file fails the whole call: decode them one by one
+        except Exception:  # one bad file fails the whole call: decode them one by one
             results: list[torch.Tensor | Exception] = []
             for data in encoded:
                 try:
                     results.append(decode_jpeg(data, mode="RGB", device=self.device))
-                except RuntimeError as error:
+                except Exception as error:  # Pillow gets it next
                     results.append(error)
             return results
 
@@ -82,9 +90,21 @@ class DeviceDecode:
 
     def __call__(self, batch: Batch) -> Batch:
         """Decode in place; items that fail are marked as errors in ``batch``."""
-        parts: Any = batch.pixel_values
-        if not isinstance(parts, list):
+        if not isinstance(batch.pixel_values, list):
             return batch
+        if self.stream is None:
+            return self._decode_batch(batch)
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.stream):
+            self.stream.synchronize()  # holds only this class's work: the previous batch's
+            self._decode_batch(batch)
+        if batch.pixel_values is not None:
+            compute.wait_stream(self.stream)
+            batch.pixel_values.record_stream(compute)
+        return batch
+
+    def _decode_batch(self, batch: Batch) -> Batch:
+        parts: Any = batch.pixel_values
         positions = [i for i, ok in enumerate(batch.ok) if ok]  # parts[k] is item positions[k]
         encoded = [k for k, part in enumerate(parts) if isinstance(part, Encoded)]
         decoded = dict(zip(encoded, self._decode([parts[k].data for k in encoded])))
