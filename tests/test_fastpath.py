@@ -326,14 +326,14 @@ class _State:
         self.device = torch.device(device)
 
 
-@pytest.mark.parametrize(("device", "expected"), [("cpu", (4, 1)), ("cuda", (2, 3))])
+@pytest.mark.parametrize(("device", "expected"), [("cpu", (4, 0)), ("cuda", (2, 3))])
 def test_threads_and_workers_come_from_the_ranks_share_of_slurms_cores(monkeypatch, device, expected):
     from batch_classify.distributed import plan_cpu
 
     monkeypatch.setenv("SLURM_CPUS_ON_NODE", "16")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert plan_cpu(_State(device), None) == expected
-    assert plan_cpu(_State(device), 0)[1] == 0  # an explicit runtime.num_workers wins
+    assert plan_cpu(_State(device), 5)[1] == 5  # an explicit runtime.num_workers wins
 
 
 def test_without_slurm_the_affinity_mask_counts(monkeypatch):
@@ -360,3 +360,15 @@ def test_default_batch_size_depends_on_the_device(tiny_models, tmp_path):
     assert (cpu, gpu) == (16, 64)
     explicit = load_spec(tmp_path / "job.yaml", ["--runtime.batch_size", "7"])
     assert resolve_runtime(explicit, torch.device("cpu")).runtime.batch_size == 7
+
+
+def test_cpu_ranks_keep_freed_host_memory():
+    import ctypes.util
+
+    from batch_classify.distributed import keep_host_memory
+
+    assert keep_host_memory(torch.device("cpu"), enabled=False) is None
+    assert keep_host_memory(torch.device("cuda"), enabled=True) is None  # GPU ranks: untouched
+    if "libc.so" not in (ctypes.util.find_library("c") or ""):
+        pytest.skip("not a glibc system: the allocator is left alone")
+    assert "no mmap, no trimming" in keep_host_memory(torch.device("cpu"), enabled=True)

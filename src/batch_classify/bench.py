@@ -34,7 +34,7 @@ import torch
 from . import __version__
 from .config import ConfigError, JobSpec, parse_args
 from .decode import ItemDataset, open_image
-from .distributed import configure_logging, init_state, plan_cpu
+from .distributed import configure_logging, init_state, keep_host_memory, plan_cpu
 from .inputs import Items, load_items
 from .job import resolve_runtime
 from .loader import make_loader
@@ -201,6 +201,7 @@ def run_bench(spec: JobSpec, stages: list[str], limit: int | None, baseline_limi
     spec = resolve_runtime(spec, device)
     threads, workers = plan_cpu(state, spec.runtime.num_workers)
     torch.set_num_threads(threads)
+    memory = keep_host_memory(device, spec.runtime.keep_host_memory)
     items = load_items(spec.data)
     total = len(items) if limit is None else min(limit, len(items))
     if "job" in stages and total < len(items) and items.paths is None:
@@ -259,7 +260,8 @@ def run_bench(spec: JobSpec, stages: list[str], limit: int | None, baseline_limi
                      "batch_size": spec.runtime.batch_size,
                      "precision": spec.runtime.precision, "threads_per_rank": threads,
                      "workers_per_rank": workers, "preprocess": spec.runtime.preprocess,
-                     "decode": spec.runtime.decode, "input_path_and_model": described},
+                     "decode": spec.runtime.decode, "host_memory": memory or "default",
+                     "input_path_and_model": described},
         "versions": versions(),
         "stages": {name: _combine_rounds([r[name] for r in gathered])
                    for name in STAGES if name in gathered[0]},

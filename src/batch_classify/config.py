@@ -113,6 +113,10 @@ class RuntimeConfig:
     """Fold BatchNorm into the preceding convolutions (checked against the unfolded logits)."""
     compile: bool = False
     """torch.compile the model (pays a compilation at start-up; cached by Inductor)."""
+    keep_host_memory: bool = True
+    """CPU ranks: glibc serves big tensors from its heap and keeps freed memory for reuse,
+    instead of mapping and unmapping them on every batch (the process keeps its peak
+    memory)."""
     max_image_pixels: int = 128_000_000
     """Images whose header claims more pixels are refused unopened (decompression bombs)."""
     max_error_fraction: float | None = None

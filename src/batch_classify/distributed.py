@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import json
 import logging
@@ -43,14 +44,39 @@ def cores_per_rank(local_world_size: int) -> int:
     return max(1, available_cores() // max(1, local_world_size))
 
 
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+
+
+def keep_host_memory(device: torch.device, enabled: bool) -> str | None:
+    """On a CPU rank, make glibc keep freed memory for reuse; returns what it did, or None.
+
+    By default glibc serves each big block (an activation tensor) with a fresh mmap and
+    unmaps it when freed, so every forward pass page-faults its activations back in; it
+    also trims the heap top. Serving every block from the heap and never trimming makes
+    later batches reuse the same pages: Lite0 alone ran at 150 img/s instead of 100 on the
+    2-core test machine (docs/benchmarks.md). The process keeps its peak memory.
+    """
+    if device.type != "cpu" or not enabled:
+        return None
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return None
+    if mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1):
+        return "glibc malloc: no mmap, no trimming (runtime.keep_host_memory)"
+    return None
+
+
 def plan_cpu(state: PartialState, num_workers: int | None) -> tuple[int, int]:
     """(intra-op threads, DataLoader workers) for this rank, sized so ranks don't oversubscribe."""
     cores = cores_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if state.device.type == "cpu":
-        # The model needs the cores; one worker decodes ahead while the model runs (decoding
-        # is about a sixth of Lite0's CPU time, so it fits in the model's threading gaps).
+        # The model needs the cores. No worker process: the rank's threads decode each batch
+        # between forward passes (loader.ThreadedBatches), so decoding never preempts one of
+        # the model's intra-op threads mid-operation; 8-14% faster than one worker on the
+        # 2-core test machine (docs/benchmarks.md).
         threads = cores
-        workers = 1 if num_workers is None else num_workers
+        workers = 0 if num_workers is None else num_workers
     else:
         # The GPU runs the model: the rank's cores decode, keeping one for the main process.
         threads = min(2, cores)

@@ -23,6 +23,7 @@ from .distributed import (
     default_batch_size,
     default_store,
     init_state,
+    keep_host_memory,
     plan_cpu,
 )
 from .inputs import Items, load_items
@@ -217,8 +218,10 @@ def _run_rank(spec: JobSpec, state, stop: StopFlag, board: JobBoard) -> dict[str
     spec = resolve_runtime(spec, device)
     threads, workers = plan_cpu(state, spec.runtime.num_workers)
     torch.set_num_threads(threads)
-    log.info("%d rank(s) on %s; %d thread(s), %d DataLoader worker(s), batches of %d per rank",
-             state.num_processes, device, threads, workers, spec.runtime.batch_size)
+    memory = keep_host_memory(device, spec.runtime.keep_host_memory)
+    log.info("%d rank(s) on %s; %d thread(s), %d DataLoader worker(s), batches of %d per rank%s",
+             state.num_processes, device, threads, workers, spec.runtime.batch_size,
+             f"; {memory}" if memory else "")
     output = Path(spec.output.dir)
     output.mkdir(parents=True, exist_ok=True)
 

@@ -16,8 +16,8 @@ class ThreadedBatches:
     On a CPU rank the model and the decoder share the same cores. Worker processes decode
     while the model runs, so the two time-slice and evict each other's caches; decoding a
     batch on all of the rank's cores between forward passes costs the same CPU time
-    without that interference (Pillow and torch release the GIL while they decode and
-    resize). Measured in docs/benchmarks.md.
+    without that interference (Pillow, torchvision and torch release the GIL while they
+    decode and resize). The default on CPU ranks; measured in docs/benchmarks.md.
     """
 
     def __init__(self, dataset: ItemDataset, batch_size: int, threads: int):
