@@ -193,3 +193,21 @@ def test_a_file_gone_between_listing_and_reading_is_a_row(tmp_path, tiny_models)
     rows = read_rows(out)
     assert rows["imgs/deleted.jpg"]["error"].startswith("FileNotFoundError: ")
     assert rows["imgs/rgb.jpg"]["error"] is None and rows["imgs/grey.png"]["error"] is None
+
+
+@pytest.mark.parametrize("reader", [open_image, read_pixels])
+def test_a_huge_file_that_is_no_image_is_refused_from_its_header(reader):
+    class Counting(io.BytesIO):
+        read_bytes = 0
+
+        def read(self, size=-1):
+            data = super().read(size)
+            Counting.read_bytes += len(data)
+            return data
+
+    stream = Counting(b"<html>not a picture at all</html>\n" * 1_000_000)  # 34 MB
+    with pytest.raises(Exception) as caught:
+        reader(stream, LIMIT)
+    assert describe_error(caught.value).startswith("UnidentifiedImageError: not an image format")
+    assert "<html>" in str(caught.value)  # it names what the file starts with
+    assert Counting.read_bytes < 1_000_000

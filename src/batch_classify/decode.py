@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import stat
 import threading
@@ -10,7 +9,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -66,15 +65,23 @@ class EmptyImageFile(ValueError):
     """The file holds no bytes at all."""
 
 
-def _read(source: Any) -> bytes:
-    """The encoded bytes of a path or a binary stream (read whole, before any parsing)."""
-    if isinstance(source, str):
-        status = os.stat(source)
-        if stat.S_ISREG(status.st_mode) and status.st_size == 0:
-            raise EmptyImageFile("the file is empty (0 bytes)")
-        with open(source, "rb") as stream:
-            return stream.read()
-    return source.read()
+@contextmanager
+def _opened(source: Any) -> Iterator[BinaryIO]:
+    """A binary stream at the start of the encoded image (a path is opened and closed)."""
+    if not isinstance(source, str):
+        yield source
+        return
+    status = os.stat(source)
+    if stat.S_ISREG(status.st_mode) and status.st_size == 0:
+        raise EmptyImageFile("the file is empty (0 bytes)")
+    with open(source, "rb") as stream:
+        yield stream
+
+
+def _rest(stream: BinaryIO) -> bytes:
+    """All the stream's bytes, read after the header checks passed."""
+    stream.seek(0)
+    return stream.read()
 
 
 @contextmanager
@@ -91,17 +98,22 @@ def _exif_checked() -> Iterator[None]:
         raise CorruptExif(corrupt[0].strip())
 
 
-def _open_header(data: bytes, max_pixels: int) -> Image.Image:
-    """Parse the header only and check the pixel count before anything is decoded."""
+def _open_header(stream: BinaryIO, max_pixels: int) -> Image.Image:
+    """Parse the header only and check the pixel count before anything is decoded.
+
+    Only the header is read: a huge file that is not an image is refused without reading it.
+    """
     # Pillow's own bomb check warns at one limit and fails at twice it; one limit, ours, is
     # checked here from the header, before any pixel is decoded.
     Image.MAX_IMAGE_PIXELS = None
     with _exif_checked():  # JPEG and TIFF read their EXIF while opening
         try:
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(stream)
         except UnidentifiedImageError:
+            stream.seek(0)
             raise UnidentifiedImageError(
-                f"not an image format Pillow reads (it starts with {data[:12]!r})") from None
+                f"not an image format Pillow reads (it starts with {stream.read(12)!r})"
+            ) from None
     width, height = image.size
     if width * height > max_pixels:
         raise ImageTooLarge(
@@ -121,7 +133,8 @@ def _decode_with_pillow(image: Image.Image) -> Image.Image:
 
 def open_image(source: Any, max_pixels: int) -> Image.Image:
     """Open, check the pixel count before decoding, apply EXIF orientation, return RGB."""
-    return _decode_with_pillow(_open_header(_read(source), max_pixels))
+    with _opened(source) as stream:
+        return _decode_with_pillow(_open_header(stream, max_pixels))
 
 
 def _plain_jpeg(image: Image.Image) -> bool:
@@ -145,15 +158,15 @@ def read_pixels(source: Any, max_pixels: int) -> torch.Tensor:
     JPEG torchvision refuses, goes through Pillow, which also names what is wrong with a
     broken file. The tensor is (H, W, 3) memory seen as (3, H, W).
     """
-    data = _read(source)
-    image = _open_header(data, max_pixels)
-    if _plain_jpeg(image):
-        try:
-            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                               mode=ImageReadMode.RGB)
-        except RuntimeError:
-            pass  # Pillow decodes it, or names what is wrong with it
-    return _pillow_tensor(image)
+    with _opened(source) as stream:
+        image = _open_header(stream, max_pixels)
+        if _plain_jpeg(image):
+            data = torch.frombuffer(bytearray(_rest(stream)), dtype=torch.uint8)
+            try:
+                return decode_jpeg(data, mode=ImageReadMode.RGB)
+            except RuntimeError:
+                pass  # Pillow decodes it, or names what is wrong with it
+        return _pillow_tensor(image)
 
 
 @dataclass
@@ -167,11 +180,11 @@ class Encoded:
 def read_encoded(source: Any, max_pixels: int) -> Encoded | torch.Tensor:
     """A plain JPEG stays encoded (for ``runtime.decode device``); anything else is decoded
     here, as ``read_pixels`` does. The pixel limit and the EXIF check apply to both."""
-    data = _read(source)
-    image = _open_header(data, max_pixels)
-    if _plain_jpeg(image):
-        return Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    return _pillow_tensor(image)
+    with _opened(source) as stream:
+        image = _open_header(stream, max_pixels)
+        if _plain_jpeg(image):
+            return Encoded(torch.frombuffer(bytearray(_rest(stream)), dtype=torch.uint8))
+        return _pillow_tensor(image)
 
 
 def describe_error(error: BaseException) -> str:
