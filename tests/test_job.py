@@ -58,8 +58,11 @@ def test_one_two_and_three_processes_agree(tiny_models, corpus, tmp_path):
     results = {}
     for processes in (1, 2, 3):
         out = tmp_path / f"out{processes}"
+        # 2 ranks with a DataLoader worker process each (the GPU layout), else decode threads
+        workers = ["--runtime.num_workers", "1"] if processes == 2 else []
         run_job(["--model.name", str(tiny_models["efficientnet"]), "--data.path", str(corpus),
-                 "--output.dir", str(out), "--runtime.batch_size", "2"], processes=processes)
+                 "--output.dir", str(out), "--runtime.batch_size", "2", *workers],
+                processes=processes)
         metrics = json.loads((out / "metrics.json").read_text())
         results[processes] = (read_rows(out), metrics)
     rows1, metrics1 = results[1]

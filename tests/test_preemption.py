@@ -103,13 +103,15 @@ def _feed_while_running(fifo: Path, content: bytes, process: subprocess.Popen) -
         _feed(fifo, content, timeout=0.5)
 
 
-@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGUSR1])
-def test_stop_signal_commits_finished_units_and_exits_75(tmp_path, tiny_models, signal_number):
+# Both loaders: a DataLoader worker process (the GPU default) and decode threads (the CPU one).
+@pytest.mark.parametrize(("signal_number", "workers"), [(signal.SIGTERM, "1"), (signal.SIGUSR1, "0")])
+def test_stop_signal_commits_finished_units_and_exits_75(tmp_path, tiny_models, signal_number,
+                                                         workers):
     # One process; unit size 2. Item 4 (first of unit 2) blocks until the test feeds it.
     corpus, fifo, content = _blocking_corpus(tmp_path / "corpus", blocked_index=4)
     out = tmp_path / "out"
     base = ["--model.name", str(tiny_models["efficientnet"]), "--data.path", str(corpus),
-            "--output.unit_size", "2", "--runtime.batch_size", "1"]
+            "--output.unit_size", "2", "--runtime.batch_size", "1", "--runtime.num_workers", workers]
     args = [*base, "--output.dir", str(out)]
     job = Background(args, processes=1)
     try:
