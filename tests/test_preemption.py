@@ -139,6 +139,26 @@ def test_stop_signal_commits_finished_units_and_exits_75(tmp_path, tiny_models, 
     assert {k: r["topk_ids"] for k, r in rows.items()} == {k: r["topk_ids"] for k, r in expected.items()}
 
 
+def test_a_rank_stuck_in_a_hung_read_still_stops(tmp_path, tiny_models):
+    # Decode threads (the CPU default). Item 4's read never returns, as on a stale network
+    # mount: the signalled rank must still commit what it finished and exit, not hang.
+    corpus, fifo, _ = _blocking_corpus(tmp_path / "corpus", blocked_index=4)
+    out = tmp_path / "out"
+    job = Background(["--model.name", str(tiny_models["efficientnet"]), "--data.path", str(corpus),
+                      "--output.dir", str(out), "--output.unit_size", "2",
+                      "--runtime.batch_size", "1", "--runtime.num_workers", "0"], processes=1)
+    try:
+        job.wait_for_units(out, 2)
+        time.sleep(1)  # the decode thread is now blocked opening the FIFO
+        job.process.send_signal(signal.SIGTERM)
+        status = job.finish(timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the rank did not stop while a read hung")
+    assert status == PREEMPTED_EXIT_STATUS
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == [
+        "unit-000000.parquet", "unit-000001.parquet"]
+
+
 def test_sigterm_to_the_launcher_stops_every_rank(tmp_path, tiny_models):
     # Two ranks; item 6 (unit 3, rank 1) blocks until fed.
     corpus, fifo, content = _blocking_corpus(tmp_path / "corpus", blocked_index=6)

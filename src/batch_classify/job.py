@@ -78,7 +78,8 @@ def _predict_units(spec: JobSpec, items: Items, loaded: LoadedModel, inference: 
     """Run this rank's units; commit each as it completes. Returns this rank's timing."""
     indices = [index for unit in unit_ids for index in units[unit]]
     dataset = ItemDataset(items, indices, inference.input_path.worker, spec.runtime.max_image_pixels)
-    loader = make_loader(dataset, spec.runtime.batch_size, workers, device, threads)
+    loader = make_loader(dataset, spec.runtime.batch_size, workers, device, threads,
+                         stopping=lambda: stop.requested)
     predictor = Predictor(inference.model, loaded.labels, device, spec.runtime.precision,
                           spec.output.top_k, inference.prepare(device),
                           pad_to=spec.runtime.batch_size if spec.runtime.compile else None)
