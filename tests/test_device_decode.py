@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import read_rows, run_job
 from fixtures_images import jpeg_bytes, photo, write_bad_images, write_exif_pair, write_good_images
-from transformers import MobileNetV1ImageProcessor
+from PIL import Image
+from transformers import BeitImageProcessor, MobileNetV1ImageProcessor
 
 from batch_classify import device_decode
 from batch_classify.config import ConfigError, RuntimeConfig
@@ -51,8 +52,9 @@ def test_device_decoding_gives_the_workers_batch(tmp_path):
                                               ProcessorTransform(MobileNetV1ImageProcessor()),
                                               "fast"), CPU)
     raw = collate([ItemDataset(items, indices, path.worker, LIMIT)[i] for i in indices])
-    encoded = [items.ids[i] for i, value in zip([i for i, ok in zip(indices, raw.ok) if ok],
-                                                raw.pixel_values) if isinstance(value, Encoded)]
+    decoded_ids = [items.ids[i] for i, ok in zip(indices, raw.ok) if ok]
+    encoded = [item_id for item_id, value in zip(decoded_ids, raw.pixel_values)
+               if isinstance(value, Encoded)]
     # Only plain upright JPEGs are left encoded; the cut one passes its header check.
     assert sorted(encoded) == ["bad/cut.jpg", "good/rgb.jpg"]
     batch = path.finish_decoding(raw)
@@ -96,6 +98,18 @@ def test_without_a_device_decoder_the_workers_decode(monkeypatch, caplog):
         kept = decode_on_device(path, CPU)
     assert kept.device_decode is None and isinstance(kept.worker, FastTransform)
     assert "decoded in the workers" in kept.note and "runtime.decode device" in caplog.text
+
+
+def test_a_resize_filter_only_pillow_has_keeps_decoding_in_the_workers(tmp_path):
+    # A Lanczos processor: the device could decode, but not resize as the processor does.
+    processor = BeitImageProcessor(do_center_crop=True, resample=Image.Resampling.LANCZOS)
+    path = choose_input_path(processor, ProcessorTransform(processor), "fast")
+    kept = decode_on_device(path, CPU)
+    assert kept.device_decode is None and "LANCZOS" in kept.note
+    write_good_images(tmp_path)
+    items = _items(tmp_path)
+    sample = ItemDataset(items, [items.ids.index("rgb.jpg")], kept.worker, LIMIT)[0]
+    assert sample.error is None and sample.pixel_values.shape == (224, 224, 3)
 
 
 def test_the_processor_path_keeps_decoding_in_the_workers():

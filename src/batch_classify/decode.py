@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import threading
@@ -149,42 +150,45 @@ def _pillow_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(_decode_with_pillow(image))).permute(2, 0, 1)
 
 
-def read_pixels(source: Any, max_pixels: int) -> torch.Tensor:
-    """The image as RGB uint8 (3, H, W): the pixels of ``open_image``, often for less CPU.
-
-    Plain JPEGs (RGB or grey, upright) are decoded by torchvision straight into a tensor,
-    about a quarter less CPU than Pillow's decode plus the copy into an array; both run
-    libjpeg-turbo with the same settings and give the same pixels. Anything else, and any
-    JPEG torchvision refuses, goes through Pillow, which also names what is wrong with a
-    broken file. The tensor is (H, W, 3) memory seen as (3, H, W).
-    """
-    with _opened(source) as stream:
-        image = _open_header(stream, max_pixels)
-        if _plain_jpeg(image):
-            data = torch.frombuffer(bytearray(_rest(stream)), dtype=torch.uint8)
-            try:
-                return decode_jpeg(data, mode=ImageReadMode.RGB)
-            except RuntimeError:
-                pass  # Pillow decodes it, or names what is wrong with it
-        return _pillow_tensor(image)
-
-
 @dataclass
 class Encoded:
-    """A plain JPEG's bytes, header and EXIF checked, left for the device to decode."""
+    """A plain JPEG's bytes, its header, pixel count and EXIF already checked."""
 
     data: torch.Tensor
     """1-D uint8."""
 
+    def with_pillow(self) -> Image.Image:
+        """Decoded by Pillow, for a JPEG torchvision refuses (it names what is wrong)."""
+        return _decode_with_pillow(_open_header(io.BytesIO(self.data.numpy().tobytes()),
+                                                max_pixels=2**62))  # checked when read
+
 
 def read_encoded(source: Any, max_pixels: int) -> Encoded | torch.Tensor:
-    """A plain JPEG stays encoded (for ``runtime.decode device``); anything else is decoded
-    here, as ``read_pixels`` does. The pixel limit and the EXIF check apply to both."""
+    """A plain JPEG (upright, RGB or grey) stays encoded; anything else is decoded by Pillow
+    into RGB uint8 (3, H, W). The pixel limit and the EXIF check apply to both."""
     with _opened(source) as stream:
         image = _open_header(stream, max_pixels)
         if _plain_jpeg(image):
             return Encoded(torch.frombuffer(bytearray(_rest(stream)), dtype=torch.uint8))
         return _pillow_tensor(image)
+
+
+def read_pixels(source: Any, max_pixels: int) -> torch.Tensor:
+    """The image as RGB uint8 (3, H, W): the pixels of ``open_image``, often for less CPU.
+
+    Plain JPEGs are decoded by torchvision straight into a tensor, about a quarter less CPU
+    than Pillow's decode plus the copy into an array; both run libjpeg-turbo with the same
+    settings and give the same pixels. Anything else, and any JPEG torchvision refuses,
+    goes through Pillow, which also names what is wrong with a broken file. A tensor from
+    torchvision is (H, W, 3) memory seen as (3, H, W).
+    """
+    value = read_encoded(source, max_pixels)
+    if not isinstance(value, Encoded):
+        return value
+    try:
+        return decode_jpeg(value.data, mode=ImageReadMode.RGB)
+    except RuntimeError:
+        return torch.from_numpy(np.array(value.with_pillow())).permute(2, 0, 1)
 
 
 def describe_error(error: BaseException) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .decode import Batch, Encoded, decode_jpeg, describe_error, open_image, read_encoded
+from .decode import Batch, Encoded, decode_jpeg, describe_error, read_encoded
 from .preprocess import FastTransform, InputPath, PixelSpec
 
 log = logging.getLogger(__name__)
@@ -83,10 +83,6 @@ class DeviceDecode:
                     results.append(error)
             return results
 
-    def _with_pillow(self, data: torch.Tensor) -> torch.Tensor:
-        # the pixel limit was checked in the worker; the image is no bigger than its header
-        image = open_image(io.BytesIO(data.numpy().tobytes()), max_pixels=2**62)
-        return self.fast(image).to(self.device)
 
     def __call__(self, batch: Batch) -> Batch:
         """Decode in place; items that fail are marked as errors in ``batch``."""
@@ -114,7 +110,7 @@ class DeviceDecode:
                 if not isinstance(part, Encoded):
                     crops.append(part.to(self.device, non_blocking=True))
                 elif isinstance(decoded[k], Exception):
-                    crops.append(self._with_pillow(part.data))
+                    crops.append(self.fast(part.with_pillow()).to(self.device))
                 else:
                     crops.append(self.fast(decoded[k]))
             except Exception as error:  # this item's error row; the batch goes on
@@ -131,6 +127,9 @@ def decode_on_device(path: InputPath, device: torch.device) -> InputPath:
     that cannot work."""
     if path.spec is None:
         problem = f"the input path is the checkpoint's processor ({path.note})"
+    elif not FastTransform(path.spec).takes_tensor:
+        problem = (f"the processor's resize filter ({Image.Resampling(path.spec.resample).name}) "
+                   "exists only in Pillow")
     else:
         problem = unavailable(device)
     if problem is not None:
