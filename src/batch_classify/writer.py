@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -40,13 +42,68 @@ def unit_of(path: Path) -> int | None:
     return None
 
 
+UNIT_STATS_KEY = "unit"
+"""Schema-metadata key of a unit file's own counts (JSON), so totals come from the footers."""
+
+
+def id_hash(item_id: str) -> int:
+    """A 64-bit hash of one id: the terms of the order-independent digests."""
+    return int.from_bytes(hashlib.blake2b(item_id.encode(), digest_size=8).digest(), "little")
+
+
+def ids_digest(ids) -> str:
+    """Order-independent digest of a set of ids: the sum of their 64-bit hashes mod 2**64 (hex).
+    Digests of disjoint sets add up (``add_digests``) to the digest of their union."""
+    return f"{sum(map(id_hash, ids)) % 2**64:016x}"
+
+
+def add_digests(digests) -> str:
+    return f"{sum(int(d, 16) for d in digests) % 2**64:016x}"
+
+
+def error_type(message: str) -> str:
+    """'CorruptExif: ...' -> 'CorruptExif'."""
+    return message.split(":", 1)[0]
+
+
+def unit_stats(rows: dict[str, list]) -> dict[str, Any]:
+    """The counts a unit file carries in its metadata: aggregate sums them without the rows."""
+    n_errors, errors_by_type = 0, Counter()
+    n_labelled = n_scored = top1 = top5 = 0
+    top5_available = True
+    for label, target, topk, error in zip(rows["label"], rows["target"], rows["topk_ids"], rows["error"]):
+        n_labelled += label is not None
+        if error is not None:
+            n_errors += 1
+            errors_by_type[error_type(error)] += 1
+            continue
+        if target is None or not topk:
+            continue
+        n_scored += 1
+        top1 += topk[0] == target
+        top5 += target in topk[:5]
+        top5_available = top5_available and len(topk) >= 5
+    return {"n": len(rows["id"]), "n_errors": n_errors,
+            "errors_by_type": dict(sorted(errors_by_type.items())),
+            "n_labelled": n_labelled, "n_scored": n_scored, "top1_hits": top1, "top5_hits": top5,
+            "top5_available": top5_available, "ids_digest": ids_digest(rows["id"])}
+
+
+def read_unit_stats(path: str | Path) -> dict[str, Any] | None:
+    """A committed unit file's counts from its footer alone (None for files that predate them)."""
+    metadata = pq.read_schema(path).metadata or {}
+    raw = metadata.get(UNIT_STATS_KEY.encode())
+    return json.loads(raw) if raw is not None else None
+
+
 def write_unit(output_dir: str | Path, unit: int, rows: dict[str, list], metadata: dict[str, Any]) -> Path:
     """Write to a temporary name, fsync, then rename: readers see all of it or none."""
     final = unit_path(output_dir, unit)
     final.parent.mkdir(parents=True, exist_ok=True)
     temporary = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    stats = {UNIT_STATS_KEY: {"unit": unit, **unit_stats(rows)}}
     table = pa.Table.from_pydict(rows, schema=SCHEMA).replace_schema_metadata(
-        {key: json.dumps(value) for key, value in metadata.items()}
+        {key: json.dumps(value) for key, value in {**metadata, **stats}.items()}
     )
     pq.write_table(table, temporary)
     with open(temporary, "rb") as handle:
