@@ -10,7 +10,7 @@ from typing import Literal
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-SourceKind = Literal["auto", "imagefolder", "images", "file_list", "hf"]
+SourceKind = Literal["auto", "imagefolder", "images", "file_list", "webdataset", "parquet", "hf"]
 
 
 class ConfigError(ValueError):
@@ -42,10 +42,12 @@ class DataConfig:
     """Where the images come from."""
 
     path: str = ""
-    """Folder, text file of paths, Parquet file(s), save_to_disk folder or dataset name."""
+    """Folder, text file of paths, WebDataset tar(s) (a tar, a folder, a glob or a brace pattern
+    such as /data/{00000..00999}.tar), Parquet file(s), save_to_disk folder or dataset name."""
     kind: SourceKind = "auto"
     """imagefolder (one subfolder per class), images (a folder searched recursively),
-    file_list (a text file of paths), hf (a Hugging Face dataset), or auto (detected)."""
+    file_list (a text file of paths), webdataset (tar shards), parquet (Parquet files with
+    image bytes, read a row group at a time), hf (a Hugging Face dataset), or auto (detected)."""
     labels: str | None = None
     """CSV of filename,label (an ImageNet-1k index or a wnid), or Kaggle's LOC_val_solution.csv."""
     split: str | None = None
@@ -56,6 +58,12 @@ class DataConfig:
     """Label column of a dataset (default: 'label' where present; none means unlabelled)."""
     id_column: str | None = None
     """Column giving each row's id (default: the row index)."""
+    label_key: str | None = None
+    """WebDataset: the field of each sample's .json that holds its label (an ImageNet-1k index
+    or wnid); default: the sample's .cls member, else unlabelled."""
+    image_suffixes: list[str] | None = None
+    """WebDataset: member suffixes that hold the image, first match wins (default: jpg, jpeg,
+    png, webp and the other formats Pillow reads)."""
     class_subset: str | None = None
     """Score only these ImageNet-1k classes: 'imagenet-a', 'imagenet-r' (200 classes each) or
     a file of wnids or indices, one per line (as timm's --valid-labels)."""
@@ -75,7 +83,9 @@ class OutputConfig:
     top_k: int = 5
     """How many classes each prediction row keeps."""
     unit_size: int = 0
-    """Items per committed unit of work (0: chosen from the item count and world size)."""
+    """Items per committed unit of work for listed inputs (0: from the item count, at most
+    10,000, so 1e9 images make ~1e5 files). WebDataset units are whole tars; Parquet units
+    whole row groups up to this many rows."""
     overwrite: bool = False
     """Start over in an output folder that holds another job's results."""
 

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from .inputs import Items
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec, whose PyPI wheels
 # are CUDA builds; torchvision's come in every flavour torch does (ROCm included). If a later
@@ -197,44 +196,62 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {message}"[:500]
 
 
+@dataclass(frozen=True)
+class ItemKey:
+    """Who an item is: what its row needs, and nothing heavy (it travels back from workers)."""
+
+    unit: int
+    id: str
+    label: int | None
+    last: bool = False
+    """The last item of its unit: the unit commits once this item's row is in."""
+
+
+@dataclass
+class Task:
+    """One item to decode: its key, and the path or bytes to decode (or the input's error)."""
+
+    key: ItemKey
+    payload: str | bytes | None
+    error: str | None = None
+
+    def source(self) -> str | BinaryIO:
+        return io.BytesIO(self.payload) if isinstance(self.payload, bytes) else self.payload
+
+
 @dataclass
 class Sample:
-    index: int
+    key: ItemKey
     pixel_values: torch.Tensor | None
     error: str | None
 
 
-class ItemDataset(torch.utils.data.Dataset):
-    """Items at the given global indices, decoded and preprocessed.
+class TaskDataset(torch.utils.data.Dataset):
+    """Decodes and preprocesses the task it is given (the batch sampler hands out Tasks).
 
     ``preprocess`` takes what its ``decoder`` attribute returns (``read_pixels``,
     ``read_encoded``), else the RGB PIL image of ``open_image``.
     """
 
-    def __init__(self, items: Items, indices: list[int],
-                 preprocess: Callable[[Any], torch.Tensor], max_pixels: int):
-        self.items = items
-        self.indices = indices
+    def __init__(self, preprocess: Callable[[Any], torch.Tensor], max_pixels: int):
         self.preprocess = preprocess
         self.max_pixels = max_pixels
         self.decode = getattr(preprocess, "decoder", open_image)
 
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, position: int) -> Sample:
-        index = self.indices[position]
+    def __getitem__(self, task: Task) -> Sample:
+        if task.error is not None:
+            return Sample(task.key, None, task.error)
         try:
-            image = self.decode(self.items.open(index), self.max_pixels)
-            return Sample(index, self.preprocess(image), None)
+            image = self.decode(task.source(), self.max_pixels)
+            return Sample(task.key, self.preprocess(image), None)
         except Exception as error:  # every failure of one image is that image's row
-            return Sample(index, None, describe_error(error))
+            return Sample(task.key, None, describe_error(error))
 
 
 @dataclass
 class Batch:
-    indices: list[int]
-    """Global indices of every item in the batch, in order."""
+    items: list[ItemKey]
+    """Every item of the batch, in order."""
     pixel_values: torch.Tensor | list[Any] | None
     """Stacked inputs of the items that decoded, in order; a list where some are still
     encoded (``runtime.decode device``), for ``device_decode.DeviceDecode``."""
@@ -250,7 +267,7 @@ class Batch:
 def collate(samples: list[Sample]) -> Batch:
     good = [s.pixel_values for s in samples if s.error is None]
     return Batch(
-        indices=[s.index for s in samples],
+        items=[s.key for s in samples],
         pixel_values=(None if not good else list(good)
                       if any(isinstance(value, Encoded) for value in good) else torch.stack(good)),
         ok=[s.error is None for s in samples],

@@ -12,10 +12,12 @@ import time
 import torch
 from accelerate import PartialState
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class DeviceError(RuntimeError):
+class DeviceError(UserError, RuntimeError):
     """The requested device is not usable here."""
 
 
@@ -128,17 +130,18 @@ class JobBoard:
     ``timeout_s`` bounds the wait for a rank that vanished without a word (SIGKILL).
     """
 
-    PREFIX = "batch_classify/board/"
-
-    def __init__(self, store, rank: int, world_size: int, timeout_s: float, poll_s: float = 0.2):
+    def __init__(self, store, rank: int, world_size: int, timeout_s: float, poll_s: float = 0.2,
+                 namespace: str = "batch_classify/"):
         self.store = store
+        self.namespace = namespace
+        """Prefix of every key of this run: a process that runs several jobs (bench) uses one each."""
         self.rank = rank
         self.world_size = world_size
         self.timeout_s = timeout_s
         self.poll_s = poll_s
 
     def _key(self, name: str) -> str:
-        return self.PREFIX + name
+        return self.namespace + "board/" + name
 
     def report_failure(self, reason: str) -> None:
         """Tell the other ranks why this one is leaving (best effort: the store may be gone)."""

@@ -1,18 +1,27 @@
-"""Inputs: turn ``data.*`` into one fixed, ordered list of items with stable ids and labels."""
+"""Inputs: what ``data.*`` names, enumerated once by the main rank as a stream.
+
+Folders and path lists stream (id, label, path) rows in chunks (one ``os.scandir`` pass,
+sorted one directory at a time, never a list of every path); WebDataset tars, Parquet files
+and Hugging Face datasets are described by their shards alone (a tar, a row-group range, a
+row range), and each rank reads only the shard it works on. ``listing.py`` writes what this
+module yields to the output folder and cuts it into units.
+"""
 
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
-import io
-import json
 import logging
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from .config import DataConfig
+from .errors import UserError
 from .labels import WNID, parse_imagenet_label, wnid_to_index
 
 log = logging.getLogger(__name__)
@@ -21,177 +30,147 @@ IMAGE_EXTENSIONS = frozenset(
     [".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff",
      ".ppm", ".pgm", ".pbm"]
 )
+CHUNK_ROWS = 65_536
+"""Rows a file listing holds in memory before they go to disk."""
+DUPLICATE_CHECK_LIMIT = 10_000_000
+"""A path list is checked for repeated lines up to this many (8 bytes each)."""
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """The input cannot be read as configured; the message says what and how to fix it."""
 
 
 @dataclass
-class Items:
-    """The job's items in their fixed order. Picklable, so DataLoader workers can read them."""
+class FileRows:
+    """A chunk of a file listing: ids, labels and (where they differ from root/id) paths."""
+
+    ids: list[str]
+    labels: list[int | None]
+    paths: list[str | None]
+
+
+@dataclass
+class Enumeration:
+    """What the main rank found: either file rows (streamed) or shards, plus the label space."""
 
     kind: str
     root: str
-    ids: list[str]
-    labels: list[int | None]
     classes: tuple[str, ...] | None = None
     """Names of the dataset's classes; None when labels are ImageNet-1k indices."""
-    paths: list[str] | None = None
-    dataset: Any = None
-    image_column: str | None = None
     notes: list[str] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def labelled(self) -> bool:
-        return any(label is not None for label in self.labels)
-
-    def open(self, index: int) -> BinaryIO | str:
-        """A path or a binary stream holding item ``index``'s encoded image."""
-        if self.paths is not None:
-            return self.paths[index]
-        value = self.dataset[index][self.image_column]
-        if isinstance(value, dict):
-            if value.get("bytes"):
-                return io.BytesIO(value["bytes"])
-            if value.get("path"):
-                return value["path"]
-            raise ValueError("dataset row has neither image bytes nor a path")
-        if isinstance(value, (bytes, bytearray)):
-            return io.BytesIO(value)
-        if isinstance(value, str):
-            return value
-        raise TypeError(f"image column {self.image_column!r} holds {type(value).__name__}")
-
-    def save(self, path: Path) -> None:
-        """Write a file-based listing for the other ranks (atomically), so only one rank lists."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        if self.paths is None:
-            raise ValueError("only file listings are shared through a file")
-        table = pa.table({"id": self.ids, "label": pa.array(self.labels, pa.int64()),
-                          "path": self.paths})
-        meta = {"kind": self.kind, "root": self.root, "notes": self.notes,
-                "classes": list(self.classes) if self.classes is not None else None}
-        table = table.replace_schema_metadata({"items": json.dumps(meta)})
-        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        pq.write_table(table, temporary)
-        os.replace(temporary, path)
-
-    @classmethod
-    def load_saved(cls, path: Path) -> Items:
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        meta = json.loads(table.schema.metadata[b"items"])
-        classes = tuple(meta["classes"]) if meta["classes"] is not None else None
-        return cls(kind=meta["kind"], root=meta["root"], ids=table.column("id").to_pylist(),
-                   labels=table.column("label").to_pylist(), classes=classes,
-                   paths=table.column("path").to_pylist(), notes=meta["notes"])
-
-    def fingerprint(self) -> str:
-        """A hash of the ordered ids and labels: equal for the same dataset listing."""
-        digest = hashlib.sha256()
-        for item_id, label in zip(self.ids, self.labels):
-            digest.update(f"{item_id}\t{label}\n".encode())
-        return digest.hexdigest()
+    rows: Iterator[FileRows] | None = None
+    shards: list[dict[str, Any]] | None = None
+    """Shard kinds: one dict per shard, with ``path`` (relative to root) and what else the
+    kind needs (row groups and their row counts for Parquet)."""
+    reader: dict[str, Any] = field(default_factory=dict)
+    """What a rank needs to read a shard: columns, label map, image suffixes."""
+    fingerprint_parts: list[str] = field(default_factory=list)
 
 
 def _is_image(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not name.startswith(".")
 
 
-def _walk_images(root: Path) -> list[str]:
-    """Image files under root, relative, in sorted order (os.scandir: one stat-free pass)."""
-    found: list[str] = []
-    stack = [""]
-    while stack:
-        rel = stack.pop()
-        with os.scandir(root / rel) as entries:
-            for entry in entries:
+def walk_images(root: Path) -> Iterator[str]:
+    """Image files under root, relative, in sorted path order, from one stat-free scandir pass.
+
+    Each directory's entries are sorted on their own (a directory sorts before its own
+    contents exactly as in a sort of the full paths), so memory is bounded by the largest
+    directory, not the tree.
+    """
+
+    def walk(rel: str) -> Iterator[str]:
+        entries = []
+        with os.scandir(root / rel if rel else root) as found:
+            for entry in found:
                 if entry.name.startswith("."):
                     continue
-                child = f"{rel}/{entry.name}" if rel else entry.name
-                if entry.is_dir(follow_symlinks=True):
-                    stack.append(child)
-                elif _is_image(entry.name):
-                    found.append(child)
-    return sorted(found)
+                is_dir = entry.is_dir(follow_symlinks=True)
+                if is_dir or _is_image(entry.name):
+                    entries.append((entry.name + "/" if is_dir else entry.name, is_dir))
+        entries.sort()
+        for key, is_dir in entries:
+            child = f"{rel}/{key.rstrip('/')}" if rel else key.rstrip("/")
+            if is_dir:
+                yield from walk(child)
+            else:
+                yield child
+
+    yield from walk("")
 
 
-def _file_items(kind: str, root: Path, rel_paths: list[str], labels: list[int | None],
-                classes: tuple[str, ...] | None, notes: list[str] | None = None) -> Items:
-    return Items(
-        kind=kind,
-        root=str(root),
-        ids=rel_paths,
-        labels=labels,
-        classes=classes,
-        paths=[str(root / p) for p in rel_paths],
-        notes=notes or [],
-    )
+def _chunked(rows: Iterator[tuple[str, int | None, str | None]]) -> Iterator[FileRows]:
+    chunk = FileRows([], [], [])
+    for item_id, label, path in rows:
+        chunk.ids.append(item_id)
+        chunk.labels.append(label)
+        chunk.paths.append(path)
+        if len(chunk.ids) >= CHUNK_ROWS:
+            yield chunk
+            chunk = FileRows([], [], [])
+    if chunk.ids:
+        yield chunk
 
 
-def image_folder(root: Path) -> Items:
+def image_folder(root: Path) -> Enumeration:
     """One subfolder per class: wnid folders map to ImageNet-1k, other names to sorted order."""
     class_dirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not class_dirs:
         raise InputError(f"data.path {root} has no class subfolders (data.kind: imagefolder)")
-    rel_paths = _walk_images(root)
-    if not rel_paths:
-        raise InputError(f"data.path {root}: no image files found in its class subfolders")
-    stray = [p for p in rel_paths if "/" not in p]
-    if stray:
-        raise InputError(
-            f"data.path {root}: {len(stray)} image(s) such as {stray[0]!r} lie outside the class "
-            "subfolders; use data.kind: images for unlabelled folders"
-        )
     if all(WNID.match(name) for name in class_dirs):
         index = wnid_to_index()
         unknown = [name for name in class_dirs if name not in index]
         if unknown:
-            raise InputError(
-                f"data.path {root}: folder {unknown[0]!r} looks like a wnid but is not an "
-                "ImageNet-1k class"
-            )
-        labels: list[int | None] = [index[p.split("/", 1)[0]] for p in rel_paths]
-        return _file_items("imagefolder", root, rel_paths, labels, None,
-                           ["wnid folders mapped to the ImageNet-1k index"])
-    position = {name: i for i, name in enumerate(class_dirs)}
-    labels = [position[p.split("/", 1)[0]] for p in rel_paths]
-    return _file_items("imagefolder", root, rel_paths, labels, tuple(class_dirs),
-                       ["class folders mapped in sorted order"])
+            raise InputError(f"data.path {root}: folder {unknown[0]!r} looks like a wnid but is not an "
+                             "ImageNet-1k class")
+        position, classes, note = index, None, "wnid folders mapped to the ImageNet-1k index"
+    else:
+        position = {name: i for i, name in enumerate(class_dirs)}
+        classes, note = tuple(class_dirs), "class folders mapped in sorted order"
+
+    def rows() -> Iterator[tuple[str, int | None, None]]:
+        for rel in walk_images(root):
+            if "/" not in rel:
+                raise InputError(f"data.path {root}: image(s) such as {rel!r} lie outside the class "
+                                 "subfolders; use data.kind: images for unlabelled folders")
+            yield rel, position[rel.split("/", 1)[0]], None
+
+    return Enumeration("imagefolder", str(root), classes, [note], rows=_chunked(rows()))
 
 
-def image_files(root: Path) -> Items:
+def image_files(root: Path) -> Enumeration:
     """Unlabelled images: a folder searched recursively."""
-    rel_paths = _walk_images(root)
-    if not rel_paths:
-        raise InputError(f"data.path {root}: no image files found (extensions: "
-                         f"{' '.join(sorted(IMAGE_EXTENSIONS))})")
-    return _file_items("images", root, rel_paths, [None] * len(rel_paths), None)
+    return Enumeration("images", str(root), rows=_chunked((rel, None, None) for rel in walk_images(root)))
 
 
-def file_list(list_path: Path) -> Items:
+def _line_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def file_list(list_path: Path) -> Enumeration:
     """Unlabelled images named one per line in a text file (relative to the file's folder)."""
     root = list_path.parent
-    rel_paths = []
-    for line in list_path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            rel_paths.append(line)
-    if not rel_paths:
-        raise InputError(f"data.path {list_path}: the file list names no images")
-    duplicated = len(rel_paths) - len(set(rel_paths))
-    if duplicated:
-        raise InputError(f"data.path {list_path}: {duplicated} path(s) are listed twice")
-    items = _file_items("file_list", root, rel_paths, [None] * len(rel_paths), None)
-    items.paths = [p if os.path.isabs(p) else str(root / p) for p in rel_paths]
-    return items
+    notes: list[str] = []
+
+    def rows() -> Iterator[tuple[str, None, str | None]]:
+        seen: set[int] | None = set()
+        with open(list_path) as handle:
+            for line in handle:
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                if seen is not None:
+                    digest = _line_hash(line)
+                    if digest in seen:
+                        raise InputError(f"data.path {list_path}: {line!r} is listed twice")
+                    seen.add(digest)
+                    if len(seen) > DUPLICATE_CHECK_LIMIT:
+                        seen = None
+                        notes.append(f"repeated lines checked for the first {DUPLICATE_CHECK_LIMIT} only")
+                yield line, None, line if os.path.isabs(line) else None
+
+    return Enumeration("file_list", str(root), notes=notes, rows=_chunked(rows()))
 
 
 def _read_label_rows(labels_path: Path) -> list[tuple[str, str]]:
@@ -203,6 +182,8 @@ def _read_label_rows(labels_path: Path) -> list[tuple[str, str]]:
             "standard sorted-wnid order, and names no files; convert it to a CSV of "
             "filename,wnid (or use Kaggle's LOC_val_solution.csv)"
         )
+    if not labels_path.is_file():
+        raise InputError(f"data.labels {labels_path} does not exist")
     with open(labels_path, newline="") as handle:
         rows = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
     if not rows:
@@ -218,143 +199,257 @@ def _read_label_rows(labels_path: Path) -> list[tuple[str, str]]:
     return [(row[0].strip(), row[1].strip()) for row in rows]
 
 
-def labelled_folder(root: Path, labels_path: Path) -> Items:
+def labelled_folder(root: Path, labels_path: Path) -> Enumeration:
     """A flat folder plus a labels CSV. The CSV defines the items: a listed file that is
-    missing becomes an error row at run time rather than vanishing."""
+    missing becomes an error row at run time rather than vanishing. (Held in memory: a labels
+    file is ImageNet-val sized; collections without labels stream.)"""
     rows = _read_label_rows(labels_path)
-    on_disk = _walk_images(root)
+    on_disk = list(walk_images(root))
     on_disk_set = set(on_disk)
     by_stem: dict[str, str] = {}
     for rel in on_disk:
         by_stem.setdefault(os.path.splitext(rel)[0], rel)
-    rel_paths: list[str] = []
-    labels: list[int | None] = []
+    listed: list[tuple[str, int | None, None]] = []
     for line_number, (name, label) in enumerate(rows, start=1):
         where = f"data.labels {labels_path}, row {line_number}"
         rel = name if name in on_disk_set or os.path.splitext(name)[1] else by_stem.get(name, name)
-        rel_paths.append(rel)
-        labels.append(parse_imagenet_label(label, where))
-    duplicated = len(rel_paths) - len(set(rel_paths))
-    if duplicated:
-        raise InputError(f"data.labels {labels_path}: {duplicated} file(s) are listed twice")
+        try:
+            listed.append((rel, parse_imagenet_label(label, where), None))
+        except ValueError as error:
+            raise InputError(str(error)) from None
+    names = {rel for rel, _, _ in listed}
+    if len(names) != len(listed):
+        raise InputError(f"data.labels {labels_path}: {len(listed) - len(names)} file(s) are listed twice")
     notes = ["labels from " + labels_path.name]
-    unlisted = len(on_disk_set - set(rel_paths))
+    unlisted = len(on_disk_set - names)
     if unlisted:
         note = f"{unlisted} image file(s) in {root} are not in the labels file and are skipped"
         log.warning(note)
         notes.append(note)
-    return _file_items("images", root, rel_paths, labels, None, notes)
+    return Enumeration("images", str(root), notes=notes, rows=_chunked(iter(listed)))
 
 
-def _hf_load(cfg: DataConfig):
+# ---------------------------------------------------------------- label columns of tables
+
+
+def label_map(feature: Any, column: str) -> tuple[dict[str, Any], tuple[str, ...] | None, str]:
+    """(how a rank maps a raw label value, the dataset's own classes or None, a note)."""
     import datasets
 
-    path = Path(cfg.path)
-    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
-                          or (path / "state.json").exists()):
-        loaded = datasets.load_from_disk(str(path))
-    elif path.is_file() and path.suffix == ".parquet":
-        loaded = datasets.load_dataset("parquet", data_files=str(path))
-    elif path.is_dir() and list(path.glob("**/*.parquet")) and not (path / "README.md").exists():
-        files = sorted(str(p) for p in path.glob("**/*.parquet"))
-        loaded = datasets.load_dataset("parquet", data_files=files)
-    else:
-        loaded = datasets.load_dataset(cfg.path, split=cfg.split)
-    if isinstance(loaded, datasets.DatasetDict):
-        splits = list(loaded)
-        if cfg.split is not None:
-            if cfg.split not in loaded:
-                raise InputError(f"data.split {cfg.split!r} not in the dataset's splits {splits}")
-            return loaded[cfg.split]
-        if len(splits) == 1:
-            return loaded[splits[0]]
-        if "validation" in loaded:
-            return loaded["validation"]
-        raise InputError(f"data.split: the dataset has splits {splits}; choose one")
-    return loaded
+    if isinstance(feature, datasets.ClassLabel):
+        names = list(feature.names)
+        if all(WNID.match(n) for n in names):
+            index = wnid_to_index()
+            return ({"column": column, "mode": "lookup", "table": [index[n] for n in names]}, None,
+                    f"labels from column {column!r} (wnid class names)")
+        if len(names) == 1000:
+            return ({"column": column, "mode": "index"}, None,
+                    f"labels from column {column!r}; 1000-class ClassLabel taken as ImageNet-1k order")
+        return {"column": column, "mode": "index"}, tuple(names), f"labels from column {column!r}"
+    return {"column": column, "mode": "parse"}, None, f"labels from column {column!r}"
 
 
-def hf_dataset(cfg: DataConfig) -> Items:
-    """A Hugging Face dataset with an image column (bytes or path) and an optional label column."""
+def map_label(value: Any, spec: dict[str, Any] | None) -> int | None:
+    """A raw label value as the label index that ``label_map`` describes (ValueError if bad)."""
+    if spec is None or value is None:
+        return None
+    if spec["mode"] == "parse":
+        if value == -1 or value == "-1":
+            return None
+        return parse_imagenet_label(str(value), f"data.label_column {spec['column']!r}")
+    value = int(value)
+    if value < 0:
+        return None
+    return spec["table"][value] if spec["mode"] == "lookup" else value
+
+
+def _columns(features: Any, cfg: DataConfig, where: str) -> tuple[str, str | None, Any]:
+    """(image column, label column or None, the datasets.Image feature or None) of a table."""
     import datasets
 
-    dataset = _hf_load(cfg)
-    features = dataset.features
     image_column = cfg.image_column
     if image_column is None:
         typed = [name for name, f in features.items() if isinstance(f, datasets.Image)]
         image_column = typed[0] if len(typed) == 1 else "image"
     if image_column not in features:
-        raise InputError(
-            f"data.image_column {image_column!r} is not a column of the dataset "
-            f"(columns: {list(features)})"
-        )
-    if isinstance(features[image_column], datasets.Image):
-        # Keep the bytes encoded here: the DataLoader workers decode them.
-        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-
+        raise InputError(f"data.image_column {image_column!r} is not a column of {where} "
+                         f"(columns: {list(features)})")
     label_column = cfg.label_column
     if label_column is None and "label" in features:
         label_column = "label"
     if label_column is not None and label_column not in features:
-        raise InputError(
-            f"data.label_column {label_column!r} is not a column of the dataset "
-            f"(columns: {list(features)})"
-        )
-    classes: tuple[str, ...] | None = None
-    labels: list[int | None]
-    notes = [f"Hugging Face dataset, image column {image_column!r}"]
-    if label_column is None:
-        labels = [None] * len(dataset)
-    else:
-        raw = dataset[label_column]
-        feature = features[label_column]
-        if isinstance(feature, datasets.ClassLabel):
-            names = feature.names
-            if all(WNID.match(n) for n in names):
-                index = wnid_to_index()
-                labels = [None if v is None or v < 0 else index[names[v]] for v in raw]
-            elif len(names) == 1000:
-                labels = [None if v is None or v < 0 else int(v) for v in raw]
-                notes.append("1000-class ClassLabel taken as ImageNet-1k order")
-            else:
-                classes = tuple(names)
-                labels = [None if v is None or v < 0 else int(v) for v in raw]
-        else:
-            where = f"data.label_column {label_column!r}"
-            labels = [None if v is None or v == -1 else parse_imagenet_label(str(v), where)
-                      for v in raw]
-        notes.append(f"labels from column {label_column!r}")
+        raise InputError(f"data.label_column {label_column!r} is not a column of {where} "
+                         f"(columns: {list(features)})")
+    if cfg.id_column is not None and cfg.id_column not in features:
+        raise InputError(f"data.id_column {cfg.id_column!r} is not a column of {where} "
+                         f"(columns: {list(features)})")
+    return image_column, label_column, features[image_column]
 
-    if cfg.id_column is not None:
-        if cfg.id_column not in features:
-            raise InputError(f"data.id_column {cfg.id_column!r} is not a column of the dataset")
-        ids = [str(v) for v in dataset[cfg.id_column]]
-        if len(set(ids)) != len(ids):
-            raise InputError(f"data.id_column {cfg.id_column!r} holds duplicate ids")
-    else:
-        ids = [str(i) for i in range(len(dataset))]
-    return Items(kind="hf", root=cfg.path, ids=ids, labels=labels, classes=classes,
-                 dataset=dataset, image_column=image_column, notes=notes)
+
+# ---------------------------------------------------------------- shard kinds
+
+
+def webdataset(cfg: DataConfig) -> Enumeration:
+    """WebDataset tars: one unit each; samples are only read by the rank that runs the tar."""
+    from .shards import IMAGE_SUFFIXES, ShardSpecError, expand_shards, shard_root
+
+    root = shard_root(cfg.path)
+    try:
+        tars = expand_shards(cfg.path, root)
+    except ShardSpecError as error:
+        raise InputError(str(error)) from None
+    shards, parts = [], []
+    for tar in tars:
+        rel = Path(tar).resolve().relative_to(root.resolve()).as_posix()
+        shards.append({"path": rel})
+        parts.append(f"{rel}\t{os.stat(tar).st_size}")
+    suffixes = [s.lower().lstrip(".") for s in (cfg.image_suffixes or IMAGE_SUFFIXES)]
+    notes = [f"{len(tars)} WebDataset tar(s)",
+             f"labels from the .json field {cfg.label_key!r}" if cfg.label_key else
+             "labels from .cls members where present (ImageNet-1k indices)"]
+    return Enumeration("webdataset", str(root), None, notes, shards=shards,
+                       reader={"image_suffixes": suffixes, "label_key": cfg.label_key},
+                       fingerprint_parts=parts)
+
+
+def _parquet_files(cfg: DataConfig) -> tuple[Path, list[Path]]:
+    path = Path(cfg.path)
+    if path.is_file():
+        return path.parent, [path]
+    if path.is_dir():
+        files = sorted(Path(p) for p in glob.glob(str(path / "**" / "*.parquet"), recursive=True))
+        if not files:
+            raise InputError(f"data.path {path}: no .parquet files in it (data.kind: parquet)")
+        return path, files
+    files = sorted(Path(p) for p in glob.glob(cfg.path, recursive=True))
+    if not files:
+        raise InputError(f"data.path {cfg.path}: no file matches (data.kind: parquet)")
+    return Path(os.path.commonpath([str(p.parent) for p in files])), files
+
+
+def parquet(cfg: DataConfig) -> Enumeration:
+    """Parquet files with an image column ({bytes, path} struct, bytes, or path strings):
+    units are runs of row groups, read by the rank that runs them; only footers are read here."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    root, files = _parquet_files(cfg)
+    shards, parts, first = [], [], None
+    for file in files:
+        try:
+            metadata = pq.read_metadata(file)
+        except Exception as error:
+            raise InputError(f"data.path: {file} is not a readable Parquet file ({error})") from None
+        if first is None:
+            first = (file, pq.read_schema(file))
+        rel = file.relative_to(root).as_posix()
+        groups = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+        shards.append({"path": rel, "row_groups": groups})
+        parts.append(f"{rel}\t{metadata.num_rows}\t{file.stat().st_size}")
+    try:
+        features = datasets.Features.from_arrow_schema(first[1])
+    except Exception:  # columns datasets has no feature type for: read them as plain values
+        features = {name: None for name in first[1].names}
+    image_column, label_column, _ = _columns(features, cfg, str(first[0]))
+    reader = {"image_column": image_column, "id_column": cfg.id_column, "label": None}
+    classes, notes = None, [f"{len(files)} Parquet file(s), image column {image_column!r}"]
+    if label_column is not None:
+        reader["label"], classes, note = label_map(features[label_column], label_column)
+        notes.append(note)
+    return Enumeration("parquet", str(root), classes, notes, shards=shards, reader=reader,
+                       fingerprint_parts=parts)
+
+
+HF_MARKERS = {"dataset_info.json", "dataset_dict.json", "state.json"}
+
+
+def hf_load(cfg: DataConfig):
+    """The Hugging Face dataset (one split), memory-mapped, its image column left encoded."""
+    import datasets
+
+    path = Path(cfg.path)
+    try:
+        if path.is_dir() and any((path / marker).exists() for marker in HF_MARKERS):
+            loaded = datasets.load_from_disk(str(path))
+        else:
+            loaded = datasets.load_dataset(cfg.path, split=cfg.split)
+    except (FileNotFoundError, ValueError, ConnectionError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"data.path {cfg.path!r}: not a local path, and datasets could not load "
+                         f"it as a dataset ({first})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        splits = list(loaded)
+        if cfg.split is not None:
+            if cfg.split not in loaded:
+                raise InputError(f"data.split {cfg.split!r} not in the dataset's splits {splits}")
+            loaded = loaded[cfg.split]
+        elif len(splits) == 1:
+            loaded = loaded[splits[0]]
+        elif "validation" in loaded:
+            loaded = loaded["validation"]
+        else:
+            raise InputError(f"data.split: the dataset has splits {splits}; choose one")
+    return loaded
+
+
+def hf_dataset(cfg: DataConfig) -> Enumeration:
+    """A Hugging Face dataset: units are row ranges, read by the rank that runs them."""
+    import datasets
+
+    dataset = hf_load(cfg)
+    image_column, label_column, feature = _columns(dataset.features, cfg, "the dataset")
+    reader: dict[str, Any] = {"image_column": image_column, "id_column": cfg.id_column, "label": None,
+                              "decode_off": isinstance(feature, datasets.Image)}
+    classes, notes = None, [f"Hugging Face dataset, image column {image_column!r}"]
+    if label_column is not None:
+        reader["label"], classes, note = label_map(dataset.features[label_column], label_column)
+        notes.append(note)
+    shards = [{"path": "", "rows": len(dataset)}]
+    return Enumeration("hf", cfg.path, classes, notes, shards=shards, reader=reader,
+                       fingerprint_parts=[str(getattr(dataset, "_fingerprint", "")), str(len(dataset))])
+
+
+# ---------------------------------------------------------------- kinds
+
+
+GLOB_CHARS = re.compile(r"[*?\[{]")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _tar_name(name: str) -> bool:
+    return name.lower().endswith(TAR_SUFFIXES)
 
 
 def detect_kind(cfg: DataConfig) -> str:
     """The source kind that ``data.kind: auto`` resolves to."""
     path = Path(cfg.path)
     if not path.exists():
-        return "hf"  # a dataset name that datasets.load_dataset resolves
+        if GLOB_CHARS.search(cfg.path):
+            if _tar_name(cfg.path):
+                return "webdataset"
+            if cfg.path.lower().endswith(".parquet"):
+                return "parquet"
+            raise InputError(f"data.path {cfg.path}: a pattern that names neither .tar nor .parquet "
+                             "files; set data.kind")
+        if HUB_ID.match(cfg.path) and not cfg.path.startswith("."):
+            return "hf"  # a dataset name that datasets.load_dataset resolves
+        raise InputError(f"data.path {cfg.path} does not exist")
     if path.is_file():
         if path.suffix.lower() == ".parquet":
-            return "hf"
+            return "parquet"
+        if _tar_name(path.name):
+            return "webdataset"
         if path.suffix.lower() in {".txt", ".lst", ".list"}:
             return "file_list"
-        raise InputError(f"data.path {path}: cannot tell what kind of input this file is; "
-                         "set data.kind")
+        raise InputError(f"data.path {path}: cannot tell what kind of input this file is; set data.kind")
     names = [e for e in os.scandir(path) if not e.name.startswith(".")]
-    if any(n.name in {"dataset_info.json", "dataset_dict.json", "state.json"} for n in names):
+    if any(n.name in HF_MARKERS for n in names) or any(n.name.endswith(".arrow") for n in names):
         return "hf"
-    if any(n.name.endswith(".arrow") or n.name.endswith(".parquet") for n in names):
-        return "hf"
+    if any(n.name.endswith(".parquet") for n in names) or (
+            names and all(n.is_dir() for n in names) and list(path.glob("*/*.parquet"))):
+        return "parquet"
+    if any(_tar_name(n.name) for n in names):
+        return "webdataset"
     if cfg.labels is not None:
         return "images"
     if names and all(n.is_dir() for n in names):
@@ -362,25 +457,25 @@ def detect_kind(cfg: DataConfig) -> str:
     return "images"
 
 
-def load_items(cfg: DataConfig) -> Items:
-    """Resolve ``data.*`` into the job's ordered items."""
+def enumerate_input(cfg: DataConfig) -> Enumeration:
+    """Resolve ``data.*`` into the stream (or shards) the listing is written from."""
     kind = cfg.kind if cfg.kind != "auto" else detect_kind(cfg)
     path = Path(cfg.path)
-    if kind != "hf" and not path.exists():
+    if kind in {"imagefolder", "images", "file_list"} and not path.exists():
         raise InputError(f"data.path {path} does not exist")
-    if cfg.labels is not None and kind not in {"images"}:
+    if cfg.labels is not None and kind != "images":
         raise InputError(f"data.labels is for a flat folder of images (data.kind: images), "
                          f"not for data.kind: {kind}")
     if kind == "imagefolder":
-        items = image_folder(path)
-    elif kind == "images":
+        return image_folder(path)
+    if kind == "images":
         if not path.is_dir():
             raise InputError(f"data.path {path} is not a folder (data.kind: images)")
-        items = labelled_folder(path, Path(cfg.labels)) if cfg.labels else image_files(path)
-    elif kind == "file_list":
-        items = file_list(path)
-    else:
-        items = hf_dataset(cfg)
-    if not items.labelled:
-        items.notes.append("no labels: labelling mode")
-    return items
+        return labelled_folder(path, Path(cfg.labels)) if cfg.labels else image_files(path)
+    if kind == "file_list":
+        return file_list(path)
+    if kind == "webdataset":
+        return webdataset(cfg)
+    if kind == "parquet":
+        return parquet(cfg)
+    return hf_dataset(cfg)

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
+import json
 import logging
+import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import __version__
-from .aggregate import TIMING, aggregate, format_table
+from .aggregate import METRICS, TIMING, aggregate, format_table
 from .config import ConfigError, JobSpec, parse_args
-from .decode import ItemDataset, describe_error
+from .decode import Batch, TaskDataset, describe_error
 from .distributed import (
     JobBoard,
     RankFailed,
@@ -26,96 +31,128 @@ from .distributed import (
     keep_host_memory,
     plan_cpu,
 )
-from .inputs import Items, load_items
+from .errors import UserError
 from .labels import class_subset, label_targets
-from .loader import make_loader
-from .manifest import FORMAT_VERSION, OutputLock, prepare_output, read_manifest, write_json
-from .model import Inference, LoadedModel, load_model, prepare_inference
+from .listing import Listing, listing_data, read_listing, write_listing
+from .listing import matches as listing_matches
+from .loader import UnitTasks, make_loader
+from .manifest import FORMAT_VERSION, OutputLock, OutputMismatch, prepare_output, read_manifest, write_json
+from .model import Inference, LoadedModel, describe_model, load_model, prepare_inference
 from .predict import Predictor
 from .preemption import Preempted, StopFlag
-from .progress import Progress
-from .shard import choose_unit_size, rank_units, unit_ranges
-from .writer import UnitWriter, unit_path
+from .progress import ErrorLog, Progress
+from .shard import PENDING_FILE, UnitQueue
+from .writer import UnitWriter, committed_units
 
 log = logging.getLogger("batch_classify")
 
 
-def build_manifest(spec: JobSpec, items: Items, loaded: LoadedModel, unit_size: int,
+def build_manifest(spec: JobSpec, listing: Listing, identity: dict[str, Any],
                    unavailable: str | None) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
         "batch_classify_version": __version__,
         "dataset": {
             "path": spec.data.path,
-            "kind": items.kind,
-            "n_items": len(items),
-            "n_labelled": sum(label is not None for label in items.labels),
-            "fingerprint": items.fingerprint(),
-            "classes": list(items.classes) if items.classes is not None else "imagenet-1k",
-            "notes": items.notes,
+            "kind": listing.kind,
+            "n_items": listing.n_items,
+            "n_labelled": listing.info["n_labelled"],
+            "n_units": listing.n_units,
+            "fingerprint": listing.info["fingerprint"],
+            "classes": list(listing.classes) if listing.classes is not None else "imagenet-1k",
+            "notes": listing.info["notes"],
         },
-        "model": loaded.identity,
-        "job": {"top_k": spec.output.top_k, "unit_size": unit_size,
+        "model": identity,
+        "job": {"top_k": spec.output.top_k, "unit_size": listing.info["unit_size"],
                 "class_subset": spec.data.class_subset},
         "accuracy_unavailable": unavailable,
         "config": spec.to_dict(),
     }
 
 
-ITEMS_FILE = ".items.parquet"
 MIN_ITEMS_FOR_ERROR_CHECK = 100
+COLUMNS = ("id", "label", "target", "topk_ids", "topk_labels", "topk_scores", "error")
+_RUNS = itertools.count()
 
 
-class TooManyErrors(RuntimeError):
+class TooManyErrors(UserError, RuntimeError):
     """More than runtime.max_error_fraction of the items seen failed to decode."""
 
 
-def _predict_units(spec: JobSpec, items: Items, loaded: LoadedModel, inference: Inference,
-                   device: torch.device, units: list[range], unit_ids: list[int],
-                   targets: list[int] | None, progress: Progress, workers: int, threads: int,
-                   metadata: dict[str, Any], stop: StopFlag,
-                   overlap: bool | None = None) -> dict[str, Any]:
-    """Run this rank's units; commit each as it completes. Returns this rank's timing."""
-    indices = [index for unit in unit_ids for index in units[unit]]
-    dataset = ItemDataset(items, indices, inference.input_path.worker, spec.runtime.max_image_pixels)
-    loader = make_loader(dataset, spec.runtime.batch_size, workers, device, threads,
-                         stopping=lambda: stop.requested)
-    predictor = Predictor(inference.model, loaded.labels, device, spec.runtime.precision,
-                          spec.output.top_k, inference.prepare(device),
-                          pad_to=spec.runtime.batch_size if spec.runtime.compile else None)
-    names = dict(zip(loaded.labels.ids, loaded.labels.names))
-    writer = UnitWriter(spec.output.dir, metadata)
-    columns = ("id", "label", "target", "topk_ids", "topk_labels", "topk_scores", "error")
-    pending_units = iter(unit_ids)
-    state = {"unit": next(pending_units, None), "rows": {c: [] for c in columns}, "processed": 0}
+@dataclass
+class RankWork:
+    """What one rank needs to run its share: the listing, the units to claim, the model."""
 
-    def emit(batch, pending) -> None:
-        """Rows of one finished batch; a unit is committed as soon as its last row is in."""
+    listing: Listing
+    units: UnitQueue
+    loaded: LoadedModel
+    inference: Inference
+    targets: list[int | None] | None
+    metadata: dict[str, Any]
+
+
+class UnitRows:
+    """Rows of the units in hand; a unit is committed as soon as its last item's row is in."""
+
+    def __init__(self, writer: UnitWriter, names: dict[int, str], targets: list[int | None] | None,
+                 errors: ErrorLog):
+        self.writer = writer
+        self.names = names
+        self.targets = targets
+        self.errors = errors
+        self.open: dict[int, dict[str, list]] = {}
+
+    def _target(self, label: int | None) -> int | None:
+        if self.targets is None or label is None or not 0 <= label < len(self.targets):
+            return None
+        return self.targets[label]
+
+    def add(self, batch: Batch, pending) -> None:
         ids, scores = pending.result()
         predictions = iter(zip(ids, scores))
-        rows = state["rows"]
-        for index, ok, error in zip(batch.indices, batch.ok, batch.errors):
-            label = items.labels[index]
-            rows["id"].append(items.ids[index])
-            rows["label"].append(label)
-            known = targets is not None and label is not None
-            rows["target"].append(targets[label] if known else None)
+        for key, ok, error in zip(batch.items, batch.ok, batch.errors):
+            rows = self.open.get(key.unit)
+            if rows is None:
+                rows = self.open[key.unit] = {c: [] for c in COLUMNS}
+            rows["id"].append(key.id)
+            rows["label"].append(key.label)
+            rows["target"].append(self._target(key.label))
             if ok:
                 top_ids, top_scores = next(predictions)
                 rows["topk_ids"].append(top_ids)
-                rows["topk_labels"].append([names[i] for i in top_ids])
+                rows["topk_labels"].append([self.names[i] for i in top_ids])
                 rows["topk_scores"].append(top_scores)
             else:
-                log.warning("item %s: %s", items.ids[index], error)
+                self.errors.add(key.id, error)
                 for column in ("topk_ids", "topk_labels", "topk_scores"):
                     rows[column].append(None)
             rows["error"].append(error)
-            if len(rows["id"]) == len(units[state["unit"]]):
-                writer.submit(state["unit"], rows)
-                rows = state["rows"] = {c: [] for c in columns}
-                state["unit"] = next(pending_units, None)
-        state["processed"] += len(batch.indices)
-        done, failed = progress.add(len(batch.indices), sum(e is not None for e in batch.errors))
+            if key.last:
+                self.writer.submit(key.unit, self.open.pop(key.unit))
+
+
+def _predict_units(spec: JobSpec, work: RankWork, device: torch.device, progress: Progress,
+                   workers: int, threads: int, stop: StopFlag,
+                   overlap: bool | None = None) -> dict[str, Any]:
+    """Claim units until none is left; commit each as it completes. Returns this rank's timing."""
+    inference = work.inference
+    tasks = UnitTasks(work.units, work.listing, spec.runtime.batch_size, stopping=lambda: stop.requested)
+    dataset = TaskDataset(inference.input_path.worker, spec.runtime.max_image_pixels)
+    loader = make_loader(dataset, tasks, workers, device, threads, stopping=lambda: stop.requested)
+    predictor = Predictor(inference.model, work.loaded.labels, device, spec.runtime.precision,
+                          spec.output.top_k, inference.prepare(device),
+                          pad_to=spec.runtime.batch_size if spec.runtime.compile else None)
+    names = dict(zip(work.loaded.labels.ids, work.loaded.labels.names))
+    writer = UnitWriter(spec.output.dir, work.metadata)
+    errors = ErrorLog(spec.runtime.log_every_s)
+    rows = UnitRows(writer, names, work.targets, errors)
+    processed = 0
+
+    def emit(batch: Batch, pending) -> None:
+        nonlocal processed
+        rows.add(batch, pending)
+        processed += len(batch.items)
+        done, failed = progress.add(len(batch.items), sum(e is not None for e in batch.errors))
         _check_error_fraction(spec.runtime.max_error_fraction, done, failed, progress.total)
 
     first_batch = None
@@ -149,12 +186,13 @@ def _predict_units(spec: JobSpec, items: Items, loaded: LoadedModel, inference: 
             emit(*in_flight)
     finally:
         del batches  # shuts the DataLoader workers (or decode threads) down
+        errors.flush()
         writer.close()
-    return {"first_batch": first_batch, "last_write": time.time(), "items": state["processed"]}
+    return {"first_batch": first_batch, "last_write": time.time(), "items": processed}
 
 
-def _check_error_fraction(limit: float | None, done: int, failed: int, total: int) -> None:
-    if limit is None or done < min(MIN_ITEMS_FOR_ERROR_CHECK, total):
+def _check_error_fraction(limit: float | None, done: int, failed: int, total: int | None) -> None:
+    if limit is None or done < min(MIN_ITEMS_FOR_ERROR_CHECK, total or MIN_ITEMS_FOR_ERROR_CHECK):
         return
     if failed > limit * done:
         raise TooManyErrors(
@@ -164,19 +202,44 @@ def _check_error_fraction(limit: float | None, done: int, failed: int, total: in
         )
 
 
-def _list_items(spec: JobSpec, is_main: bool, output: Path, board: JobBoard, stop: StopFlag) -> Items:
-    """The main rank lists the input once; the others read its listing (or open the dataset)."""
-    shared = output / ITEMS_FILE
-    if is_main:
-        items = load_items(spec.data)
-        if items.paths is not None:
-            items.save(shared)
-        board.announce("listed")
-        return items
-    board.wait_for_main("listed", stop)
-    if shared.exists():
-        return Items.load_saved(shared)
-    return load_items(spec.data)
+def _data_differences(old: dict[str, Any], spec: JobSpec) -> list[str]:
+    before = old.get("config", {}).get("data", {})
+    now = listing_data(spec.data)
+    return [f"data.{key}: {before.get(key)!r} in the folder, {value!r} now"
+            for key, value in now.items() if key != "path" and before.get(key) != value] or [
+        f"data.path: {before.get('path')!r} in the folder, {now['path']!r} now"]
+
+
+def prepare_listing(spec: JobSpec, output: Path) -> tuple[Listing, bool]:
+    """Main rank: the folder's listing where it is this job's, else a new one (refused where it
+    would orphan another job's committed predictions). Returns (listing, listed now)."""
+    existing = read_listing(output)
+    if existing is not None and listing_matches(existing, spec.data, spec.output.unit_size):
+        return existing, False
+    old = read_manifest(output)
+    if old is not None and committed_units(output) and not spec.output.overwrite:
+        raise OutputMismatch(
+            f"output.dir {output} holds results of a different job ("
+            + "; ".join(_data_differences(old, spec))
+            + "). Choose another output.dir, or set output.overwrite true to discard them.")
+    started = time.monotonic()
+    listing = write_listing(spec.data, output, spec.output.unit_size)
+    log.info("listed %s in %.1f s: %s", spec.data.path, time.monotonic() - started, describe_listing(listing))
+    return listing, True
+
+
+def describe_listing(listing: Listing) -> str:
+    items = f"{listing.n_items} items" if listing.n_items is not None else "items counted as read"
+    return f"{listing.kind}, {items} in {listing.n_units} units"
+
+
+def committed_summary(listing: Listing, committed: set[int]) -> tuple[int | None, str]:
+    """(items already committed, where the listing knows them; a sentence for the log)."""
+    if listing.n_items is None:
+        return None, f"{len(committed)} of {listing.n_units} units already committed"
+    done = sum(listing.unit_items(u) for u in committed if u < listing.n_units)
+    return done, (f"{done} of {listing.n_items} items already committed "
+                  f"({len(committed)} of {listing.n_units} units)")
 
 
 def run(spec: JobSpec, leave_process_group: bool = True) -> dict[str, Any] | None:
@@ -187,7 +250,9 @@ def run(spec: JobSpec, leave_process_group: bool = True) -> dict[str, Any] | Non
     state = init_state(spec.runtime.device, spec.runtime.timeout_s)
     configure_logging(state.process_index, state.is_main_process)
     stop = StopFlag().install()
-    board = JobBoard(default_store(), state.process_index, state.num_processes, spec.runtime.timeout_s)
+    namespace = f"batch_classify/run{next(_RUNS)}/"
+    board = JobBoard(default_store(), state.process_index, state.num_processes, spec.runtime.timeout_s,
+                     namespace=namespace)
     lock = OutputLock(spec.output.dir) if state.is_main_process else contextlib.nullcontext()
     try:
         with lock:
@@ -196,6 +261,9 @@ def run(spec: JobSpec, leave_process_group: bool = True) -> dict[str, Any] | Non
         board.report_failure("stopped by a signal (preemption); its finished units are committed")
         raise
     except RankFailed:
+        raise
+    except UserError as error:
+        board.report_failure(str(error))
         raise
     except BaseException as error:
         log.error("failed: %s", describe_error(error))
@@ -214,6 +282,13 @@ def resolve_runtime(spec: JobSpec, device: torch.device) -> JobSpec:
     return dataclasses.replace(spec, runtime=runtime)
 
 
+def _write_pending(output: Path, pending: np.ndarray) -> None:
+    temporary = output / f".{PENDING_FILE}.tmp-{os.getpid()}"
+    with open(temporary, "wb") as handle:
+        np.save(handle, pending)
+    os.replace(temporary, output / PENDING_FILE)
+
+
 def _run_rank(spec: JobSpec, state, stop: StopFlag, board: JobBoard) -> dict[str, Any] | None:
     device = state.device
     spec = resolve_runtime(spec, device)
@@ -226,65 +301,94 @@ def _run_rank(spec: JobSpec, state, stop: StopFlag, board: JobBoard) -> dict[str
     output = Path(spec.output.dir)
     output.mkdir(parents=True, exist_ok=True)
 
-    items = _list_items(spec, state.is_main_process, output, board, stop)
-    loaded = load_model(spec.model, device)
-    inference = prepare_inference(loaded, spec.runtime, device)
-    log.info("model: %s", inference.describe())
+    labels, identity = describe_model(spec.model)
     if spec.data.class_subset is not None:
-        loaded.labels = loaded.labels.restrict(class_subset(spec.data.class_subset),
-                                               spec.data.class_subset)
-        loaded.identity["label_space"] = loaded.labels.note
-    targets, unavailable = (None, None)
-    if items.labelled:
-        targets, unavailable = label_targets(items.classes, loaded.labels)
+        labels = labels.restrict(class_subset(spec.data.class_subset), spec.data.class_subset)
+        identity["label_space"] = labels.note
     if state.is_main_process:
-        unit_size = choose_unit_size(len(items), state.num_processes, spec.output.unit_size)
-        manifest = build_manifest(spec, items, loaded, unit_size, unavailable)
+        listing, _ = prepare_listing(spec, output)
+        targets, unavailable = label_targets(listing.classes, labels)
+        if listing.labelled is False:
+            unavailable = None
+        manifest = build_manifest(spec, listing, identity, unavailable)
         prepare_output(output, manifest, spec.output.overwrite)
         (output / "config.yaml").write_text(spec.to_yaml())
+        committed = committed_units(output)
+        pending = np.array([u for u in range(listing.n_units) if u not in committed], dtype=np.int64)
+        _write_pending(output, pending)
+        already_done, summary = committed_summary(listing, committed)
+        if committed:
+            log.info("resuming: %s", summary)
         board.announce("output ready")
-    board.wait_for_main("output ready", stop)
-    # Every rank follows the manifest in force: on resume its unit size may predate this run.
+    else:
+        board.wait_for_main("output ready", stop)
+        listing = read_listing(output)
+        targets, _ = label_targets(listing.classes, labels)
+        pending = np.load(output / PENDING_FILE)
+        already_done = None
     manifest = read_manifest(output)
-    units = unit_ranges(len(items), manifest["job"]["unit_size"])
-    todo = {u for u in range(len(units)) if not unit_path(output, u).exists()}
-    mine = [u for u in rank_units(len(units), state.process_index, state.num_processes) if u in todo]
-    already_done = len(items) - sum(len(units[u]) for u in todo)
-    if state.is_main_process and already_done:
-        log.info("resuming: %d of %d items already committed", already_done, len(items))
 
-    metadata = {"model": loaded.identity, "dataset_fingerprint": manifest["dataset"]["fingerprint"],
-                "config": spec.to_dict()}
-    progress = Progress(len(items), already_done, state.is_main_process, spec.runtime.log_every_s)
-    try:
-        timing = _predict_units(spec, items, loaded, inference, device, units, mine, targets,
-                                progress, workers, threads, metadata, stop)
-    finally:
-        progress.close()
-    if stop.requested:
-        log.warning("stopped on request with every finished unit committed; run the same "
-                    "command again to resume")
-        raise Preempted()
+    timing = {"first_batch": None, "last_write": time.time(), "items": 0}
+    if len(pending):
+        loaded = load_model(spec.model, device)
+        loaded.labels = labels
+        inference = prepare_inference(loaded, spec.runtime, device)
+        log.info("model: %s", inference.describe())
+        metadata = {"model": manifest["model"], "dataset_fingerprint": manifest["dataset"]["fingerprint"],
+                    "config": spec.to_dict()}
+        work = RankWork(listing, UnitQueue(pending, board.store, namespace_key(board, "next_unit")),
+                        loaded, inference, targets, metadata)
+        progress = Progress(listing.n_items, already_done or 0, state.is_main_process,
+                            spec.runtime.log_every_s, namespace=board.namespace)
+        try:
+            timing = _predict_units(spec, work, device, progress, workers, threads, stop)
+        finally:
+            progress.close()
+        if stop.requested:
+            log.warning("stopped on request with every finished unit committed; run the same "
+                        "command again to resume")
+            raise Preempted()
     timings = board.finish(timing, stop)
     if not state.is_main_process:
         board.release(stop)
         return None
-    started = [t["first_batch"] for t in timings if t["first_batch"] is not None]
-    processed = sum(t["items"] for t in timings)
-    seconds = max(t["last_write"] for t in timings) - min(started) if started else None
-    write_json(output / TIMING, {
-        "items_this_run": processed,
-        "seconds": seconds,
-        "images_per_second": processed / seconds if seconds else None,
-        "world_size": state.num_processes,
-        "device": str(device),
-        "precision": spec.runtime.precision,
-        "batch_size": spec.runtime.batch_size,
-        "input_path": inference.input_path.name,
-    })
-    metrics = aggregate(output)
+    if len(pending):
+        started = [t["first_batch"] for t in timings if t["first_batch"] is not None]
+        processed = sum(t["items"] for t in timings)
+        seconds = max(t["last_write"] for t in timings) - min(started) if started else None
+        write_json(output / TIMING, {
+            "items_this_run": processed,
+            "seconds": seconds,
+            "images_per_second": processed / seconds if seconds else None,
+            "world_size": state.num_processes,
+            "device": str(device),
+            "precision": spec.runtime.precision,
+            "batch_size": spec.runtime.batch_size,
+            "input_path": inference.input_path.name,
+        })
+    metrics = current_metrics(output) if not len(pending) else None
+    if metrics is None:
+        metrics = aggregate(output)
     print(format_table(metrics), flush=True)
     board.release(stop)
+    return metrics
+
+
+def namespace_key(board: JobBoard, name: str) -> str:
+    return board.namespace + name
+
+
+def current_metrics(output: Path) -> dict[str, Any] | None:
+    """metrics.json where it already scores every unit of this job (a rerun of a finished job
+    prints it instead of scanning the predictions again), else None."""
+    path = output / METRICS
+    if not path.exists():
+        return None
+    metrics = json.loads(path.read_text())
+    manifest = read_manifest(output)
+    if metrics.get("dataset", {}).get("n_units") != manifest["dataset"]["n_units"] or (
+            metrics.get("model") != manifest["model"]):
+        return None
     return metrics
 
 
@@ -295,7 +399,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"batch-classify: configuration error: {error}", file=sys.stderr)
         return 2
-    run(spec)
+    try:
+        run(spec)
+    except UserError as error:  # a mistake to fix, not a bug: the message, no traceback
+        print(f"batch-classify: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

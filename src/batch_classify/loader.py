@@ -1,15 +1,59 @@
-"""Batches for the model: DataLoader worker processes, or decode threads on a CPU rank."""
+"""Batches for the model: units claimed as the rank frees up, decoded by DataLoader worker
+processes, or by decode threads on a CPU rank."""
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, wait
 
 import torch
 
-from .decode import Batch, ItemDataset, collate, worker_init
+from .decode import Batch, ItemKey, Task, TaskDataset, collate, worker_init
+from .listing import Listing
+from .shard import UnitQueue
+
+
+class UnitTasks:
+    """The batch sampler: claims the next pending unit when it needs more items, and hands out
+    that unit's items in order as Tasks (the last one flagged, so its unit commits then).
+
+    It runs in the rank's main process, ahead of the model by the loader's prefetch; only the
+    unit in hand is ever enumerated. After ``stopping()`` it claims nothing more.
+    """
+
+    def __init__(self, units: UnitQueue, listing: Listing, batch_size: int,
+                 stopping: Callable[[], bool] = lambda: False):
+        self.units = units
+        self.listing = listing
+        self.batch_size = batch_size
+        self.stopping = stopping
+
+    def _tasks(self) -> Iterator[Task]:
+        while not self.stopping():
+            unit = self.units.claim()
+            if unit is None:
+                return
+            previous = None
+            for record in self.listing.records(unit):
+                if previous is not None:
+                    yield Task(ItemKey(unit, previous.id, previous.label), previous.payload, previous.error)
+                previous = record
+            if previous is None:
+                raise RuntimeError(f"unit {unit} ({self.listing.describe_unit(unit)}) holds no items")
+            yield Task(ItemKey(unit, previous.id, previous.label, last=True), previous.payload,
+                       previous.error)
+
+    def __iter__(self) -> Iterator[list[Task]]:
+        batch: list[Task] = []
+        for task in self._tasks():
+            batch.append(task)
+            if len(batch) == self.batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
 
 
 class ThreadedBatches:
@@ -27,36 +71,32 @@ class ThreadedBatches:
 
     POLL_S = 0.2
 
-    def __init__(self, dataset: ItemDataset, batch_size: int, threads: int,
+    def __init__(self, dataset: TaskDataset, batches: Iterable[list[Task]], threads: int,
                  stopping: Callable[[], bool] = lambda: False):
         self.dataset = dataset
-        self.batch_size = batch_size
+        self.batches = batches
         self.threads = max(1, threads)
         self.stopping = stopping
 
-    def __len__(self) -> int:
-        return -(-len(self.dataset) // self.batch_size)
-
     def _work(self, tasks: queue.SimpleQueue) -> None:
         while (task := tasks.get()) is not None:
-            future, position = task
+            future, item = task
             if future.set_running_or_notify_cancel():
                 try:
-                    future.set_result(self.dataset[position])
+                    future.set_result(self.dataset[item])
                 except BaseException as error:  # the dataset turns image errors into rows
                     future.set_exception(error)
 
     def __iter__(self) -> Iterator[Batch]:
         tasks: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(self.threads):
-            threading.Thread(target=self._work, args=(tasks,), daemon=True,
-                             name="decode").start()
+            threading.Thread(target=self._work, args=(tasks,), daemon=True, name="decode").start()
         try:
-            for start in range(0, len(self.dataset), self.batch_size):
+            for batch in self.batches:
                 futures = []
-                for position in range(start, min(start + self.batch_size, len(self.dataset))):
+                for item in batch:
                     futures.append(Future())
-                    tasks.put((futures[-1], position))
+                    tasks.put((futures[-1], item))
                 while wait(futures, timeout=self.POLL_S).not_done:
                     if self.stopping():
                         return
@@ -66,14 +106,14 @@ class ThreadedBatches:
                 tasks.put(None)  # idle threads end; one stuck in a read is left behind
 
 
-def make_loader(dataset: ItemDataset, batch_size: int, workers: int, device: torch.device,
+def make_loader(dataset: TaskDataset, batches: Iterable[list[Task]], workers: int, device: torch.device,
                 threads: int = 1, stopping: Callable[[], bool] = lambda: False):
     """Worker processes (``workers`` > 0), else decode threads in this process."""
     if workers == 0:
-        return ThreadedBatches(dataset, batch_size, threads, stopping)
+        return ThreadedBatches(dataset, batches, threads, stopping)
     return torch.utils.data.DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_sampler=batches,
         num_workers=workers,
         collate_fn=collate,
         pin_memory=device.type == "cuda",

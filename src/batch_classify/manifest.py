@@ -7,13 +7,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
 from .writer import PREDICTIONS_DIR
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: units listed in input/ (tars, row-group runs, listing ranges), unit files with counts."""
 
 
-class OutputMismatch(RuntimeError):
+class OutputMismatch(UserError, RuntimeError):
     """The output folder holds results of a different job."""
 
 
@@ -31,10 +33,21 @@ def write_json(path: Path, value: Any) -> None:
     temporary.replace(path)
 
 
+def _model_keys(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, ...]:
+    """A model is what its weights are: where both folders hashed them, the hash decides (the
+    same checkpoint named by a relative path, a symlink or a copy is the same model)."""
+    if old.get("model", {}).get("weights_sha256") and new.get("model", {}).get("weights_sha256"):
+        return ("weights_sha256",)
+    return ("name", "revision", "weights_sha256")
+
+
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    if old.get("format_version") != FORMAT_VERSION:
+        return [f"format_version: {old.get('format_version')!r} in the folder (an older batch-classify), "
+                f"{FORMAT_VERSION} now"]
     found = []
-    for section, keys in {"dataset": ("n_items", "fingerprint"),
-                          "model": ("name", "revision", "weights_sha256"),
+    for section, keys in {"dataset": ("n_units", "fingerprint"),
+                          "model": _model_keys(old, new),
                           "job": ("top_k", "unit_size", "class_subset")}.items():
         for key in keys:
             before, after = old.get(section, {}).get(key), new.get(section, {}).get(key)
@@ -68,7 +81,7 @@ def prepare_output(output_dir: str | Path, manifest: dict[str, Any], overwrite: 
                 + "). Choose another output.dir, or set output.overwrite true to discard them."
             )
         shutil.rmtree(output / PREDICTIONS_DIR, ignore_errors=True)
-        for name in ("metrics.json", "timing.json"):
+        for name in ("metrics.json", "timing.json", "comparison.json"):
             (output / name).unlink(missing_ok=True)
     elif (output / PREDICTIONS_DIR).exists() and any((output / PREDICTIONS_DIR).iterdir()):
         if not overwrite:
@@ -83,7 +96,7 @@ def prepare_output(output_dir: str | Path, manifest: dict[str, Any], overwrite: 
     return manifest
 
 
-class OutputInUse(RuntimeError):
+class OutputInUse(UserError, RuntimeError):
     """Another job holds the output folder."""
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from .config import ModelConfig, RuntimeConfig
 from .device_decode import decode_on_device
+from .errors import UserError
 from .labels import ModelLabels, model_labels
 from .optimize import optimise
 from .preprocess import InputPath, choose_input_path, synthetic_images
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pth", "*.pt")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """The checkpoint could not be loaded; the message says which and why."""
 
 
@@ -76,32 +77,58 @@ def weights_sha256(folder: Path | None) -> str | None:
     return digest.hexdigest()
 
 
-def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
-    """Model (eval mode, on ``device``), processor, label space and identity."""
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
+def _load_error(cfg: ModelConfig, error: Exception) -> ModelLoadError:
+    path = Path(cfg.name).expanduser()
+    looks_local = cfg.name.startswith(("/", ".", "~")) or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
+    if looks_local and not path.exists():
+        reason = f"no folder {path} exists"
+    else:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ModelLoadError(f"model.name {cfg.name!r}: could not load it ({reason}). Give a local checkpoint "
+                          "folder, or a hub id that is cached or reachable.")
 
-    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+
+def model_name(cfg: ModelConfig) -> str:
+    """What the model is called in the manifest: a local folder's absolute path, else the hub id."""
+    return str(Path(cfg.name).expanduser().resolve()) if Path(cfg.name).expanduser().is_dir() else cfg.name
+
+
+def describe_model(cfg: ModelConfig) -> tuple[ModelLabels, dict[str, Any]]:
+    """The label space and identity of a checkpoint from its config and weight files alone,
+    without loading the weights (a finished job's rerun needs no more)."""
+    from transformers import AutoConfig
+
     try:
-        processor = AutoImageProcessor.from_pretrained(cfg.name, **kwargs)
-        model = AutoModelForImageClassification.from_pretrained(cfg.name, **kwargs)
-    except OSError as error:
-        raise ModelLoadError(
-            f"model.name {cfg.name!r}: could not load it ({error}). Give a local checkpoint "
-            "folder, or a hub id that is cached or reachable."
-        ) from error
-    model.eval().to(device)
-    config = model.config
+        config = AutoConfig.from_pretrained(cfg.name, revision=cfg.revision,
+                                            trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise _load_error(cfg, error) from error
     labels = model_labels(dict(config.id2label or {}), config.num_labels)
     commit = getattr(config, "_commit_hash", None)
     identity = {
-        "name": cfg.name,
+        "name": model_name(cfg),
         "revision": commit or cfg.revision,
-        "architecture": type(model).__name__,
+        "architecture": (getattr(config, "architectures", None) or [type(config).__name__])[0],
         "num_labels": config.num_labels,
         "weights_sha256": weights_sha256(_weights_folder(cfg, commit)),
         "label_space": labels.note,
         "imagenet_ids": labels.imagenet,
     }
+    return labels, identity
+
+
+def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
+    """Model (eval mode, on ``device``), processor, label space and identity."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    labels, identity = describe_model(cfg)
+    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    try:
+        processor = AutoImageProcessor.from_pretrained(cfg.name, **kwargs)
+        model = AutoModelForImageClassification.from_pretrained(cfg.name, **kwargs)
+    except (OSError, ValueError) as error:
+        raise _load_error(cfg, error) from error
+    model.eval().to(device)
     return LoadedModel(model, processor, labels, identity)
 
 

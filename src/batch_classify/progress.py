@@ -12,15 +12,14 @@ import os
 import sys
 import threading
 import time
+from collections import Counter
 
 from tqdm import tqdm
 
 from .distributed import default_store
+from .writer import error_type
 
 log = logging.getLogger(__name__)
-
-DONE_KEY = "batch_classify/items_done"
-ERRORS_KEY = "batch_classify/items_failed"
 
 
 def interactive() -> bool:
@@ -30,8 +29,12 @@ def interactive() -> bool:
 class Progress:
     """Count items here; show the whole job's count on the main rank."""
 
-    def __init__(self, total: int, already_done: int, is_main: bool, log_every_s: float):
+    def __init__(self, total: int | None, already_done: int, is_main: bool, log_every_s: float,
+                 namespace: str = "batch_classify/"):
         self.total = total
+        """Items of the whole job; None where only the units are counted ahead (tars)."""
+        self.done_key = namespace + "items_done"
+        self.errors_key = namespace + "items_failed"
         self.is_main = is_main
         self.log_every_s = log_every_s
         self._store = default_store()
@@ -51,11 +54,11 @@ class Progress:
         self._local_errors += errors
         if self._store is None:
             return self._local, self._local_errors
-        return self._store.add(DONE_KEY, count), self._store.add(ERRORS_KEY, errors)
+        return self._store.add(self.done_key, count), self._store.add(self.errors_key, errors)
 
     def _done(self) -> int:
         if self._store is not None:
-            return self._start_done + self._store.add(DONE_KEY, 0)
+            return self._start_done + self._store.add(self.done_key, 0)
         return self._start_done + self._local
 
     def _watch(self) -> None:
@@ -78,6 +81,9 @@ class Progress:
         done = self._done()
         elapsed = time.monotonic() - self._started
         rate = (done - self._start_done) / elapsed if elapsed > 0 else 0.0
+        if self.total is None:
+            log.info("progress %d items, %.1f img/s", done, rate)
+            return
         left = (self.total - done) / rate if rate > 0 else float("nan")
         log.info("progress %d/%d (%.1f%%) %.1f img/s, %.0f s left", done, self.total,
                  100.0 * done / max(1, self.total), rate, left)
@@ -86,3 +92,37 @@ class Progress:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+class ErrorLog:
+    """Item errors in the log without a line per item: the first few of each kind by name,
+    then the counts per interval. Every error is in its row either way."""
+
+    FIRST = 3
+
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
+        self.seen: Counter[str] = Counter()
+        self.unnamed: Counter[str] = Counter()
+        self._last = time.monotonic()
+
+    def add(self, item_id: str, error: str) -> None:
+        kind = error_type(error)
+        self.seen[kind] += 1
+        if self.seen[kind] <= self.FIRST:
+            log.warning("item %s: %s", item_id, error)
+            if self.seen[kind] == self.FIRST:
+                log.warning("further %s errors are counted here, not named (each is in its row)", kind)
+        else:
+            self.unnamed[kind] += 1
+        self.flush(force=False)
+
+    def flush(self, force: bool = True) -> None:
+        now = time.monotonic()
+        if self.unnamed and (force or now - self._last >= self.interval_s):
+            counts = ", ".join(f"{kind} {n}" for kind, n in sorted(self.unnamed.items()))
+            log.warning("%d more item error(s) in the last %.0f s: %s", sum(self.unnamed.values()),
+                        now - self._last, counts)
+            self.unnamed.clear()
+        if force or now - self._last >= self.interval_s:
+            self._last = now

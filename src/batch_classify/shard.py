@@ -1,26 +1,32 @@
-"""Cut the ordered items into units of work and give each rank a disjoint, deterministic share."""
+"""Hand units out as ranks free up: an atomic counter over the pending units.
+
+Every rank takes the next pending unit when it finishes one, so uneven tars and slow nodes
+do not leave devices idle at the end. Results stay keyed by unit, never by rank, so what a
+rank ran never shows in the output and a resume may use any world size.
+"""
 
 from __future__ import annotations
 
-import math
+import numpy as np
 
-MAX_AUTO_UNIT = 512
-
-
-def choose_unit_size(n_items: int, world_size: int, configured: int = 0) -> int:
-    """Items per unit: as configured, else small enough that every rank gets work."""
-    if configured > 0:
-        return configured
-    return max(1, min(MAX_AUTO_UNIT, math.ceil(n_items / max(1, world_size))))
+PENDING_FILE = ".pending.npy"
+"""The pending units of the current run, in order, written by the main rank for the others."""
 
 
-def unit_ranges(n_items: int, unit_size: int) -> list[range]:
-    """Consecutive item ranges covering 0..n_items-1 exactly once."""
-    return [range(start, min(start + unit_size, n_items)) for start in range(0, n_items, unit_size)]
+class UnitQueue:
+    """The pending units, claimed one at a time through a counter in the rendezvous store
+    (``store.add`` is atomic across ranks), or a local counter when running alone."""
 
+    def __init__(self, pending: np.ndarray, store=None, key: str = "batch_classify/next_unit"):
+        self.pending = pending
+        self.store = store
+        self.key = key
+        self._local = 0
 
-def rank_units(n_units: int, rank: int, world_size: int) -> list[int]:
-    """Units of one rank: round robin, so every rank sees a mix of the whole item order."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside a world of {world_size}")
-    return list(range(rank, n_units, world_size))
+    def claim(self) -> int | None:
+        """The next unit nobody has taken, or None when all are taken."""
+        if self.store is None:
+            position, self._local = self._local, self._local + 1
+        else:
+            position = self.store.add(self.key, 1) - 1
+        return int(self.pending[position]) if position < len(self.pending) else None

@@ -96,6 +96,15 @@ def read_unit_stats(path: str | Path) -> dict[str, Any] | None:
     return json.loads(raw) if raw is not None else None
 
 
+def committed_units(output_dir: str | Path) -> set[int]:
+    """Numbers of the units whose file is committed (one directory scan, no stat per file)."""
+    folder = Path(output_dir) / PREDICTIONS_DIR
+    if not folder.is_dir():
+        return set()
+    with os.scandir(folder) as entries:
+        return {unit for entry in entries if (unit := unit_of(Path(entry.name))) is not None}
+
+
 def write_unit(output_dir: str | Path, unit: int, rows: dict[str, list], metadata: dict[str, Any]) -> Path:
     """Write to a temporary name, fsync, then rename: readers see all of it or none."""
     final = unit_path(output_dir, unit)

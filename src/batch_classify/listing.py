@@ -1,0 +1,392 @@
+"""The listing: the input cut into units, written once to ``<output.dir>/input/``.
+
+``units.parquet`` has one row per unit (a range of listed files, a tar, a run of Parquet row
+groups, a range of dataset rows); ``listing.parquet`` holds the listed files, for folders
+and path lists; ``listing.json`` says what was listed and is written last, so its presence
+means the listing is complete. Only the main rank lists; every rank reads the units table
+(bounded by the number of units) and the records of the unit in hand, nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import DataConfig
+from .inputs import Enumeration, InputError, enumerate_input, hf_load, map_label
+from .writer import add_digests, id_hash
+
+log = logging.getLogger(__name__)
+
+INPUT_DIR = "input"
+UNITS_FILE = "units.parquet"
+ROWS_FILE = "listing.parquet"
+INFO_FILE = "listing.json"
+LISTING_FORMAT = 1
+
+MAX_AUTO_UNIT = 10_000
+"""Items per unit at most, by default: 1e9 images make ~1e5 unit files."""
+TARGET_UNITS = 1024
+"""Smaller inputs are cut into about this many units, so hundreds of ranks all get work."""
+ROW_GROUP = 8192
+"""Rows per row group of listing.parquet: a unit reads at most a few of them."""
+HF_SLICE = 256
+
+ROWS_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.int64()), ("path", pa.string())])
+UNITS_SCHEMA = pa.schema([("unit", pa.int64()), ("path", pa.string()), ("start", pa.int64()),
+                          ("stop", pa.int64()), ("offset", pa.int64()), ("n_items", pa.int64())])
+LISTED_KINDS = {"imagefolder", "images", "file_list"}
+LISTING_KEYS = ("path", "kind", "labels", "split", "image_column", "label_column", "id_column",
+                "label_key", "image_suffixes")
+"""The data.* keys that change what is listed (class_subset and real_labels only score)."""
+
+
+def auto_unit_size(n_items: int) -> int:
+    return max(1, min(MAX_AUTO_UNIT, math.ceil(n_items / TARGET_UNITS)))
+
+
+@dataclass
+class Record:
+    """One item of a unit, as the rank enumerates it."""
+
+    id: str
+    label: int | None
+    payload: str | bytes | None
+    """A path to read, or the encoded image's bytes."""
+    error: str | None = None
+    """Set where the input itself is broken (a truncated tar, a bad label): an error row."""
+
+    def source(self) -> str | BinaryIO:
+        return io.BytesIO(self.payload) if isinstance(self.payload, bytes) else self.payload
+
+
+def listing_data(cfg: DataConfig) -> dict[str, Any]:
+    """The data.* keys that define the listing, with local paths made absolute."""
+    values = {key: getattr(cfg, key) for key in LISTING_KEYS}
+    if os.path.exists(cfg.path):
+        values["path"] = os.path.abspath(cfg.path)
+    if cfg.labels:
+        values["labels"] = os.path.abspath(cfg.labels)
+    return values
+
+
+class Listing:
+    """A written listing: its summary, its units, and each unit's records on demand."""
+
+    def __init__(self, folder: Path, info: dict[str, Any], units: pa.Table):
+        self.folder = folder
+        self.info = info
+        self.units = {name: units.column(name).to_numpy(zero_copy_only=False)
+                      for name in ("start", "stop", "offset", "n_items")}
+        self.unit_paths = units.column("path").to_pylist()
+        self._rows_file: pq.ParquetFile | None = None
+        self._row_starts: list[int] | None = None
+        self._hf = None
+
+    # ------------------------------------------------------------ summary
+
+    @property
+    def kind(self) -> str:
+        return self.info["kind"]
+
+    @property
+    def root(self) -> str:
+        return self.info["root"]
+
+    @property
+    def n_units(self) -> int:
+        return self.info["n_units"]
+
+    @property
+    def n_items(self) -> int | None:
+        return self.info["n_items"]
+
+    @property
+    def classes(self) -> tuple[str, ...] | None:
+        return None if self.info["classes"] is None else tuple(self.info["classes"])
+
+    @property
+    def labelled(self) -> bool | None:
+        """Whether any item has a label; None while unknown (tars are only read when run)."""
+        n = self.info["n_labelled"]
+        if n is None:
+            return None
+        return n > 0
+
+    def unit_items(self, unit: int) -> int | None:
+        value = self.units["n_items"][unit]
+        return None if value is None or value != value else int(value)
+
+    def describe_unit(self, unit: int) -> str:
+        if self.kind in LISTED_KINDS or self.kind == "hf":
+            return f"rows {int(self.units['start'][unit])}-{int(self.units['stop'][unit]) - 1}"
+        if self.kind == "parquet":
+            return (f"{self.unit_paths[unit]} row groups {int(self.units['start'][unit])}-"
+                    f"{int(self.units['stop'][unit]) - 1}")
+        return self.unit_paths[unit]
+
+    # ------------------------------------------------------------ records
+
+    def records(self, unit: int) -> Iterator[Record]:
+        """The unit's items in their fixed order."""
+        if not 0 <= unit < self.n_units:
+            raise IndexError(f"unit {unit} is outside 0..{self.n_units - 1}")
+        if self.kind in LISTED_KINDS:
+            return self._listed(unit)
+        if self.kind == "webdataset":
+            return self._tar(unit)
+        if self.kind == "parquet":
+            return self._parquet(unit)
+        return self._hf_rows(unit)
+
+    def find(self, unit: int, item_id: str) -> Record | None:
+        """The record of one id (for the report's pictures): a scan of its unit."""
+        return next((record for record in self.records(unit) if record.id == item_id), None)
+
+    def _listed(self, unit: int) -> Iterator[Record]:
+        if self._rows_file is None:
+            self._rows_file = pq.ParquetFile(self.folder / ROWS_FILE)
+            metadata = self._rows_file.metadata
+            starts = [0]
+            for group in range(metadata.num_row_groups):
+                starts.append(starts[-1] + metadata.row_group(group).num_rows)
+            self._row_starts = starts
+        start, stop = int(self.units["start"][unit]), int(self.units["stop"][unit])
+        starts = self._row_starts
+        root = self.root
+        for group in range(len(starts) - 1):
+            if starts[group + 1] <= start or starts[group] >= stop:
+                continue
+            table = self._rows_file.read_row_group(group)
+            low = max(start, starts[group]) - starts[group]
+            high = min(stop, starts[group + 1]) - starts[group]
+            table = table.slice(low, high - low)
+            for item_id, label, path in zip(*(table.column(c).to_pylist() for c in ("id", "label", "path"))):
+                yield Record(item_id, label, path if path is not None else os.path.join(root, item_id))
+
+    def _tar(self, unit: int) -> Iterator[Record]:
+        from .shards import iter_tar
+
+        reader = self.info["reader"]
+        rel = self.unit_paths[unit]
+        for sample in iter_tar(os.path.join(self.root, rel), rel, reader["image_suffixes"],
+                               reader["label_key"]):
+            yield Record(sample.id, sample.label, sample.image, sample.error)
+
+    def _labels(self, values: list[Any], ids: list[str]) -> Iterator[tuple[int | None, str | None]]:
+        spec = self.info["reader"]["label"]
+        for value, item_id in zip(values, ids):
+            try:
+                yield map_label(value, spec), None
+            except (ValueError, IndexError, TypeError) as error:
+                yield None, f"BadLabel: item {item_id}: {error}"
+
+    @staticmethod
+    def _payload(value: Any, folder: str) -> str | bytes | None:
+        if isinstance(value, dict):
+            if value.get("bytes"):
+                return value["bytes"]
+            value = value.get("path")
+        if isinstance(value, (bytes, bytearray)):
+            return bytes(value)
+        if isinstance(value, str):
+            return value if os.path.isabs(value) else os.path.join(folder, value)
+        return None
+
+    def _emit(self, values: list[Any], ids: list[str], labels: list[Any], folder: str) -> Iterator[Record]:
+        for value, item_id, (label, error) in zip(values, ids, self._labels(labels, ids)):
+            payload = self._payload(value, folder)
+            if payload is None and error is None:
+                error = f"MissingImage: row {item_id} has neither image bytes nor a path"
+            yield Record(item_id, label, payload, error)
+
+    def _parquet(self, unit: int) -> Iterator[Record]:
+        reader = self.info["reader"]
+        path = os.path.join(self.root, self.unit_paths[unit])
+        handle = pq.ParquetFile(path)
+        columns = [reader["image_column"]]
+        label_column = reader["label"]["column"] if reader["label"] else None
+        for extra in (label_column, reader["id_column"]):
+            if extra is not None and extra not in columns:
+                columns.append(extra)
+        position = int(self.units["offset"][unit])
+        for group in range(int(self.units["start"][unit]), int(self.units["stop"][unit])):
+            table = handle.read_row_group(group, columns=columns)
+            n = table.num_rows
+            ids = ([str(v) for v in table.column(reader["id_column"]).to_pylist()] if reader["id_column"]
+                   else [str(i) for i in range(position, position + n)])
+            labels = table.column(label_column).to_pylist() if label_column else [None] * n
+            yield from self._emit(table.column(reader["image_column"]).to_pylist(), ids, labels,
+                                  os.path.dirname(path))
+            position += n
+
+    def _hf_rows(self, unit: int) -> Iterator[Record]:
+        reader = self.info["reader"]
+        if self._hf is None:
+            import datasets
+
+            known = {f.name for f in dataclasses.fields(DataConfig)}
+            dataset = hf_load(DataConfig(**{k: v for k, v in self.info["data"].items() if k in known}))
+            if reader["decode_off"]:
+                dataset = dataset.cast_column(reader["image_column"], datasets.Image(decode=False))
+            self._hf = dataset
+        label_column = reader["label"]["column"] if reader["label"] else None
+        start, stop = int(self.units["start"][unit]), int(self.units["stop"][unit])
+        for low in range(start, stop, HF_SLICE):
+            rows = self._hf[low:min(stop, low + HF_SLICE)]
+            n = len(rows[reader["image_column"]])
+            ids = ([str(v) for v in rows[reader["id_column"]]] if reader["id_column"]
+                   else [str(i) for i in range(low, low + n)])
+            labels = rows[label_column] if label_column else [None] * n
+            yield from self._emit(rows[reader["image_column"]], ids, labels, os.getcwd())
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers never need the open handles
+        return {**self.__dict__, "_rows_file": None, "_row_starts": None, "_hf": None}
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _write_rows(enumeration: Enumeration, folder: Path) -> tuple[int, int, str]:
+    """Stream the enumerated files into listing.parquet; return (items, labelled, digest)."""
+    n = n_labelled = 0
+    digests = []
+    temporary = folder / f".{ROWS_FILE}.tmp"
+    with pq.ParquetWriter(temporary, ROWS_SCHEMA) as writer:
+        for chunk in enumeration.rows:
+            writer.write_table(pa.table({"id": chunk.ids, "label": pa.array(chunk.labels, pa.int64()),
+                                         "path": pa.array(chunk.paths, pa.string())}, schema=ROWS_SCHEMA),
+                               row_group_size=ROW_GROUP)
+            n += len(chunk.ids)
+            n_labelled += sum(label is not None for label in chunk.labels)
+            total = sum(id_hash(f"{item_id}\t{label}") for item_id, label in zip(chunk.ids, chunk.labels))
+            digests.append(f"{total % 2**64:016x}")
+    os.replace(temporary, folder / ROWS_FILE)
+    return n, n_labelled, add_digests(digests)
+
+
+def _row_units(n_items: int, unit_size: int) -> dict[str, list]:
+    starts = list(range(0, n_items, unit_size))
+    stops = [min(s + unit_size, n_items) for s in starts]
+    return {"path": [""] * len(starts), "start": starts, "stop": stops, "offset": starts,
+            "n_items": [b - a for a, b in zip(starts, stops)]}
+
+
+def _parquet_units(shards: list[dict[str, Any]], unit_size: int) -> dict[str, list]:
+    """Runs of whole row groups within one file, each up to unit_size rows (a bigger group alone)."""
+    units: dict[str, list] = {"path": [], "start": [], "stop": [], "offset": [], "n_items": []}
+    offset = 0
+    for shard in shards:
+        groups = shard["row_groups"]
+        first, rows = 0, 0
+        for group, count in enumerate(groups + [None]):
+            if rows and (count is None or rows + count > unit_size):
+                units["path"].append(shard["path"])
+                units["start"].append(first)
+                units["stop"].append(group)
+                units["offset"].append(offset)
+                units["n_items"].append(rows)
+                offset += rows
+                first, rows = group, 0
+            if count is None:
+                break
+            if rows == 0:
+                first = group
+            rows += count
+    return units
+
+
+def write_listing(cfg: DataConfig, output: Path, unit_size: int = 0) -> Listing:
+    """List the input (main rank only) into ``output/input``; return the listing."""
+    folder = Path(output) / INPUT_DIR
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    enumeration = enumerate_input(cfg)
+    kind = enumeration.kind
+    if enumeration.rows is not None:
+        n_items, n_labelled, digest = _write_rows(enumeration, folder)
+        if n_items == 0:
+            raise InputError(f"data.path {cfg.path}: no image files found (data.kind: {kind})")
+        size = unit_size or auto_unit_size(n_items)
+        units = _row_units(n_items, size)
+        fingerprint = digest
+    elif kind == "parquet":
+        n_items = sum(sum(s["row_groups"]) for s in enumeration.shards)
+        size = unit_size or auto_unit_size(n_items)
+        units = _parquet_units(enumeration.shards, size)
+        n_labelled = None if enumeration.reader["label"] else 0
+        fingerprint = add_digests(f"{id_hash(part):016x}" for part in enumeration.fingerprint_parts)
+    elif kind == "hf":
+        n_items = enumeration.shards[0]["rows"]
+        size = unit_size or auto_unit_size(n_items)
+        units = _row_units(n_items, size)
+        n_labelled = None if enumeration.reader["label"] else 0
+        fingerprint = add_digests(f"{id_hash(part):016x}" for part in enumeration.fingerprint_parts)
+    else:  # webdataset: a unit per tar, sizes known once read
+        n_items, size = None, None
+        n_labelled = None
+        units = {"path": [s["path"] for s in enumeration.shards], "start": [None] * len(enumeration.shards),
+                 "stop": [None] * len(enumeration.shards), "offset": [None] * len(enumeration.shards),
+                 "n_items": [None] * len(enumeration.shards)}
+        fingerprint = add_digests(f"{id_hash(part):016x}" for part in enumeration.fingerprint_parts)
+    n_units = len(units["path"])
+    if n_units == 0:
+        raise InputError(f"data.path {cfg.path}: the input holds no items")
+    table = pa.table({"unit": list(range(n_units)), **units}, schema=UNITS_SCHEMA)
+    pq.write_table(table, folder / UNITS_FILE)
+    info = {
+        "format": LISTING_FORMAT,
+        "kind": kind,
+        "root": enumeration.root,
+        "classes": list(enumeration.classes) if enumeration.classes is not None else None,
+        "notes": enumeration.notes + ([] if n_labelled != 0 else ["no labels: labelling mode"]),
+        "n_items": n_items,
+        "n_labelled": n_labelled,
+        "n_units": n_units,
+        "unit_size": size,
+        "unit_size_configured": unit_size,
+        "fingerprint": fingerprint,
+        "reader": enumeration.reader,
+        "data": listing_data(cfg),
+    }
+    temporary = folder / f".{INFO_FILE}.tmp"
+    temporary.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(temporary, folder / INFO_FILE)
+    return Listing(folder, info, table)
+
+
+def read_listing(output: str | Path) -> Listing | None:
+    """The complete listing in an output folder, or None."""
+    folder = Path(output) / INPUT_DIR
+    if not (folder / INFO_FILE).exists():
+        return None
+    info = json.loads((folder / INFO_FILE).read_text())
+    return Listing(folder, info, pq.read_table(folder / UNITS_FILE, schema=UNITS_SCHEMA))
+
+
+def matches(listing: Listing, cfg: DataConfig, unit_size: int) -> bool:
+    """Whether ``listing`` is what ``cfg`` and ``output.unit_size`` would list."""
+    return (listing.info.get("format") == LISTING_FORMAT and listing.info["data"] == listing_data(cfg)
+            and (unit_size == 0 or listing.info["unit_size_configured"] == unit_size))
+
+
+def ensure_listing(cfg: DataConfig, output: str | Path, unit_size: int = 0) -> tuple[Listing, bool]:
+    """The listing in force: the folder's own where it matches ``cfg``, else a new one.
+    Returns (listing, whether it was listed now)."""
+    existing = read_listing(output)
+    if existing is not None and matches(existing, cfg, unit_size):
+        return existing, False
+    return write_listing(cfg, Path(output), unit_size), True
