@@ -33,10 +33,10 @@ import torch
 
 from . import __version__
 from .config import ConfigError, JobSpec, parse_args
-from .decode import ItemDataset, open_image
+from .decode import ItemKey, Task, TaskDataset, open_image
 from .distributed import configure_logging, init_state, keep_host_memory, plan_cpu
-from .inputs import Items, load_items
 from .job import resolve_runtime
+from .listing import Items, load_items
 from .loader import make_loader
 from .model import load_model, prepare_inference
 from .predict import PRECISIONS, Predictor, autocast
@@ -112,8 +112,9 @@ def stage_pipeline(spec, items, indices, inference, device, workers, threads) ->
     Also returns up to KEEP_BATCHES of its full batches, ready on the device, for the model
     stage: real images, in the layout and dtype the job feeds the model.
     """
-    dataset = ItemDataset(items, indices, inference.input_path.worker, spec.runtime.max_image_pixels)
-    loader = make_loader(dataset, spec.runtime.batch_size, workers, device, threads)
+    dataset = TaskDataset(inference.input_path.worker, spec.runtime.max_image_pixels)
+    loader = make_loader(dataset, task_batches(items, indices, spec.runtime.batch_size), workers, device,
+                         threads)
     prepare = inference.prepare(device)
     kept: list[torch.Tensor] = []
     start, count = None, 0
@@ -126,9 +127,15 @@ def stage_pipeline(spec, items, indices, inference, device, workers, threads) ->
                 ready = prepare(batch.pixel_values)
                 if len(kept) < KEEP_BATCHES and (not kept or len(ready) >= len(kept[0])):
                     kept.append(ready)
-            count += len(batch.indices)
+            count += len(batch.items)
     _sync(device)
     return {"images": count, "start": start, "end": time.perf_counter()}, kept
+
+
+def task_batches(items: Items, indices: list[int], batch_size: int) -> list[list[Task]]:
+    """The items at ``indices`` as the job's decode tasks, in batches."""
+    tasks = [Task(ItemKey(0, items.ids[i], items.labels[i]), items.payloads[i]) for i in indices]
+    return [tasks[start:start + batch_size] for start in range(0, len(tasks), batch_size)]
 
 
 def _paths(items: Items, indices: list[int], max_pixels: int) -> list[Any]:

@@ -10,6 +10,7 @@ USAGE = """batch-classify <command> [options]
 
 commands:
   run        run a job in this process (use `accelerate launch jobs/classify.py` for many)
+  plan       list the input into units and say what a job would do (no model loaded)
   bench      measure images/s: model alone, input pipeline, the job, and two baselines
   demo       classify scikit-image's sample photos with real EfficientNet-Lite0 weights
   aggregate  recompute metrics.json from an output folder's Parquet files
@@ -61,14 +62,18 @@ def _compare(argv: list[str]) -> int:
 
 
 def _verify(argv: list[str]) -> int:
-    from .verify import verify
+    from .verify import VerifyError, verify
+
+    recount = "--recount" in argv
+    argv = [a for a in argv if a != "--recount"]
 
     def check(folder: str) -> tuple[str, int]:
-        result = verify(folder)
+        result = verify(folder, recount=recount)
         return result.summary(), 0 if result.complete else 1
 
-    return _on_folders("verify", "Check an output folder against its manifest.", ["output_dir"],
-                       argv, check, (FileNotFoundError, ValueError), error_status=2)
+    return _on_folders("verify", "Check an output folder against its listing, unit by unit "
+                       "(--recount: enumerate the input again and compare every unit's ids).",
+                       ["output_dir"], argv, check, (VerifyError, OSError), error_status=2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         from .job import main as run_main
 
         return run_main(rest)
+    if command == "plan":
+        from .plan import main as plan_main
+
+        return plan_main(rest)
     if command == "bench":
         from .bench import main as bench_main
 

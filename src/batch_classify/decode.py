@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec, whose PyPI wheels
 # are CUDA builds; torchvision's come in every flavour torch does (ROCm included). If a later
 # torchvision drops them, read_pixels decodes with Pillow.

@@ -33,11 +33,11 @@ from .distributed import (
 )
 from .errors import UserError
 from .labels import class_subset, label_targets
-from .listing import Listing, listing_data, read_listing, write_listing
-from .listing import matches as listing_matches
+from .listing import Listing, read_listing
 from .loader import UnitTasks, make_loader
-from .manifest import FORMAT_VERSION, OutputLock, OutputMismatch, prepare_output, read_manifest, write_json
+from .manifest import FORMAT_VERSION, OutputLock, prepare_output, read_manifest, write_json
 from .model import Inference, LoadedModel, describe_model, load_model, prepare_inference
+from .plan import committed_summary, prepare_listing
 from .predict import Predictor
 from .preemption import Preempted, StopFlag
 from .progress import ErrorLog, Progress
@@ -200,46 +200,6 @@ def _check_error_fraction(limit: float | None, done: int, failed: int, total: in
             f"runtime.max_error_fraction ({limit}); is data.path the right input? "
             "Committed units are kept: fix the input and run again, or raise the limit."
         )
-
-
-def _data_differences(old: dict[str, Any], spec: JobSpec) -> list[str]:
-    before = old.get("config", {}).get("data", {})
-    now = listing_data(spec.data)
-    return [f"data.{key}: {before.get(key)!r} in the folder, {value!r} now"
-            for key, value in now.items() if key != "path" and before.get(key) != value] or [
-        f"data.path: {before.get('path')!r} in the folder, {now['path']!r} now"]
-
-
-def prepare_listing(spec: JobSpec, output: Path) -> tuple[Listing, bool]:
-    """Main rank: the folder's listing where it is this job's, else a new one (refused where it
-    would orphan another job's committed predictions). Returns (listing, listed now)."""
-    existing = read_listing(output)
-    if existing is not None and listing_matches(existing, spec.data, spec.output.unit_size):
-        return existing, False
-    old = read_manifest(output)
-    if old is not None and committed_units(output) and not spec.output.overwrite:
-        raise OutputMismatch(
-            f"output.dir {output} holds results of a different job ("
-            + "; ".join(_data_differences(old, spec))
-            + "). Choose another output.dir, or set output.overwrite true to discard them.")
-    started = time.monotonic()
-    listing = write_listing(spec.data, output, spec.output.unit_size)
-    log.info("listed %s in %.1f s: %s", spec.data.path, time.monotonic() - started, describe_listing(listing))
-    return listing, True
-
-
-def describe_listing(listing: Listing) -> str:
-    items = f"{listing.n_items} items" if listing.n_items is not None else "items counted as read"
-    return f"{listing.kind}, {items} in {listing.n_units} units"
-
-
-def committed_summary(listing: Listing, committed: set[int]) -> tuple[int | None, str]:
-    """(items already committed, where the listing knows them; a sentence for the log)."""
-    if listing.n_items is None:
-        return None, f"{len(committed)} of {listing.n_units} units already committed"
-    done = sum(listing.unit_items(u) for u in committed if u < listing.n_units)
-    return done, (f"{done} of {listing.n_items} items already committed "
-                  f"({len(committed)} of {listing.n_units} units)")
 
 
 def run(spec: JobSpec, leave_process_group: bool = True) -> dict[str, Any] | None:

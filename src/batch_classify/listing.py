@@ -16,7 +16,8 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -139,16 +140,17 @@ class Listing:
 
     # ------------------------------------------------------------ records
 
-    def records(self, unit: int) -> Iterator[Record]:
-        """The unit's items in their fixed order."""
+    def records(self, unit: int, read_images: bool = True) -> Iterator[Record]:
+        """The unit's items in their fixed order (``read_images=False``: ids, labels and input
+        errors only, for recounting)."""
         if not 0 <= unit < self.n_units:
             raise IndexError(f"unit {unit} is outside 0..{self.n_units - 1}")
         if self.kind in LISTED_KINDS:
             return self._listed(unit)
         if self.kind == "webdataset":
-            return self._tar(unit)
+            return self._tar(unit, read_images)
         if self.kind == "parquet":
-            return self._parquet(unit)
+            return self._parquet(unit, read_images)
         return self._hf_rows(unit)
 
     def find(self, unit: int, item_id: str) -> Record | None:
@@ -176,13 +178,13 @@ class Listing:
             for item_id, label, path in zip(*(table.column(c).to_pylist() for c in ("id", "label", "path"))):
                 yield Record(item_id, label, path if path is not None else os.path.join(root, item_id))
 
-    def _tar(self, unit: int) -> Iterator[Record]:
+    def _tar(self, unit: int, read_images: bool = True) -> Iterator[Record]:
         from .shards import iter_tar
 
         reader = self.info["reader"]
         rel = self.unit_paths[unit]
         for sample in iter_tar(os.path.join(self.root, rel), rel, reader["image_suffixes"],
-                               reader["label_key"]):
+                               reader["label_key"], read_images=read_images):
             yield Record(sample.id, sample.label, sample.image, sample.error)
 
     def _labels(self, values: list[Any], ids: list[str]) -> Iterator[tuple[int | None, str | None]]:
@@ -205,18 +207,23 @@ class Listing:
             return value if os.path.isabs(value) else os.path.join(folder, value)
         return None
 
-    def _emit(self, values: list[Any], ids: list[str], labels: list[Any], folder: str) -> Iterator[Record]:
+    def _emit(self, values: list[Any] | None, ids: list[str], labels: list[Any],
+              folder: str) -> Iterator[Record]:
+        if values is None:  # ids and labels only
+            for item_id, (label, error) in zip(ids, self._labels(labels, ids)):
+                yield Record(item_id, label, None, error)
+            return
         for value, item_id, (label, error) in zip(values, ids, self._labels(labels, ids)):
             payload = self._payload(value, folder)
             if payload is None and error is None:
                 error = f"MissingImage: row {item_id} has neither image bytes nor a path"
             yield Record(item_id, label, payload, error)
 
-    def _parquet(self, unit: int) -> Iterator[Record]:
+    def _parquet(self, unit: int, read_images: bool = True) -> Iterator[Record]:
         reader = self.info["reader"]
         path = os.path.join(self.root, self.unit_paths[unit])
         handle = pq.ParquetFile(path)
-        columns = [reader["image_column"]]
+        columns = [reader["image_column"]] if read_images else []
         label_column = reader["label"]["column"] if reader["label"] else None
         for extra in (label_column, reader["id_column"]):
             if extra is not None and extra not in columns:
@@ -224,12 +231,12 @@ class Listing:
         position = int(self.units["offset"][unit])
         for group in range(int(self.units["start"][unit]), int(self.units["stop"][unit])):
             table = handle.read_row_group(group, columns=columns)
-            n = table.num_rows
+            n = handle.metadata.row_group(group).num_rows
             ids = ([str(v) for v in table.column(reader["id_column"]).to_pylist()] if reader["id_column"]
                    else [str(i) for i in range(position, position + n)])
             labels = table.column(label_column).to_pylist() if label_column else [None] * n
-            yield from self._emit(table.column(reader["image_column"]).to_pylist(), ids, labels,
-                                  os.path.dirname(path))
+            images = table.column(reader["image_column"]).to_pylist() if read_images else None
+            yield from self._emit(images, ids, labels, os.path.dirname(path))
             position += n
 
     def _hf_rows(self, unit: int) -> Iterator[Record]:
@@ -390,3 +397,63 @@ def ensure_listing(cfg: DataConfig, output: str | Path, unit_size: int = 0) -> t
     if existing is not None and matches(existing, cfg, unit_size):
         return existing, False
     return write_listing(cfg, Path(output), unit_size), True
+
+
+def image_sources(output_dir: str | Path) -> Callable[[int, str], str | BinaryIO]:
+    """(unit, id) -> the path or bytes of that item's image, from the folder's listing (for the
+    report's pictures: each lookup scans one unit). Raises where the listing is gone."""
+    listing = read_listing(output_dir)
+    if listing is None:
+        raise FileNotFoundError(f"{output_dir} has no input listing")
+
+    def source(unit: int, item_id: str) -> str | BinaryIO:
+        record = listing.find(unit, item_id)
+        if record is None or record.payload is None:
+            raise KeyError(f"{item_id!r} is not in unit {unit} of the input any more")
+        return record.source()
+
+    return source
+
+
+@dataclass
+class Items:
+    """A small input held in memory, in listing order (bench and tests; jobs read units)."""
+
+    kind: str
+    root: str
+    ids: list[str]
+    labels: list[int | None]
+    payloads: list[str | bytes | None]
+    classes: tuple[str, ...] | None
+    notes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def paths(self) -> list[str] | None:
+        """Every item's file path, or None where some come as bytes (tars, Parquet, datasets)."""
+        return self.payloads if all(isinstance(p, str) for p in self.payloads) else None
+
+    def open(self, index: int) -> str | BinaryIO:
+        payload = self.payloads[index]
+        return io.BytesIO(payload) if isinstance(payload, bytes) else payload
+
+
+def load_items(cfg: DataConfig, limit: int | None = None) -> Items:
+    """The first ``limit`` items (all by default) of a small input, listed in a temporary folder."""
+    with tempfile.TemporaryDirectory(prefix="batch-classify-items-") as folder:
+        listing = write_listing(cfg, Path(folder))
+        ids, labels, payloads = [], [], []
+        for unit in range(listing.n_units):
+            for record in listing.records(unit):
+                if record.error is None:
+                    ids.append(record.id)
+                    labels.append(record.label)
+                    payloads.append(record.payload)
+                if limit is not None and len(ids) >= limit:
+                    break
+            if limit is not None and len(ids) >= limit:
+                break
+        return Items(listing.kind, listing.root, ids, labels, payloads, listing.classes,
+                     listing.info["notes"])

@@ -79,7 +79,8 @@ def weights_sha256(folder: Path | None) -> str | None:
 
 def _load_error(cfg: ModelConfig, error: Exception) -> ModelLoadError:
     path = Path(cfg.name).expanduser()
-    looks_local = cfg.name.startswith(("/", ".", "~")) or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
+    looks_local = cfg.name.startswith(("/", ".", "~")) or (
+        len(path.parts) > 1 and Path(path.parts[0]).is_dir())
     if looks_local and not path.exists():
         reason = f"no folder {path} exists"
     else:

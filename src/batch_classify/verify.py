@@ -1,74 +1,112 @@
-"""Verify: check an output folder against its manifest without rerunning anything."""
+"""Verify: prove an output folder complete against its listing, one unit at a time.
+
+Every unit committed, every unit's row count equal to the listing's where the listing knows
+it, no id twice within a unit, each file's footer consistent with its rows; with
+``recount``, every unit's ids are enumerated again from the input (tars re-read without
+decoding) and must match the committed ids exactly (count and order-independent digest).
+Memory is bounded by one unit.
+"""
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .aggregate import read_predictions
-from .config import DataConfig
-from .inputs import load_items
+import pyarrow.parquet as pq
+
+from .errors import UserError
+from .listing import read_listing
 from .manifest import read_manifest
-from .shard import unit_ranges
-from .writer import PREDICTIONS_DIR, unit_of, unit_path
+from .writer import PREDICTIONS_DIR, committed_units, ids_digest, read_unit_stats, unit_of, unit_path
+
+SHOW = 20
+
+
+class VerifyError(UserError, ValueError):
+    """The folder cannot be verified (not an output folder, or no listing in it)."""
 
 
 @dataclass
 class Verification:
-    n_expected: int
-    n_rows: int
-    missing_units: list[int] = field(default_factory=list)
-    missing_ids: list[str] = field(default_factory=list)
+    n_units: int
+    n_expected: int | None
+    n_rows: int = 0
+    missing_units: list[str] = field(default_factory=list)
+    """Each missing unit with what it holds (a tar, a row range)."""
+    count_mismatches: list[str] = field(default_factory=list)
     duplicated_ids: list[str] = field(default_factory=list)
-    unexpected_ids: list[str] = field(default_factory=list)
+    unexpected_files: list[str] = field(default_factory=list)
     partial_files: list[str] = field(default_factory=list)
-    dataset_changed: bool = False
+    recount_mismatches: list[str] = field(default_factory=list)
+    recounted: bool = False
 
     @property
     def complete(self) -> bool:
-        return not (self.missing_units or self.missing_ids or self.duplicated_ids
-                    or self.unexpected_ids or self.dataset_changed)
+        return not (self.missing_units or self.count_mismatches or self.duplicated_ids
+                    or self.unexpected_files or self.recount_mismatches)
 
-    def summary(self, limit: int = 20) -> str:
-        lines = [f"{self.n_rows} of {self.n_expected} items have a row"]
-        if self.dataset_changed:
-            lines.append("the input no longer matches the manifest's dataset fingerprint")
+    def summary(self, limit: int = SHOW) -> str:
+        expected = f" of {self.n_expected} items" if self.n_expected is not None else ""
+        lines = [f"{self.n_units - len(self.missing_units)} of {self.n_units} units committed; "
+                 f"{self.n_rows} rows{expected}"]
         for title, values in (("missing units", self.missing_units),
-                              ("missing ids", self.missing_ids),
-                              ("ids written twice", self.duplicated_ids),
-                              ("ids not in the input", self.unexpected_ids),
+                              ("row counts that differ from the listing", self.count_mismatches),
+                              ("ids written twice within a unit", self.duplicated_ids),
+                              ("files that are no unit of this job", self.unexpected_files),
+                              ("units whose ids differ from the input now", self.recount_mismatches),
                               ("partial files (ignored, removed by the next run)", self.partial_files)):
             if values:
-                shown = ", ".join(map(str, values[:limit]))
+                shown = "; ".join(map(str, values[:limit]))
                 more = f" ... and {len(values) - limit} more" if len(values) > limit else ""
                 lines.append(f"{title} ({len(values)}): {shown}{more}")
+        if self.recounted and not self.recount_mismatches:
+            lines.append("every committed unit's ids match the input, enumerated again")
         lines.append("complete" if self.complete else "INCOMPLETE: run the same job again to finish it")
         return "\n".join(lines)
 
 
-def verify(output_dir: str | Path) -> Verification:
-    """Every input id present exactly once; list what is missing, doubled or partial."""
+def _file_ids(path: Path) -> list[str]:
+    return pq.read_table(path, columns=["id"]).column("id").to_pylist()
+
+
+def verify(output_dir: str | Path, recount: bool = False) -> Verification:
+    """Check every unit of the folder's listing; see the module docstring."""
     output = Path(output_dir)
     manifest = read_manifest(output)
     if manifest is None:
-        raise FileNotFoundError(f"{output} has no manifest.json: not a batch-classify output folder")
-    n_items = manifest["dataset"]["n_items"]
-    units = unit_ranges(n_items, manifest["job"]["unit_size"])
+        raise VerifyError(f"{output} has no manifest.json: not a batch-classify output folder")
+    listing = read_listing(output)
+    if listing is None:
+        raise VerifyError(f"{output} has no input listing (input/listing.json): written by an older "
+                          "batch-classify, or the job never got past listing")
+    result = Verification(n_units=listing.n_units, n_expected=listing.n_items, recounted=recount)
+    committed = committed_units(output)
     folder = output / PREDICTIONS_DIR
-    partial = sorted(p.name for p in folder.iterdir() if unit_of(p) is None) if folder.exists() else []
-    table = read_predictions(output)
-    counts = Counter(table.column("id").to_pylist())
-    result = Verification(
-        n_expected=n_items,
-        n_rows=table.num_rows,
-        missing_units=[u for u in range(len(units)) if not unit_path(output, u).exists()],
-        duplicated_ids=sorted(i for i, c in counts.items() if c > 1),
-        partial_files=partial,
-    )
-    items = load_items(DataConfig(**manifest["config"]["data"]))
-    result.dataset_changed = items.fingerprint() != manifest["dataset"]["fingerprint"]
-    expected = set(items.ids)
-    result.missing_ids = [i for i in items.ids if i not in counts]
-    result.unexpected_ids = sorted(i for i in counts if i not in expected)
+    if folder.is_dir():
+        result.partial_files = sorted(p.name for p in folder.iterdir() if unit_of(p) is None)
+    result.unexpected_files = [unit_path(output, u).name for u in sorted(committed) if u >= listing.n_units]
+    for unit in range(listing.n_units):
+        if unit not in committed:
+            result.missing_units.append(f"unit {unit} ({listing.describe_unit(unit)})")
+            continue
+        path = unit_path(output, unit)
+        ids = _file_ids(path)
+        result.n_rows += len(ids)
+        if len(set(ids)) != len(ids):
+            seen: set[str] = set()
+            twice = next(i for i in ids if i in seen or seen.add(i))
+            result.duplicated_ids.append(f"{twice!r} in unit {unit}")
+        expected = listing.unit_items(unit)
+        if expected is not None and expected != len(ids):
+            result.count_mismatches.append(f"unit {unit} ({listing.describe_unit(unit)}): {len(ids)} rows, "
+                                           f"{expected} listed")
+        stats = read_unit_stats(path)
+        if stats is not None and (stats["n"] != len(ids) or stats["ids_digest"] != ids_digest(ids)):
+            result.count_mismatches.append(f"unit {unit}: its footer does not match its rows")
+        if recount:
+            again = [record.id for record in listing.records(unit, read_images=False)]
+            if len(again) != len(ids) or ids_digest(again) != ids_digest(ids):
+                result.recount_mismatches.append(
+                    f"unit {unit} ({listing.describe_unit(unit)}): {len(ids)} rows committed, "
+                    f"{len(again)} items in the input now")
     return result

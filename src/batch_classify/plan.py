@@ -1,0 +1,117 @@
+"""``batch-classify plan``: list the input, write the unit manifest, say what a job will do.
+
+Same config and overrides as a job; no model is loaded. Run it before submitting a large
+job: it lists once (the job then reuses the listing), and on an output folder in use it
+says how much is committed and what is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, JobSpec, parse_args
+from .errors import UserError
+from .listing import INPUT_DIR, Listing, listing_data, read_listing, write_listing
+from .listing import matches as listing_matches
+from .manifest import MANIFEST, OutputLock, OutputMismatch, read_manifest
+from .writer import committed_units
+
+log = logging.getLogger("batch_classify")
+
+REPORT_FILES = 12
+"""metrics.json, report.md, its tables and pictures, config.yaml, manifest.json, timing.json."""
+
+
+def _data_differences(old: dict[str, Any], spec: JobSpec) -> list[str]:
+    before = old.get("config", {}).get("data", {})
+    now = listing_data(spec.data)
+    return [f"data.{key}: {before.get(key)!r} in the folder, {value!r} now"
+            for key, value in now.items() if key != "path" and before.get(key) != value] or [
+        f"data.path: {before.get('path')!r} in the folder, {now['path']!r} now"]
+
+
+def prepare_listing(spec: JobSpec, output: Path) -> tuple[Listing, bool]:
+    """Main rank: the folder's listing where it is this job's, else a new one (refused where it
+    would orphan another job's committed predictions). Returns (listing, listed now)."""
+    existing = read_listing(output)
+    if existing is not None and listing_matches(existing, spec.data, spec.output.unit_size):
+        return existing, False
+    old = read_manifest(output)
+    if old is not None and committed_units(output) and not spec.output.overwrite:
+        raise OutputMismatch(
+            f"output.dir {output} holds results of a different job ("
+            + "; ".join(_data_differences(old, spec))
+            + "). Choose another output.dir, or set output.overwrite true to discard them.")
+    started = time.monotonic()
+    listing = write_listing(spec.data, output, spec.output.unit_size)
+    log.info("listed %s in %.1f s: %s", spec.data.path, time.monotonic() - started, describe_listing(listing))
+    return listing, True
+
+
+def describe_listing(listing: Listing) -> str:
+    items = f"{listing.n_items} items" if listing.n_items is not None else "items counted as read"
+    return f"{listing.kind}, {items} in {listing.n_units} units"
+
+
+def committed_summary(listing: Listing, committed: set[int]) -> tuple[int | None, str]:
+    """(items already committed, where the listing knows them; a sentence for the log)."""
+    if listing.n_items is None:
+        return None, f"{len(committed)} of {listing.n_units} units already committed"
+    done = sum(listing.unit_items(u) for u in committed if u < listing.n_units)
+    return done, (f"{done} of {listing.n_items} items already committed "
+                  f"({len(committed)} of {listing.n_units} units)")
+
+
+def plan(spec: JobSpec) -> str:
+    """List (or reuse the listing), then describe the job's units and the output folder."""
+    output = Path(spec.output.dir)
+    started = time.monotonic()
+    with OutputLock(output):
+        listing, listed_now = prepare_listing(spec, output)
+        committed = {u for u in committed_units(output) if u < listing.n_units}
+    seconds = time.monotonic() - started
+    info = listing.info
+    if listing.n_items is not None:
+        sizes = [listing.unit_items(u) for u in range(listing.n_units)]
+        items = f"{listing.n_items} (units of {min(sizes)} to {max(sizes)})"
+    else:
+        items = f"counted as each tar is read ({listing.n_units} tars)"
+    labelled = {None: "known once read", 0: "none: labelling mode"}.get(info["n_labelled"],
+                                                                        info["n_labelled"])
+    has_manifest = (output / MANIFEST).exists()
+    rows = [
+        ("input", f"{spec.data.path} ({listing.kind}; ids relative to {listing.root})"),
+        ("listing", f"{'written' if listed_now else 'reused'}: {output / INPUT_DIR} ({seconds:.1f} s)"),
+        ("units", f"{listing.n_units}"),
+        ("items", items),
+        ("labelled", str(labelled)),
+        ("classes", "ImageNet-1k" if listing.classes is None else f"{len(listing.classes)} of its own"),
+        ("output", f"{output}: {len(committed)} of {listing.n_units} units committed, "
+                   f"{listing.n_units - len(committed)} pending"
+                   + ("" if has_manifest else " (no job run yet)")),
+        ("files", f"{listing.n_units} prediction files in {output / 'predictions'}, about {REPORT_FILES} "
+                  f"more beside them, 3 in {output / INPUT_DIR}"),
+    ]
+    rows += [("note", note) for note in info["notes"]]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        spec = parse_args(argv, prog="batch-classify plan")
+    except ConfigError as error:
+        print(f"batch-classify plan: configuration error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        print(plan(spec))
+    except UserError as error:
+        print(f"batch-classify plan: {error}", file=sys.stderr)
+        return 2
+    return 0
