@@ -431,6 +431,10 @@ class Items:
         return len(self.ids)
 
     @property
+    def labelled(self) -> bool:
+        return any(label is not None for label in self.labels)
+
+    @property
     def paths(self) -> list[str] | None:
         """Every item's file path, or None where some come as bytes (tars, Parquet, datasets)."""
         return self.payloads if all(isinstance(p, str) for p in self.payloads) else None
