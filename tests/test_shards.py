@@ -449,3 +449,23 @@ def test_expanded_shards_read_end_to_end(tmp_path):
     assert [(s.id, s.label) for s in records] == [
         (f"{i // 2:05d}.tar/img{i}", i) for i in range(5)]
     assert json.dumps([s.id for s in records])  # ids are plain strings
+
+
+def test_long_and_non_utf8_member_names(tmp_path):
+    picture = jpeg(tiny_image(1))
+    folder = "d" * 120
+    path = tmp_path / "n.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding="utf-8",
+                      errors="surrogateescape") as tar:
+        for name, data in [(f"{folder}/x.jpg", picture), (f"{folder}/x.cls", b"5"),
+                           ("caf\udce9.jpg", picture), (f"{folder}/x.txt", b"later")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    offset = next(m.offset for m in members_of(path) if m.name.endswith("x.txt"))
+    records = read(path)
+    assert [(s.id, s.label, error_type(s)) for s in records] == [
+        (f"n.tar/{folder}/x", 5, None), ("n.tar/caf\\xe9", None, None),
+        (f"n.tar/{folder}/x@{offset}", None, "SplitSample")]
+    assert all(s.id.encode("utf-8") for s in records)
+    assert_same_without_images(path)

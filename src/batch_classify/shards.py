@@ -15,6 +15,7 @@ Conventions (WebDataset's, made strict):
 - The label is the ``cls`` member (exact suffix), or with ``label_key`` that field of the
   ``json`` member only (the ``cls`` member is then ignored). A missing member or field (or
   a JSON null) is label None.
+- A member name that is not UTF-8 appears in ids with its bad bytes as ``\\xNN`` escapes.
 - Byte offsets are positions in the tar stream; for a compressed tar, in the
   decompressed stream.
 - Filesystem errors (missing file, permission, EIO) are not bad data: they propagate.
@@ -73,7 +74,7 @@ def iter_tar(path: str | os.PathLike, rel: str, image_suffixes: Sequence[str] = 
                         label_key, read_images)
     with open(path, "rb") as file:
         try:
-            tar = _ShardTar.open(fileobj=file, mode="r|*", bufsize=STREAM_CHUNK)
+            tar = _ShardTar.open(fileobj=file, mode="r|*", bufsize=STREAM_CHUNK, encoding="utf-8")
         except _BAD_DATA as error:
             yield _shard_error(rel, "NotATar", f"{rel}: cannot be read as a tar ({error})")
             return
@@ -196,7 +197,8 @@ class _TarReader:
         return suffix in self.image_suffixes or suffix.rsplit(".", 1)[-1] in self.image_suffixes
 
     def _record(self, sample: _Sample) -> ShardSample:
-        sample_id = f"{self.rel}/{sample.key}"
+        # A name that is not UTF-8 keeps its bytes as surrogates, which Parquet cannot store.
+        sample_id = f"{self.rel}/{_printable(sample.key)}"
         members = _listing(sample.members)
         if sample.split:
             return ShardSample(f"{sample_id}@{sample.offset}", None, None, _error(
@@ -257,6 +259,10 @@ def split_member_name(name: str) -> tuple[str, str]:
     folder, _, basename = name.rpartition("/")
     stem, _, suffix = basename.partition(".")
     return (f"{folder}/{stem}" if folder else stem), suffix.lower()
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _read_member(tar: _ShardTar, member: tarfile.TarInfo) -> bytes:
