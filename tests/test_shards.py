@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import tarfile
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -321,6 +322,27 @@ def test_a_garbled_header_after_the_start_is_a_corrupt_shard(tmp_path):
     records = read(path)
     assert [(s.id, error_type(s)) for s in records] == [("t.tar/k0", None), ("t.tar", "CorruptShard")]
     assert f"byte {offset}" in records[-1].error and "'k1'" in records[-1].error
+
+
+def test_members_that_are_not_needed_are_streamed_past_not_held(tmp_path):
+    big = b"\x01" * (24 << 20)
+    path = write_tar(tmp_path / "big.tar", [("a.jpg", jpeg(tiny_image(1))), ("a.txt", big), ("a.cls", b"3"),
+                                            ("b.jpg", big), ("b.cls", b"4")])
+    del big
+    for read_images in (True, False):
+        tracemalloc.start()
+        try:
+            records = []
+            for sample in iter_tar(path, "big.tar", read_images=read_images):
+                records.append((sample.id, sample.label, sample.error))
+                if sample.id.endswith("/a"):
+                    # the only image held so far is a's; the 24 MiB caption was skipped
+                    assert tracemalloc.get_traced_memory()[1] < 12 << 20
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert records == [("big.tar/a", 3, None), ("big.tar/b", 4, None)]
+        assert (peak < 12 << 20) == (not read_images), peak  # b's 24 MiB image is read only when asked
 
 
 def test_reading_is_lazy(tmp_path):
