@@ -133,7 +133,7 @@ class _TarReader:
         seen_keys: set[str] = set()
         sample: _Sample | None = None
         last: tarfile.TarInfo | None = None
-        yielded = skipped = 0
+        skipped = 0
         while True:
             try:
                 member = tar.next()
@@ -155,7 +155,6 @@ class _TarReader:
             if sample is None or key != sample.key:
                 if sample is not None:
                     yield self._record(sample)
-                    yielded += 1
                 sample = _Sample(key, member.offset, split=key in seen_keys)
                 seen_keys.add(key)
             try:
@@ -165,7 +164,7 @@ class _TarReader:
                 return
         if sample is not None:
             yield self._record(sample)
-        elif yielded == 0:
+        else:
             note = f" ({skipped} directories or hidden members skipped)" if skipped else ""
             yield _shard_error(self.rel, "EmptyShard", f"{self.rel}: a valid tar with no samples{note}")
 
