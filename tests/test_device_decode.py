@@ -17,9 +17,9 @@ from transformers import BeitImageProcessor, MobileNetV1ImageProcessor
 
 from batch_classify import device_decode
 from batch_classify.config import ConfigError, RuntimeConfig
-from batch_classify.decode import Encoded, ItemDataset, collate
+from batch_classify.decode import Encoded, ItemKey, Task, TaskDataset, collate
 from batch_classify.device_decode import DeviceDecode, decode_on_device, unavailable
-from batch_classify.inputs import Items
+from batch_classify.listing import Items
 from batch_classify.model import ProcessorTransform
 from batch_classify.preprocess import FastTransform, choose_input_path, pixel_spec
 
@@ -30,7 +30,13 @@ LIMIT = 128_000_000
 def _items(folder) -> Items:
     paths = sorted(str(p) for p in folder.rglob("*") if p.is_file())
     return Items(kind="images", root=str(folder), ids=[p[len(str(folder)) + 1:] for p in paths],
-                 labels=[None] * len(paths), paths=paths)
+                 labels=[None] * len(paths), payloads=paths, classes=None, notes=[])
+
+
+def _samples(items: Items, indices: list[int], preprocess) -> list:
+    """The job's decode of the items at ``indices``, as its loaders call it."""
+    dataset = TaskDataset(preprocess, LIMIT)
+    return [dataset[Task(ItemKey(0, items.ids[i], None), items.payloads[i])] for i in indices]
 
 
 def _mixed_folder(root):
@@ -47,11 +53,11 @@ def test_device_decoding_gives_the_workers_batch(tmp_path):
     spec = pixel_spec(MobileNetV1ImageProcessor())
     fast = FastTransform(spec)
     indices = list(range(len(items.ids)))
-    reference = collate([ItemDataset(items, indices, fast, LIMIT)[i] for i in indices])
+    reference = collate(_samples(items, indices, fast))
     path = decode_on_device(choose_input_path(MobileNetV1ImageProcessor(),
                                               ProcessorTransform(MobileNetV1ImageProcessor()),
                                               "fast"), CPU)
-    raw = collate([ItemDataset(items, indices, path.worker, LIMIT)[i] for i in indices])
+    raw = collate(_samples(items, indices, path.worker))
     decoded_ids = [items.ids[i] for i, ok in zip(indices, raw.ok) if ok]
     encoded = [item_id for item_id, value in zip(decoded_ids, raw.pixel_values)
                if isinstance(value, Encoded)]
@@ -80,8 +86,7 @@ def test_a_batch_of_only_good_jpegs_decodes_in_one_call(tmp_path, monkeypatch):
     monkeypatch.setattr(device_decode, "decode_jpeg", counting)
     spec = pixel_spec(MobileNetV1ImageProcessor())
     jpegs = [i for i, name in enumerate(items.ids) if name.endswith(".jpg") and "cmyk" not in name]
-    raw = collate([ItemDataset(items, jpegs, device_decode.Passthrough(FastTransform(spec)),
-                               LIMIT)[k] for k in range(len(jpegs))])
+    raw = collate(_samples(items, jpegs, device_decode.Passthrough(FastTransform(spec))))
     batch = DeviceDecode(spec, CPU)(raw)
     assert calls == [4] and batch.pixel_values.shape == (4, 224, 224, 3) and all(batch.ok)
 
@@ -108,7 +113,7 @@ def test_a_resize_filter_only_pillow_has_keeps_decoding_in_the_workers(tmp_path)
     assert kept.device_decode is None and "LANCZOS" in kept.note
     write_good_images(tmp_path)
     items = _items(tmp_path)
-    sample = ItemDataset(items, [items.ids.index("rgb.jpg")], kept.worker, LIMIT)[0]
+    sample = _samples(items, [items.ids.index("rgb.jpg")], kept.worker)[0]
     assert sample.error is None and sample.pixel_values.shape == (224, 224, 3)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import read_rows, run_job
@@ -277,33 +278,37 @@ def test_synthetic_check_images_cover_both_orientations_and_small_inputs():
 def test_the_batch_loop_writes_every_row_once_with_and_without_overlap(overlap, tiny_models,
                                                                         corpus, tmp_path):
     """The GPU loop (next batch queued before the previous one is collected), run on the CPU."""
+    import numpy as np
+
     from batch_classify.config import load_spec
-    from batch_classify.inputs import load_items
-    from batch_classify.job import _predict_units, resolve_runtime
+    from batch_classify.job import RankWork, _predict_units, resolve_runtime
+    from batch_classify.listing import write_listing
     from batch_classify.model import load_model, prepare_inference
     from batch_classify.preemption import StopFlag
     from batch_classify.progress import Progress
-    from batch_classify.shard import unit_ranges
+    from batch_classify.shard import UnitQueue
 
     (tmp_path / "job.yaml").write_text(
         f"model: {{name: {tiny_models['mobilenet_v1']}}}\ndata: {{path: {corpus}}}\n"
         f"output: {{dir: {tmp_path / 'out'}}}\nruntime: {{batch_size: 2, device: cpu}}\n")
     device = torch.device("cpu")
     spec = resolve_runtime(load_spec(tmp_path / "job.yaml"), device)
-    items = load_items(spec.data)
+    listing = write_listing(spec.data, tmp_path / "out", unit_size=3)
     loaded = load_model(spec.model, device)
     inference = prepare_inference(loaded, spec.runtime, device)
-    units = unit_ranges(len(items), 3)
     mine = [0, 2, 3]  # not every unit: rows must land in the right files
-    progress = Progress(len(items), 0, False, 10.0)
-    timing = _predict_units(spec, items, loaded, inference, device, units, mine, None, progress, 0, 2,
-                            {}, StopFlag(), overlap=overlap)
+    work = RankWork(listing, UnitQueue(np.array(mine)), loaded, inference, None, {})
+    progress = Progress(listing.n_items, 0, False, 10.0)
+    timing = _predict_units(spec, work, device, progress, 0, 2, StopFlag(), overlap=overlap)
     progress.close()
-    assert timing["items"] == sum(len(units[u]) for u in mine)
+    expected = {u: [r.id for r in listing.records(u)] for u in mine}
+    assert timing["items"] == sum(map(len, expected.values())) == 3 + 3 + 2
     written = sorted(p.name for p in (tmp_path / "out" / "predictions").glob("*.parquet"))
     assert written == [f"unit-{u:06d}.parquet" for u in mine]
+    for unit, ids in expected.items():
+        table = pq.read_table(tmp_path / "out" / "predictions" / f"unit-{unit:06d}.parquet")
+        assert table.column("id").to_pylist() == ids
     rows = read_rows(tmp_path / "out")
-    assert sorted(rows) == sorted(items.ids[i] for u in mine for i in units[u])
     assert all(r["topk_ids"] is not None for r in rows.values())
 
 

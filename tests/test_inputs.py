@@ -12,8 +12,8 @@ from PIL import Image
 
 from batch_classify.config import DataConfig
 from batch_classify.inputs import InputError, detect_kind
-from batch_classify.listing import load_items
 from batch_classify.labels import wnid_to_index
+from batch_classify.listing import load_items
 
 
 def data(path, **kwargs) -> DataConfig:

@@ -75,8 +75,9 @@ def test_one_two_and_three_processes_agree(tiny_models, corpus, tmp_path):
             assert row["topk_scores"] == pytest.approx(rows1[item_id]["topk_scores"], abs=1e-5)
         for key in ("n", "n_errors", "top1", "top5", "n_labelled"):
             assert metrics[key] == metrics1[key], key
-    # Several ranks really shared the work: each wrote its own units.
-    assert len(list((tmp_path / "out3" / "predictions").glob("*.parquet"))) == 3
+    # Three ranks took part; units go to whichever rank is free, so who ran what varies.
+    timing = json.loads((tmp_path / "out3" / "timing.json").read_text())
+    assert len(timing["items_per_rank"]) == 3 and sum(timing["items_per_rank"]) == 11
 
 
 def test_parquet_metadata_and_saved_config(tiny_models, corpus, tmp_path):

@@ -44,7 +44,7 @@ def test_sigkill_of_a_rank_then_resume_with_another_world_size(job_args, tmp_pat
     reference = tmp_path / "reference"
     run_job([*args, "--output.dir", str(reference)])
 
-    # The last item (unit 5, rank 1 of 2) is a FIFO: reading it blocks until we kill the rank.
+    # The last item (unit 5) is a FIFO: reading it blocks whichever rank claimed the unit.
     items = sorted(p.relative_to(corpus).as_posix() for p in corpus.rglob("*.*"))
     blocked = corpus / items[-1]
     saved = blocked.read_bytes()
@@ -65,8 +65,9 @@ def test_sigkill_of_a_rank_then_resume_with_another_world_size(job_args, tmp_pat
             time.sleep(0.2)
         rank1 = _rank_process(launcher, 1)
         assert rank1 is not None
-        # Its DataLoader worker (blocked on the FIFO) lives in the rank's own session: end it
-        # below, as a real requeue would end the whole allocation.
+        # Rank 1 is killed, whether it holds unit 5 or waits for rank 0 to finish it. Any
+        # DataLoader worker of it lives in the rank's own session: end it below, as a real
+        # requeue would end the whole allocation.
         orphans = rank1.children(recursive=True)
         rank1.send_signal(signal.SIGKILL)
         # The surviving rank is ended too, well before any collective timeout.

@@ -295,7 +295,7 @@ def webdataset(cfg: DataConfig) -> Enumeration:
 
     root = shard_root(cfg.path)
     try:
-        tars = expand_shards(cfg.path, root)
+        tars = expand_shards(cfg.path)
     except ShardSpecError as error:
         raise InputError(str(error)) from None
     shards, parts = [], []

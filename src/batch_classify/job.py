@@ -318,6 +318,7 @@ def _run_rank(spec: JobSpec, state, stop: StopFlag, board: JobBoard) -> dict[str
         seconds = max(t["last_write"] for t in timings) - min(started) if started else None
         write_json(output / TIMING, {
             "items_this_run": processed,
+            "items_per_rank": [t["items"] for t in timings],
             "seconds": seconds,
             "images_per_second": processed / seconds if seconds else None,
             "world_size": state.num_processes,

@@ -19,9 +19,16 @@ class UnitTasks:
     """The batch sampler: claims the next pending unit when it needs more items, and hands out
     that unit's items in order as Tasks (the last one flagged, so its unit commits then).
 
-    It runs in the rank's main process, ahead of the model by the loader's prefetch; only the
-    unit in hand is ever enumerated. After ``stopping()`` it claims nothing more.
+    Units are read (a tar streamed, row groups fetched) on a daemon thread, a few batches
+    ahead, while the caller waits with an eye on ``stopping()``: a read that hangs (a stale
+    network mount) cannot keep a signalled rank from stopping, and reading overlaps the
+    model. Only the unit in hand is ever enumerated. After ``stopping()`` nothing more is
+    claimed.
     """
+
+    POLL_S = 0.2
+    AHEAD = 2
+    """Batches read ahead of the caller."""
 
     def __init__(self, units: UnitQueue, listing: Listing, batch_size: int,
                  stopping: Callable[[], bool] = lambda: False):
@@ -45,7 +52,7 @@ class UnitTasks:
             yield Task(ItemKey(unit, previous.id, previous.label, last=True), previous.payload,
                        previous.error)
 
-    def __iter__(self) -> Iterator[list[Task]]:
+    def _batches(self) -> Iterator[list[Task]]:
         batch: list[Task] = []
         for task in self._tasks():
             batch.append(task)
@@ -54,6 +61,41 @@ class UnitTasks:
                 batch = []
         if batch:
             yield batch
+
+    def _read(self, out: queue.Queue, quit_reading: threading.Event) -> None:
+        try:
+            for batch in self._batches():
+                while not quit_reading.is_set():
+                    try:
+                        out.put(("batch", batch), timeout=self.POLL_S)
+                        break
+                    except queue.Full:
+                        continue
+                if quit_reading.is_set():
+                    return
+            out.put(("end", None))
+        except BaseException as error:  # raised in the caller's thread
+            out.put(("error", error))
+
+    def __iter__(self) -> Iterator[list[Task]]:
+        out: queue.Queue = queue.Queue(maxsize=self.AHEAD)
+        quit_reading = threading.Event()
+        threading.Thread(target=self._read, args=(out, quit_reading), daemon=True, name="units").start()
+        try:
+            while True:
+                try:
+                    kind, value = out.get(timeout=self.POLL_S)
+                except queue.Empty:
+                    if self.stopping():
+                        return
+                    continue
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise value
+                yield value
+        finally:
+            quit_reading.set()
 
 
 class ThreadedBatches:
