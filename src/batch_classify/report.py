@@ -119,12 +119,12 @@ class Ranking:
         if indices.size == 0:
             return
         keys = -batch.confidence[indices] if self.descending else batch.confidence[indices]
-        chosen = indices[np.argsort(keys, kind="stable")[: self.limit]]
+        best = np.argsort(keys, kind="stable")[: self.limit]
+        chosen = indices[best]
         ids = batch.ids.take(pa.array(chosen)).to_pylist()
-        candidates = [(float(-batch.confidence[i] if self.descending else batch.confidence[i]), unit,
-                       first_row + int(i), Pick(unit, item_id, int(batch.label[i]), int(batch.top1[i]),
-                                                float(batch.confidence[i])))
-                      for i, item_id in zip(chosen.tolist(), ids)]
+        candidates = [(key, unit, first_row + i, Pick(unit, item_id, int(batch.label[i]), int(batch.top1[i]),
+                                                      float(batch.confidence[i])))
+                      for key, i, item_id in zip(keys[best].tolist(), chosen.tolist(), ids)]
         # (key, unit, row) is unique: the Pick is never compared.
         self.kept = heapq.nsmallest(self.limit, self.kept + candidates)
 
