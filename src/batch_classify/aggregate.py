@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .manifest import read_manifest, write_json
 from .report import write_report
+from .units import expected_units, file_stats, iter_batches, merge_stats, metrics_from_stats, unit_files
 from .writer import PREDICTIONS_DIR, SCHEMA, unit_of
 
 METRICS = "metrics.json"
@@ -26,7 +29,8 @@ class AggregateError(RuntimeError):
 
 
 def read_predictions(output_dir: str | Path) -> pa.Table:
-    """All committed unit files, in unit order. Partial (temporary) files are ignored."""
+    """All committed unit files, in unit order, in memory: for small outputs only (demo, tests).
+    Partial (temporary) files are ignored."""
     folder = Path(output_dir) / PREDICTIONS_DIR
     files = sorted((p for p in folder.glob("unit-*.parquet") if unit_of(p) is not None), key=unit_of)
     if not files:
@@ -73,59 +77,113 @@ def real_labels_path(value: str) -> Path:
     return Path(value)
 
 
-def real_accuracy(table: pa.Table, real_path: Path) -> dict[str, Any]:
+def real_accuracy(batches: pa.Table | Iterable[pa.RecordBatch], real_path: Path) -> dict[str, Any]:
     """ImageNet-ReaL top-1/top-5: a prediction is right if it is among the image's ReaL labels.
 
-    Rows are matched to real.json by the validation file number in their id; images with no
-    ReaL label are left out, as in the ReaL paper and timm."""
+    ``batches``: a table or record batches with the id, topk_ids and error columns. Rows are
+    matched to real.json by the validation file number in their id; images with no ReaL label
+    are left out, as in the ReaL paper and timm."""
     try:
         real = json.loads(real_path.read_text())
     except (OSError, ValueError) as error:
         raise AggregateError(f"data.real_labels {real_path}: cannot read it ({error})") from None
-    top1, top5 = [], []
-    for item_id, ids, error in zip(table.column("id").to_pylist(), table.column("topk_ids").to_pylist(),
-                                   table.column("error").to_pylist()):
-        match = VAL_ID.search(item_id)
-        if match is None or error is not None:
-            continue
-        index = int(match.group(1)) - 1
-        if not 0 <= index < len(real) or not real[index]:
-            continue
-        labels = set(real[index])
-        top1.append(ids[0] in labels)
-        top5.append(any(i in labels for i in ids[:5]))
-    if not top1:
+    if isinstance(batches, pa.Table):
+        batches = batches.to_batches()
+    n = top1 = top5 = 0
+    for batch in batches:
+        for item_id, ids, error in zip(batch.column("id").to_pylist(), batch.column("topk_ids").to_pylist(),
+                                       batch.column("error").to_pylist()):
+            match = VAL_ID.search(item_id)
+            if match is None or error is not None:
+                continue
+            index = int(match.group(1)) - 1
+            if not 0 <= index < len(real) or not real[index]:
+                continue
+            labels = set(real[index])
+            n += 1
+            top1 += ids[0] in labels
+            top5 += any(i in labels for i in ids[:5])
+    if not n:
         return {"real_top1": None, "real_top5": None, "n_real": 0,
                 "real_unavailable": "no row id holds an ILSVRC2012_val_ file number with ReaL labels"}
-    return {"real_top1": float(np.mean(top1)), "real_top5": float(np.mean(top5)), "n_real": len(top1)}
+    return {"real_top1": top1 / n, "real_top5": top5 / n, "n_real": n}
+
+
+def _names(values: list, limit: int = 10) -> str:
+    shown = ", ".join(map(str, values[:limit]))
+    return shown + (f" ... and {len(values) - limit} more" if len(values) > limit else "")
+
+
+def check_units(output: Path, manifest: dict[str, Any], files: list[tuple[int, Path]],
+                stats: list[dict[str, Any]]) -> None:
+    """Refuse outputs that do not hold each of the job's units exactly once, or whose row count
+    differs from the manifest's item count; works from the file names and footers alone."""
+    by_digest: dict[str, list[str]] = {}
+    for (_, path), unit_stats in zip(files, stats):
+        if unit_stats["n"]:
+            by_digest.setdefault(unit_stats["ids_digest"], []).append(path.name)
+    copies = [names for names in by_digest.values() if len(names) > 1]
+    if copies:
+        raise AggregateError(
+            f"{output}: id(s) appear more than once: {' and '.join(copies[0])} hold the same ids "
+            "(equal id digests); the predictions mix results of different runs: remove the stray file(s)")
+    for (unit, path), unit_stats in zip(files, stats):
+        if unit_stats.get("unit", unit) != unit:
+            raise AggregateError(
+                f"{output}: {path.name} holds the rows of unit {unit_stats['unit']} (its footer says so): a "
+                "copied or renamed file; remove it")
+    n_units = expected_units(manifest)
+    if n_units is None:
+        raise AggregateError(f"{output}: the manifest has neither dataset.n_units nor dataset.n_items with "
+                             "job.unit_size, so missing units cannot be found; write n_units into it")
+    stray = [path.name for unit, path in files if unit >= n_units]
+    if stray:
+        raise AggregateError(f"{output}: {len(stray)} unit file(s) beyond the job's {n_units} units "
+                             f"({_names(stray)}): they belong to another job; remove them")
+    n_rows = sum(unit_stats["n"] for unit_stats in stats)
+    expected = manifest["dataset"].get("n_items")
+    rows = "" if expected is None else f"{n_rows} prediction rows but the manifest lists {expected} items; "
+    present = {unit for unit, _ in files}
+    missing = [unit for unit in range(n_units) if unit not in present]
+    if missing:
+        raise AggregateError(
+            f"{output}: {rows}{len(missing)} of {n_units} units have no committed file "
+            f"(units {_names(missing)}); run the job again to finish the missing units")
+    if expected is not None and n_rows != expected:
+        raise AggregateError(f"{output}: {rows}run the job again to finish the missing units")
+
+
+def check_ids_within_units(output: Path, files: list[tuple[int, Path]]) -> None:
+    """Each id once within each unit file. (Across units ids are unique by construction: each unit
+    is written once, atomically, and check_units refuses copied files.)"""
+    for unit, path in files:
+        ids = pq.read_table(path, columns=["id"]).column("id")
+        if pc.count_distinct(ids, mode="all").as_py() == len(ids):
+            continue
+        counts = pc.value_counts(ids)
+        doubled = counts.filter(pc.greater(counts.field("counts"), 1))[0].as_py()
+        raise AggregateError(
+            f"{output}: id {doubled['values']!r} appears {doubled['counts']} times in unit {unit} "
+            f"({path.name}); delete that file and run the job again to rewrite the unit")
 
 
 def aggregate(output_dir: str | Path) -> dict[str, Any]:
     """Score the output folder, write metrics.json, return the metrics.
 
-    Refuses outputs in which an id appears twice or whose item count differs from the manifest.
-    Also writes the report (per_class.csv, confusions.csv, report.md, plots, contact sheet).
+    Refuses outputs with a missing or doubled unit, an id twice within a unit, or whose item count
+    differs from the manifest. Totals come from the unit files' footers, so memory does not grow
+    with the rows. Also writes the report (per_class.csv, confusions.csv, report.md, plots,
+    contact sheet).
     """
     output = Path(output_dir)
     manifest = read_manifest(output)
     if manifest is None:
         raise AggregateError(f"{output} has no manifest.json: not a batch-classify output folder")
-    table = read_predictions(output)
-    ids = table.column("id").to_pylist()
-    counts = Counter(ids)
-    duplicated = [item for item, count in counts.items() if count > 1]
-    if duplicated:
-        raise AggregateError(
-            f"{output}: {len(duplicated)} id(s) appear more than once (e.g. {duplicated[0]!r}); "
-            "the predictions mix results of different runs"
-        )
-    expected = manifest["dataset"]["n_items"]
-    if len(ids) != expected:
-        raise AggregateError(
-            f"{output}: {len(ids)} prediction rows but the manifest lists {expected} items; "
-            "run the job again to finish the missing units"
-        )
-    metrics = compute_metrics(table)
+    files = unit_files(output)
+    stats = [file_stats(path) for _, path in files]
+    check_units(output, manifest, files, stats)
+    check_ids_within_units(output, files)
+    metrics = metrics_from_stats(merge_stats(stats))
     reason = manifest.get("accuracy_unavailable")
     if metrics["top1"] is None and reason is None:
         reason = "the dataset has no labels" if metrics["n_labelled"] == 0 else "no item could be scored"
@@ -143,7 +201,9 @@ def aggregate(output_dir: str | Path) -> dict[str, Any]:
         if not manifest["model"].get("imagenet_ids", True):
             metrics["real_unavailable"] = "the model's classes are not ImageNet-1k"
         else:
-            metrics.update(real_accuracy(table, real_labels_path(real)))
+            columns = ["id", "topk_ids", "error"]
+            batches = (batch for _, path in files for batch in iter_batches(path, columns))
+            metrics.update(real_accuracy(batches, real_labels_path(real)))
     metrics.update(write_report(output))
     write_json(output / METRICS, metrics)
     return metrics

@@ -2,26 +2,73 @@
 
 from __future__ import annotations
 
+import math
+import tempfile
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
-from . import aggregate as _aggregate
 from .labels import imagenet_classes
 from .manifest import MANIFEST, read_manifest
 from .report import model_is_imagenet, shorten
+from .units import expected_units, int_column, iter_batches, top1_and_decoded, top1_names, unit_files
 from .writer import PREDICTIONS_DIR
 
 TOP_CLASSES = 10
+
+
+BUCKET_ROWS = 1_000_000
+"""Rows per hash bucket when the two folders' units differ and the join goes through temporary files."""
+
+JOIN_COLUMNS = ["id", "target", "topk_ids", "topk_labels", "error"]
 
 
 class CompareError(RuntimeError):
     """A folder cannot be compared; the message says which and why."""
 
 
-def _side(output_dir: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """(manifest, rows by id) of one output folder."""
+@dataclass
+class Side:
+    """One output folder: its manifest, unit files and row count, and the model's class names as
+    its rows are read."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    files: dict[int, Path]
+    n: int
+    suffix: str
+    names: dict[int, str] = field(default_factory=dict)
+    """Top-1 index -> the name the model gave it (the last row's), bounded by the classes."""
+
+    @property
+    def schema(self) -> pa.Schema:
+        return pa.schema([("id", pa.string()), (f"target_{self.suffix}", pa.int64()),
+                          (f"top1_{self.suffix}", pa.int64()), (f"decoded_{self.suffix}", pa.bool_())])
+
+    def batches(self, path: Path) -> Iterator[pa.RecordBatch]:
+        """(id, target, top-1 or null, decoded) of one unit file, in record batches."""
+        for batch in iter_batches(path, JOIN_COLUMNS):
+            top1, decoded = top1_and_decoded(batch)
+            self.names.update(top1_names(batch, top1, decoded, skip_empty=True))
+            top1_or_null = pa.array(top1, mask=~decoded)
+            yield pa.RecordBatch.from_arrays(
+                [batch.column("id"), batch.column("target"), top1_or_null, pa.array(decoded)],
+                schema=self.schema)
+
+    def unit_table(self, unit: int) -> pa.Table:
+        path = self.files.get(unit)
+        return pa.Table.from_batches(list(self.batches(path)) if path else [], schema=self.schema)
+
+
+def _side(output_dir: str | Path, suffix: str) -> Side:
     folder = Path(output_dir)
     if not folder.is_dir():
         raise CompareError(f"{folder} is not a folder")
@@ -29,23 +76,122 @@ def _side(output_dir: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, A
     if missing:
         raise CompareError(f"{folder} is not a batch-classify output folder "
                            f"(no {' or '.join(missing)} in it)")
-    manifest = read_manifest(folder)
-    table = _aggregate.read_predictions(folder)
-    rows = {}
-    for row in table.select(["id", "target", "topk_ids", "topk_labels", "error"]).to_pylist():
-        decoded = row["error"] is None and bool(row["topk_ids"])
-        rows[row["id"]] = {"target": row["target"], "decoded": decoded,
-                           "top1": row["topk_ids"][0] if decoded else None,
-                           "top1_name": row["topk_labels"][0] if decoded and row["topk_labels"] else None}
-    return manifest, rows
+    files = dict(unit_files(folder))
+    n = sum(pq.read_metadata(path).num_rows for path in files.values())
+    return Side(folder, read_manifest(folder), files, n, suffix)
 
 
-def _class_namer(manifest: dict[str, Any], *sides: dict[str, dict[str, Any]]):
+def same_units(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether unit u of one folder holds exactly the ids of unit u of the other."""
+    fingerprint = a["dataset"].get("fingerprint")
+    return (fingerprint is not None and fingerprint == b["dataset"].get("fingerprint")
+            and expected_units(a) is not None and expected_units(a) == expected_units(b)
+            and a.get("job", {}).get("unit_size") == b.get("job", {}).get("unit_size"))
+
+
+@dataclass
+class Tally:
+    """What the comparison reports, summed over joined pieces: bounded by the classes."""
+
+    n_common: int = 0
+    n_both: int = 0
+    n_agree: int = 0
+    n_target_a: int = 0
+    class_n: Counter = field(default_factory=Counter)
+    class_differ: Counter = field(default_factory=Counter)
+    n_labelled: int = 0
+    right_a: int = 0
+    right_b: int = 0
+    only_a_right: int = 0
+    only_b_right: int = 0
+
+    def add(self, joined: pa.Table) -> None:
+        """Add rows joined on id: target_a, top1_a, decoded_a and the same for b."""
+        column = {name: joined.column(name).combine_chunks() for name in joined.column_names}
+        both = _bools(column["decoded_a"]) & _bools(column["decoded_b"])
+        target_a, target_b = int_column(column["target_a"])[both], int_column(column["target_b"])[both]
+        top1_a, top1_b = int_column(column["top1_a"])[both], int_column(column["top1_b"])[both]
+        same = top1_a == top1_b
+        self.n_common += joined.num_rows
+        self.n_both += int(both.sum())
+        self.n_agree += int(same.sum())
+        self.n_target_a += int((target_a >= 0).sum())
+        keys = np.where(target_a >= 0, target_a, top1_a)
+        self.class_n.update(_counts(keys[keys >= 0]))
+        self.class_differ.update(_counts(keys[(keys >= 0) & ~same]))
+        labelled = (target_a >= 0) & (target_b >= 0)
+        right_a, right_b = (top1_a == target_a)[labelled], (top1_b == target_b)[labelled]
+        self.n_labelled += int(labelled.sum())
+        self.right_a += int(right_a.sum())
+        self.right_b += int(right_b.sum())
+        self.only_a_right += int((right_a & ~right_b).sum())
+        self.only_b_right += int((right_b & ~right_a).sum())
+
+
+def _bools(array: pa.Array) -> np.ndarray:
+    return np.asarray(array.to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _counts(values: np.ndarray) -> dict[int, int]:
+    unique, counts = np.unique(values, return_counts=True)
+    return dict(zip(unique.tolist(), counts.tolist()))
+
+
+def _join(left: pa.Table, right: pa.Table) -> pa.Table:
+    return left.join(right, keys="id", join_type="inner")
+
+
+def join_by_unit(a: Side, b: Side, tally: Tally) -> None:
+    """Both folders cut the same items into the same units: join file pair by file pair."""
+    for unit in sorted(set(a.files) | set(b.files)):
+        tally.add(_join(a.unit_table(unit), b.unit_table(unit)))
+
+
+def _bucket_of(ids: pa.Array, buckets: int) -> np.ndarray:
+    hashes = np.fromiter((zlib.crc32(item.encode()) for item in ids.to_pylist()), dtype=np.int64,
+                         count=len(ids))
+    return (hashes % buckets).astype(np.int32)
+
+
+def _partition(side: Side, folder: Path, buckets: int) -> None:
+    """Write the side's rows into ``buckets`` Parquet partitions by a hash of the id."""
+    schema = side.schema.append(pa.field("bucket", pa.int32()))
+
+    def with_bucket() -> Iterator[pa.RecordBatch]:
+        for _, path in sorted(side.files.items()):  # unit order: the class names' last row wins
+            for batch in side.batches(path):
+                yield batch.append_column("bucket", pa.array(_bucket_of(batch.column("id"), buckets)))
+
+    ds.write_dataset(with_bucket(), folder, schema=schema, format="parquet",
+                     partitioning=ds.partitioning(pa.schema([("bucket", pa.int32())])),
+                     max_open_files=min(buckets, 900) + 1, min_rows_per_group=4096,
+                     existing_data_behavior="overwrite_or_ignore")
+
+
+def _bucket(side: Side, folder: Path, bucket: int) -> pa.Table:
+    path = folder / str(bucket)
+    if not path.is_dir():
+        return side.schema.empty_table()
+    return ds.dataset(path, format="parquet", schema=side.schema).to_table()
+
+
+def join_by_bucket(a: Side, b: Side, tally: Tally) -> None:
+    """Different unit layouts: hash-partition both sides to temporary Parquet files (in $TMPDIR),
+    about BUCKET_ROWS rows a bucket, then join bucket by bucket."""
+    buckets = max(1, math.ceil(max(a.n, b.n) / BUCKET_ROWS))
+    with tempfile.TemporaryDirectory(prefix="batch-classify-compare-") as temporary:
+        folder_a, folder_b = Path(temporary) / "a", Path(temporary) / "b"
+        _partition(a, folder_a, buckets)
+        _partition(b, folder_b, buckets)
+        for bucket in range(buckets):
+            tally.add(_join(_bucket(a, folder_a, bucket), _bucket(b, folder_b, bucket)))
+
+
+def _class_namer(manifest: dict[str, Any], a: Side, b: Side):
     """Name of a model-space class index: ImageNet's name where the model reports ImageNet-1k,
-    else the name the models gave it in their predictions."""
+    else the name the models gave it in their predictions (A's before B's)."""
     imagenet = model_is_imagenet(manifest.get("model", {}))
-    seen = {row["top1"]: row["top1_name"] for side in reversed(sides) for row in side.values()
-            if row["top1"] is not None and row["top1_name"]}
+    seen = {**b.names, **a.names}
 
     def name(index: int) -> str:
         if imagenet and 0 <= index < 1000:
@@ -58,29 +204,27 @@ def _class_namer(manifest: dict[str, Any], *sides: dict[str, dict[str, Any]]):
 def compare(dir_a: str | Path, dir_b: str | Path) -> dict[str, Any]:
     """Join two outputs on id: top-1 agreement, ids on one side only, per-class disagreement
     (by target where labelled, else by A's top-1) and, where labelled, each side's top-1 on the
-    rows both scored."""
-    manifest_a, a = _side(dir_a)
-    manifest_b, b = _side(dir_b)
-    common = [item for item in a if item in b]
-    both = [item for item in common if a[item]["decoded"] and b[item]["decoded"]]
-    same = np.array([a[item]["top1"] == b[item]["top1"] for item in both], dtype=bool)
-    labelled = [item for item in both if a[item]["target"] is not None and b[item]["target"] is not None]
-    keys = np.array([a[item]["target"] if a[item]["target"] is not None else a[item]["top1"]
-                     for item in both], dtype=np.int64)
-    name = _class_namer(manifest_a, a, b)
+    rows both scored. Memory is bounded by a unit file (or a hash bucket), not the rows."""
+    a, b = _side(dir_a, "a"), _side(dir_b, "b")
+    tally = Tally()
+    if same_units(a.manifest, b.manifest):
+        join_by_unit(a, b, tally)
+    else:
+        join_by_bucket(a, b, tally)
+    manifest_a, manifest_b = a.manifest, b.manifest
     result: dict[str, Any] = {
-        "a": {"dir": str(dir_a), "model": manifest_a.get("model", {}).get("name"), "n": len(a)},
-        "b": {"dir": str(dir_b), "model": manifest_b.get("model", {}).get("name"), "n": len(b)},
+        "a": {"dir": str(dir_a), "model": manifest_a.get("model", {}).get("name"), "n": a.n},
+        "b": {"dir": str(dir_b), "model": manifest_b.get("model", {}).get("name"), "n": b.n},
         "same_dataset": manifest_a["dataset"].get("fingerprint") == manifest_b["dataset"].get("fingerprint"),
-        "n_common": len(common),
-        "n_only_a": len(a) - len(common),
-        "n_only_b": len(b) - len(common),
-        "n_both_decoded": len(both),
-        "n_agree": int(same.sum()),
-        "agreement": float(same.mean()) if both else None,
-        "classes_by": _keyed_by(sum(a[item]["target"] is not None for item in both), len(both)),
-        "classes": _class_disagreement(keys, same, name),
-        "labelled": _labelled(labelled, a, b),
+        "n_common": tally.n_common,
+        "n_only_a": a.n - tally.n_common,
+        "n_only_b": b.n - tally.n_common,
+        "n_both_decoded": tally.n_both,
+        "n_agree": tally.n_agree,
+        "agreement": tally.n_agree / tally.n_both if tally.n_both else None,
+        "classes_by": _keyed_by(tally.n_target_a, tally.n_both),
+        "classes": _class_disagreement(tally, _class_namer(manifest_a, a, b)),
+        "labelled": _labelled(tally),
     }
     return result
 
@@ -91,28 +235,22 @@ def _keyed_by(n_targets: int, n: int) -> str:
     return "top-1 of A" if n_targets == 0 else "target, else top-1 of A"
 
 
-def _class_disagreement(keys: np.ndarray, same: np.ndarray, name) -> list[dict[str, Any]]:
+def _class_disagreement(tally: Tally, name) -> list[dict[str, Any]]:
     """Classes by number of disagreeing rows, then by rate; only those with any."""
-    classes = []
-    for key in np.unique(keys[keys >= 0]):
-        mask = keys == key
-        differ = int((~same[mask]).sum())
-        if differ:
-            classes.append({"class_index": int(key), "name": name(int(key)), "n": int(mask.sum()),
-                            "n_differ": differ, "rate": differ / int(mask.sum())})
+    classes = [{"class_index": key, "name": name(key), "n": tally.class_n[key], "n_differ": differ,
+                "rate": differ / tally.class_n[key]}
+               for key, differ in sorted(tally.class_differ.items()) if differ]
     classes.sort(key=lambda c: (-c["n_differ"], -c["rate"], c["class_index"]))
     return classes[:TOP_CLASSES]
 
 
-def _labelled(items: list[str], a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]
-              ) -> dict[str, Any] | None:
+def _labelled(tally: Tally) -> dict[str, Any] | None:
     """Each side's top-1 on the rows both scored, and where exactly one of them is right."""
-    if not items:
+    if not tally.n_labelled:
         return None
-    right_a = np.array([a[i]["top1"] == a[i]["target"] for i in items], dtype=bool)
-    right_b = np.array([b[i]["top1"] == b[i]["target"] for i in items], dtype=bool)
-    return {"n": len(items), "top1_a": float(right_a.mean()), "top1_b": float(right_b.mean()),
-            "only_a_right": int((right_a & ~right_b).sum()), "only_b_right": int((right_b & ~right_a).sum())}
+    n = tally.n_labelled
+    return {"n": n, "top1_a": tally.right_a / n, "top1_b": tally.right_b / n,
+            "only_a_right": tally.only_a_right, "only_b_right": tally.only_b_right}
 
 
 def _percent(value: float | None) -> str:

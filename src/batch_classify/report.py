@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import heapq
 import json
 import math
 from collections import Counter
@@ -25,6 +26,17 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .labels import imagenet_classes
 from .manifest import read_manifest
+from .units import (
+    Lists,
+    file_stats,
+    int_column,
+    iter_batches,
+    merge_stats,
+    metrics_from_stats,
+    top1_and_decoded,
+    top1_names,
+    unit_files,
+)
 
 REPORT = "report.md"
 PER_CLASS = "per_class.csv"
@@ -49,14 +61,82 @@ CELL = (THUMB + 2 * PAD, THUMB + 3 * PAD + CAPTION_LINES * LINE)
 """(width, height) of one contact-sheet cell: the sheet is columns x rows of these."""
 
 
-# ---------------------------------------------------------------- rows and class names
+# ---------------------------------------------------------------- one pass over the unit files
+
+
+class Calibration:
+    """Per-bin sums for the reliability diagram and the ECE, over equal-width confidence bins
+    (lo, hi] (0 goes to the first). Sums are added row after row in file order, as one
+    np.bincount over all rows would, so the figures do not depend on how rows are batched."""
+
+    def __init__(self, bins: int = ECE_BINS):
+        self.edges = np.linspace(0.0, 1.0, bins + 1)[1:-1]
+        self.count = np.zeros(bins, dtype=np.int64)
+        self.correct_sum = np.zeros(bins)
+        self.confidence_sum = np.zeros(bins)
+
+    def add(self, confidence: np.ndarray, correct: np.ndarray) -> None:
+        confidence = np.asarray(confidence, dtype=np.float64)
+        which = np.searchsorted(self.edges, confidence, side="left")
+        self.count += np.bincount(which, minlength=self.count.size)
+        np.add.at(self.correct_sum, which, np.asarray(correct, dtype=np.float64))
+        np.add.at(self.confidence_sum, which, confidence)
+
+    def ece(self) -> float:
+        """Sum over bins of (n_bin / n) * |accuracy_bin - mean confidence_bin|."""
+        n = int(self.count.sum())
+        if n == 0:
+            return float("nan")
+        return float(np.abs(self.correct_sum - self.confidence_sum).sum() / n)
+
+    def reliability(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(count, accuracy, mean confidence) of each bin; accuracy and confidence NaN when empty."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.count, self.correct_sum / self.count, self.confidence_sum / self.count
 
 
 @dataclass
-class Rows:
-    """The prediction table as arrays; -1 marks a null label, target or prediction."""
+class Pick:
+    """A row kept for a contact sheet."""
 
-    ids: list[str]
+    unit: int
+    item_id: str
+    label: int
+    top1: int
+    confidence: float
+
+
+class Ranking:
+    """The ``limit`` rows of lowest key (confidence, or minus it), across all files; ties keep
+    unit order, then row order, as a stable sort of all rows would."""
+
+    def __init__(self, limit: int, descending: bool):
+        self.limit, self.descending = limit, descending
+        self.kept: list[tuple[float, int, int, Pick]] = []
+
+    def add(self, unit: int, first_row: int, mask: np.ndarray, batch: Batch) -> None:
+        indices = np.flatnonzero(mask)
+        if indices.size == 0:
+            return
+        keys = -batch.confidence[indices] if self.descending else batch.confidence[indices]
+        best = np.argsort(keys, kind="stable")[: self.limit]
+        chosen = indices[best]
+        ids = batch.ids.take(pa.array(chosen)).to_pylist()
+        candidates = [(key, unit, first_row + i, Pick(unit, item_id, int(batch.label[i]), int(batch.top1[i]),
+                                                      float(batch.confidence[i])))
+                      for key, i, item_id in zip(keys[best].tolist(), chosen.tolist(), ids)]
+        # (key, unit, row) is unique: the Pick is never compared.
+        self.kept = heapq.nsmallest(self.limit, self.kept + candidates)
+
+    def picks(self) -> list[Pick]:
+        return [entry[-1] for entry in self.kept]
+
+
+@dataclass
+class Batch:
+    """One record batch as arrays; -1 marks a null label, target or prediction."""
+
+    ids: pa.Array
     label: np.ndarray
     target: np.ndarray
     top1: np.ndarray
@@ -64,39 +144,89 @@ class Rows:
     in_top5: np.ndarray
     ok: np.ndarray
     """Decoded and predicted: error null and at least one class kept."""
-    top5_available: bool
+    top5_kept: np.ndarray
     model_names: dict[int, str]
+
+    @classmethod
+    def read(cls, batch: pa.RecordBatch) -> Batch:
+        topk = Lists(batch.column("topk_ids"))
+        top1, ok = top1_and_decoded(batch)
+        target = int_column(batch.column("target"))
+        ids = topk.values()
+        in_top5 = np.zeros(len(ok), dtype=bool)
+        for j in range(5):
+            has = np.flatnonzero(ok & (topk.lengths > j))
+            in_top5[has] |= ids[topk.starts[has] + j] == target[has]
+        scores = Lists(batch.column("topk_scores"))
+        confidence = scores.first(ok, np.nan, np.float64)
+        return cls(batch.column("id"), int_column(batch.column("label")), target, top1, confidence, in_top5,
+                   ok, topk.lengths >= 5, top1_names(batch, top1, ok))
+
+
+SCAN_COLUMNS = ["id", "label", "target", "topk_ids", "topk_labels", "topk_scores", "error"]
+
+
+@dataclass
+class Scan:
+    """Every figure of the report, accumulated file by file: memory grows with the classes, not the rows."""
+
+    n_scored: int = 0
+    class_n: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    class_top1: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    class_top5: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    top5_available: bool = True
+    calibration: Calibration = dataclasses.field(default_factory=Calibration)
+    confused: Counter = dataclasses.field(default_factory=Counter)
+    """(true label, predicted model class) -> count of scored top-1 mistakes."""
+    mistakes: Ranking = dataclasses.field(default_factory=lambda: Ranking(SHEET_MAX, descending=True))
+    uncertain: Ranking = dataclasses.field(default_factory=lambda: Ranking(SHEET_MAX, descending=False))
+    n_predicted: int = 0
+    predicted: Counter = dataclasses.field(default_factory=Counter)
+    """Model class -> how many decoded rows have it as top-1."""
+    model_names: dict[int, str] = dataclasses.field(default_factory=dict)
     """Model class index -> the name the model gives it, for every index predicted."""
 
-    @property
-    def scored(self) -> np.ndarray:
-        return self.ok & (self.label >= 0) & (self.target >= 0)
+    def add(self, unit: int, first_row: int, batch: Batch) -> None:
+        scored = batch.ok & (batch.label >= 0) & (batch.target >= 0)
+        correct = batch.top1 == batch.target
+        labels = batch.label[scored]
+        self.n_scored += int(scored.sum())
+        self._add_classes(labels, correct[scored], batch.in_top5[scored])
+        # Top-5 needs 5 classes kept on every row with a target, as compute_metrics decides.
+        labelled = batch.ok & (batch.target >= 0)
+        self.top5_available = self.top5_available and bool(batch.top5_kept[labelled].all())
+        self.calibration.add(batch.confidence[scored], correct[scored])
+        wrong = scored & ~correct
+        if wrong.any():
+            pairs, counts = np.unique(np.stack([batch.label[wrong], batch.top1[wrong]], axis=1), axis=0,
+                                      return_counts=True)
+            self.confused.update(dict(zip(map(tuple, pairs.tolist()), counts.tolist())))
+        self.mistakes.add(unit, first_row, wrong, batch)
+        self.uncertain.add(unit, first_row, batch.ok, batch)
+        self.n_predicted += int(batch.ok.sum())
+        predicted, counts = np.unique(batch.top1[batch.ok], return_counts=True)
+        self.predicted.update(dict(zip(predicted.tolist(), counts.tolist())))
+        self.model_names.update(batch.model_names)
 
-    @property
-    def correct(self) -> np.ndarray:
-        return self.top1 == self.target
+    def _add_classes(self, labels: np.ndarray, correct: np.ndarray, in_top5: np.ndarray) -> None:
+        if labels.size == 0:
+            return
+        size = max(self.class_n.size, int(labels.max()) + 1)
+        grow = (lambda a: np.pad(a, (0, size - a.size)))  # noqa: E731
+        self.class_n = grow(self.class_n) + np.bincount(labels, minlength=size)
+        self.class_top1 = grow(self.class_top1) + np.bincount(labels[correct], minlength=size)
+        self.class_top5 = grow(self.class_top5) + np.bincount(labels[in_top5], minlength=size)
 
 
-def _int_column(table: pa.Table, name: str) -> np.ndarray:
-    return np.array([-1 if v is None else v for v in table.column(name).to_pylist()], dtype=np.int64)
-
-
-def read_rows(table: pa.Table) -> Rows:
-    topk_ids = table.column("topk_ids").to_pylist()
-    topk_labels = table.column("topk_labels").to_pylist()
-    topk_scores = table.column("topk_scores").to_pylist()
-    errors = table.column("error").to_pylist()
-    target = _int_column(table, "target")
-    ok = np.array([e is None and bool(ids) for e, ids in zip(errors, topk_ids)], dtype=bool)
-    top1 = np.array([ids[0] if good else -1 for ids, good in zip(topk_ids, ok)], dtype=np.int64)
-    confidence = np.array([s[0] if good else np.nan for s, good in zip(topk_scores, ok)], dtype=np.float64)
-    in_top5 = np.array([good and t in ids[:5] for ids, t, good in zip(topk_ids, target, ok)], dtype=bool)
-    labelled = ok & (target >= 0)
-    top5_available = all(len(ids) >= 5 for ids, good in zip(topk_ids, labelled) if good)
-    model_names = {ids[0]: labels[0] for ids, labels, good in zip(topk_ids, topk_labels, ok)
-                   if good and labels}
-    return Rows(table.column("id").to_pylist(), _int_column(table, "label"), target, top1, confidence,
-                in_top5, ok, top5_available, model_names)
+def scan(files: list[tuple[int, Path]]) -> Scan:
+    """One pass over the unit files, in unit order, in record batches."""
+    result = Scan()
+    for unit, path in files:
+        first_row = 0
+        for record_batch in iter_batches(path, SCAN_COLUMNS):
+            result.add(unit, first_row, Batch.read(record_batch))
+            first_row += record_batch.num_rows
+    return result
 
 
 def shorten(imagenet_name: str) -> str:
@@ -139,13 +269,13 @@ def model_is_imagenet(model: dict[str, Any]) -> bool:
     return model.get("num_labels") == 1000 or "background" in str(model.get("label_space", ""))
 
 
-def class_names(manifest: dict[str, Any], rows: Rows) -> ClassNames:
+def class_names(manifest: dict[str, Any], model_names: dict[int, str]) -> ClassNames:
     classes = manifest["dataset"].get("classes", "imagenet-1k")
     if classes == "imagenet-1k":
         wnids, names = (list(c) for c in imagenet_classes())
     else:
         wnids, names = [""] * len(classes), [str(c) for c in classes]
-    return ClassNames(wnids, names, model_is_imagenet(manifest.get("model", {})), rows.model_names)
+    return ClassNames(wnids, names, model_is_imagenet(manifest.get("model", {})), model_names)
 
 
 # ---------------------------------------------------------------- the maths
@@ -154,24 +284,17 @@ def class_names(manifest: dict[str, Any], rows: Rows) -> ClassNames:
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
     """ECE over equal-width confidence bins (lo, hi] (0 goes to the first):
     sum over bins of (n_bin / n) * |accuracy_bin - mean confidence_bin|."""
-    confidence = np.asarray(confidence, dtype=np.float64)
-    if confidence.size == 0:
-        return float("nan")
-    which = np.searchsorted(np.linspace(0.0, 1.0, bins + 1)[1:-1], confidence, side="left")
-    confidence_sum = np.bincount(which, weights=confidence, minlength=bins)
-    correct_sum = np.bincount(which, weights=np.asarray(correct, dtype=np.float64), minlength=bins)
-    return float(np.abs(correct_sum - confidence_sum).sum() / confidence.size)
+    calibration = Calibration(bins)
+    calibration.add(confidence, correct)
+    return calibration.ece()
 
 
 def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(count, accuracy, mean confidence) of each bin; accuracy and confidence NaN when empty."""
-    which = np.searchsorted(np.linspace(0.0, 1.0, bins + 1)[1:-1], confidence, side="left")
-    count = np.bincount(which, minlength=bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        accuracy = np.bincount(which, weights=correct.astype(np.float64), minlength=bins) / count
-        mean_confidence = np.bincount(which, weights=confidence, minlength=bins) / count
-    return count, accuracy, mean_confidence
+    calibration = Calibration(bins)
+    calibration.add(confidence, correct)
+    return calibration.reliability()
 
 
 @dataclass
@@ -184,38 +307,32 @@ class ClassScore:
     top5: float | None
 
 
-def per_class(rows: Rows, names: ClassNames) -> list[ClassScore]:
+def per_class(result: Scan, names: ClassNames) -> list[ClassScore]:
     """Accuracy of each dataset class present among the scored rows, by class index."""
-    scored = rows.scored
-    labels, correct, in_top5 = rows.label[scored], rows.correct[scored], rows.in_top5[scored]
     scores = []
-    for index in np.unique(labels):
-        mask = labels == index
-        top5 = float(in_top5[mask].mean()) if rows.top5_available else None
-        scores.append(ClassScore(int(index), names.label_wnid(int(index)), names.label(int(index)),
-                                 int(mask.sum()), float(correct[mask].mean()), top5))
+    for index in np.flatnonzero(result.class_n).tolist():
+        n = int(result.class_n[index])
+        top5 = int(result.class_top5[index]) / n if result.top5_available else None
+        scores.append(ClassScore(index, names.label_wnid(index), names.label(index), n,
+                                 int(result.class_top1[index]) / n, top5))
     return scores
 
 
-def confusions(rows: Rows, limit: int = TOP_CONFUSIONS) -> list[tuple[int, int, int]]:
+def confusions(result: Scan, limit: int = TOP_CONFUSIONS) -> list[tuple[int, int, int]]:
     """(true label, predicted model class, count) of the commonest top-1 mistakes."""
-    wrong = rows.scored & ~rows.correct
-    pairs = Counter(zip(rows.label[wrong].tolist(), rows.top1[wrong].tolist()))
-    return sorted(((t, p, n) for (t, p), n in pairs.items()), key=lambda x: (-x[2], x[0], x[1]))[:limit]
-
-
-def ranked(mask: np.ndarray, confidence: np.ndarray, descending: bool, limit: int) -> list[int]:
-    """Row indices under ``mask`` ordered by confidence (stable: ties keep row order)."""
-    indices = np.flatnonzero(mask)
-    order = np.argsort(-confidence[indices] if descending else confidence[indices], kind="stable")
-    return indices[order][:limit].tolist()
+    pairs = ((t, p, n) for (t, p), n in result.confused.items())
+    return sorted(pairs, key=lambda x: (-x[2], x[0], x[1]))[:limit]
 
 
 # ---------------------------------------------------------------- images
 
 
-def image_opener(manifest: dict[str, Any]) -> Callable[[str], Image.Image]:
-    """Open the image behind a row id. Raises when the dataset itself cannot be reached."""
+Opener = Callable[[int, str], Image.Image]
+"""Opens the image behind (unit, row id)."""
+
+
+def image_opener(manifest: dict[str, Any], output_dir: str | Path) -> Opener:
+    """Open the image behind a row (its unit and id). Raises when the dataset itself cannot be reached."""
     from .config import DataConfig
     from .decode import open_image
 
@@ -229,13 +346,13 @@ def image_opener(manifest: dict[str, Any]) -> Callable[[str], Image.Image]:
             root = root.parent
         if not root.is_dir():
             raise FileNotFoundError(f"the image folder {root} does not exist (moved or removed?)")
-        return lambda item_id: open_image(str(root / item_id), max_pixels)
+        return lambda unit, item_id: open_image(str(root / item_id), max_pixels)
     from .inputs import load_items
 
     known = {f.name for f in dataclasses.fields(DataConfig)}
     items = load_items(DataConfig(**{k: v for k, v in data.items() if k in known}))
     position = {item_id: i for i, item_id in enumerate(items.ids)}
-    return lambda item_id: open_image(items.open(position[item_id]), max_pixels)
+    return lambda unit, item_id: open_image(items.open(position[item_id]), max_pixels)
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -256,34 +373,35 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int, keep_end: bool 
 
 @dataclass
 class Tile:
+    unit: int
     item_id: str
     lines: list[tuple[str, str]]
     """(text, colour) caption lines under the thumbnail."""
 
 
-def mistake_tile(rows: Rows, names: ClassNames, i: int) -> Tile:
-    return Tile(rows.ids[i], [(rows.ids[i], "dimgray"),
-                              ("true: " + names.label(int(rows.label[i]), short=True), "darkgreen"),
-                              (f"{rows.confidence[i]:.0%} {names.predicted(int(rows.top1[i]), short=True)}",
-                               "firebrick")])
+def mistake_tile(pick: Pick, names: ClassNames) -> Tile:
+    return Tile(pick.unit, pick.item_id, [(pick.item_id, "dimgray"),
+                                          ("true: " + names.label(pick.label, short=True), "darkgreen"),
+                                          (f"{pick.confidence:.0%} {names.predicted(pick.top1, short=True)}",
+                                           "firebrick")])
 
 
-def prediction_tile(rows: Rows, names: ClassNames, i: int) -> Tile:
-    return Tile(rows.ids[i], [(rows.ids[i], "dimgray"),
-                              (f"pred: {names.predicted(int(rows.top1[i]), short=True)}", "black"),
-                              (f"confidence {rows.confidence[i]:.0%}", "firebrick")])
+def prediction_tile(pick: Pick, names: ClassNames) -> Tile:
+    return Tile(pick.unit, pick.item_id, [(pick.item_id, "dimgray"),
+                                          (f"pred: {names.predicted(pick.top1, short=True)}", "black"),
+                                          (f"confidence {pick.confidence:.0%}", "firebrick")])
 
 
-def _thumbnail(opener: Callable[[str], Image.Image] | None, item_id: str) -> Image.Image | None:
+def _thumbnail(opener: Opener | None, tile: Tile) -> Image.Image | None:
     if opener is None:
         return None
     try:
-        return ImageOps.contain(opener(item_id), (THUMB, THUMB))
+        return ImageOps.contain(opener(tile.unit, tile.item_id), (THUMB, THUMB))
     except Exception:  # a moved or broken file: the cell says so
         return None
 
 
-def contact_sheet(tiles: list[Tile], opener: Callable[[str], Image.Image] | None, path: Path) -> int:
+def contact_sheet(tiles: list[Tile], opener: Opener | None, path: Path) -> int:
     """Draw the tiles in a grid of CELL-sized cells; return how many images opened.
     Writes nothing when none did."""
     columns = min(SHEET_COLUMNS, len(tiles))
@@ -294,7 +412,7 @@ def contact_sheet(tiles: list[Tile], opener: Callable[[str], Image.Image] | None
     for i, tile in enumerate(tiles):
         x, y = (i % columns) * CELL[0], (i // columns) * CELL[1]
         draw.rectangle([x + PAD, y + PAD, x + PAD + THUMB - 1, y + PAD + THUMB - 1], fill=(232, 232, 232))
-        thumb = _thumbnail(opener, tile.item_id)
+        thumb = _thumbnail(opener, tile)
         if thumb is None:
             draw.text((x + PAD + 8, y + PAD + THUMB // 2 - 8), "image unavailable", fill="gray", font=font)
         else:
@@ -410,7 +528,7 @@ def _image_note(opener_error: str | None, opened: int, shown: int) -> str:
 class Context:
     output: Path
     manifest: dict[str, Any]
-    rows: Rows
+    scan: Scan
     names: ClassNames
     metrics: dict[str, Any]
     written: list[str] = dataclasses.field(default_factory=lambda: [REPORT])
@@ -439,9 +557,9 @@ def _summary(ctx: Context, extra: list[list[Any]]) -> list[str]:
     return ["## Summary", "", markdown_table(["", ""], rows + extra), ""]
 
 
-def _opener(manifest: dict[str, Any]) -> tuple[Callable[[str], Image.Image] | None, str | None]:
+def _opener(manifest: dict[str, Any], output: Path) -> tuple[Opener | None, str | None]:
     try:
-        return image_opener(manifest), None
+        return image_opener(manifest, output), None
     except Exception as error:  # the report goes on without pictures
         return None, f"{type(error).__name__}: {error}"
 
@@ -450,7 +568,7 @@ def _sheet_section(ctx: Context, title: str, tiles: list[Tile], name: str) -> li
     lines = [f"## {title}", ""]
     if not tiles:
         return lines + ["None.", ""]
-    opener, opener_error = _opener(ctx.manifest)
+    opener, opener_error = _opener(ctx.manifest, ctx.output)
     opened = contact_sheet(tiles, opener, ctx.output / name)
     if opened:
         ctx.written.append(name)
@@ -495,25 +613,22 @@ def _confusion_section(names: ClassNames, pairs: list[tuple[int, int, int]]) -> 
 
 
 def _labelled_report(ctx: Context) -> tuple[list[str], dict[str, Any]]:
-    rows = ctx.rows
-    scored = rows.scored
-    confidence, correct = rows.confidence[scored], rows.correct[scored]
-    scores = per_class(rows, ctx.names)
+    result = ctx.scan
+    scores = per_class(result, ctx.names)
     macro = float(np.mean([s.top1 for s in scores]))
-    ece = expected_calibration_error(confidence, correct)
-    pairs = confusions(rows)
+    ece = result.calibration.ece()
+    pairs = confusions(result)
     _write_class_files(ctx, scores, pairs)
-    plot_accuracy(scores, *reliability(confidence, correct), macro, ece, ctx.model_name,
+    plot_accuracy(scores, *result.calibration.reliability(), macro, ece, ctx.model_name,
                   ctx.output / PER_CLASS_PLOT)
     ctx.written.append(PER_CLASS_PLOT)
     summary = _summary(ctx, [["top-1", _percent(ctx.metrics["top1"])],
                              ["top-5", _percent(ctx.metrics["top5"])],
                              [f"macro top-1 (mean over {len(scores)} classes)", _percent(macro)],
                              [f"expected calibration error ({ECE_BINS} bins)", f"{ece:.4f}"]])
-    mistakes = ranked(scored & ~rows.correct, rows.confidence, descending=True, limit=SHEET_MAX)
     lines = (summary + _class_section(scores) + _confusion_section(ctx.names, pairs)
              + _sheet_section(ctx, "Most confident mistakes",
-                              [mistake_tile(rows, ctx.names, i) for i in mistakes], MISTAKES))
+                              [mistake_tile(pick, ctx.names) for pick in result.mistakes.picks()], MISTAKES))
     return lines, {"macro_top1": macro, "ece": ece, "n_classes_scored": len(scores)}
 
 
@@ -521,9 +636,9 @@ def _labelled_report(ctx: Context) -> tuple[list[str], dict[str, Any]]:
 
 
 def _labelling_report(ctx: Context) -> tuple[list[str], dict[str, Any]]:
-    rows, names = ctx.rows, ctx.names
-    n_predicted = int(rows.ok.sum())
-    ordered = sorted(Counter(rows.top1[rows.ok].tolist()).items(), key=lambda x: (-x[1], x[0]))
+    result, names = ctx.scan, ctx.names
+    n_predicted = result.n_predicted
+    ordered = sorted(result.predicted.items(), key=lambda x: (-x[1], x[0]))
     write_csv(ctx.output / PREDICTED, ["predicted_index", "predicted_wnid", "predicted_name", "count"],
               [[p, names.predicted_wnid(p), names.predicted(p), n] for p, n in ordered])
     ctx.written.append(PREDICTED)
@@ -542,9 +657,8 @@ def _labelling_report(ctx: Context) -> tuple[list[str], dict[str, Any]]:
                   "", f"All classes in [{PREDICTED}]({PREDICTED}).", ""]
     else:
         lines += ["No image was classified.", ""]
-    uncertain = ranked(rows.ok, rows.confidence, descending=False, limit=SHEET_MAX)
     lines += _sheet_section(ctx, "Least confident predictions",
-                            [prediction_tile(rows, names, i) for i in uncertain], UNCERTAIN)
+                            [prediction_tile(pick, names) for pick in result.uncertain.picks()], UNCERTAIN)
     return lines, {"macro_top1": None, "ece": None, "n_classes_scored": 0}
 
 
@@ -555,20 +669,20 @@ def write_report(output_dir: str | Path) -> dict[str, Any]:
     """Write report.md and its files next to metrics.json; return metrics to merge into it:
     ``macro_top1``, ``ece`` (both None in labelling mode), ``n_classes_scored``, ``report_files``."""
     # Imported here, not at the top: aggregate() calls this module.
-    from .aggregate import TIMING, compute_metrics, read_predictions
+    from .aggregate import TIMING
 
     output = Path(output_dir)
     manifest = read_manifest(output)
     if manifest is None:
         raise FileNotFoundError(f"{output} has no manifest.json: not a batch-classify output folder")
-    table = read_predictions(output)
-    rows = read_rows(table)
-    metrics = compute_metrics(table)
+    files = unit_files(output)
+    metrics = metrics_from_stats(merge_stats(file_stats(path) for _, path in files))
     metrics["accuracy_unavailable"] = manifest.get("accuracy_unavailable")
     timing = json.loads((output / TIMING).read_text()) if (output / TIMING).exists() else {}
     metrics["images_per_second"] = timing.get("images_per_second")
-    ctx = Context(output, manifest, rows, class_names(manifest, rows), metrics)
-    body, extra = _labelled_report(ctx) if rows.scored.any() else _labelling_report(ctx)
+    result = scan(files)
+    ctx = Context(output, manifest, result, class_names(manifest, result.model_names), metrics)
+    body, extra = _labelled_report(ctx) if result.n_scored else _labelling_report(ctx)
     (output / REPORT).write_text("\n".join(_header(ctx) + body).rstrip() + "\n")
     for stale in set(ALL_FILES) - set(ctx.written):  # left by an earlier report of other results
         (output / stale).unlink(missing_ok=True)
