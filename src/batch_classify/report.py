@@ -332,27 +332,30 @@ Opener = Callable[[int, str], Image.Image]
 
 
 def image_opener(manifest: dict[str, Any], output_dir: str | Path) -> Opener:
-    """Open the image behind a row (its unit and id). Raises when the dataset itself cannot be reached."""
-    from .config import DataConfig
+    """Open the image behind a row (its unit and id). Raises when the dataset itself cannot be reached.
+
+    Where the folder has its input listing, the item is looked up in its unit (a tar, a
+    row-group run, a range of listed files); hand-made folders without one name files by id.
+    """
     from .decode import open_image
+    from .listing import LISTED_KINDS, image_sources, read_listing
 
     config = manifest.get("config", {})
     data = config.get("data", {})
     max_pixels = config.get("runtime", {}).get("max_image_pixels", 128_000_000)
     kind = manifest["dataset"].get("kind")
-    if kind in {"imagefolder", "images", "file_list"}:
-        root = Path(data.get("path", manifest["dataset"]["path"]))
-        if kind == "file_list":
-            root = root.parent
-        if not root.is_dir():
-            raise FileNotFoundError(f"the image folder {root} does not exist (moved or removed?)")
+    listing = read_listing(output_dir)
+    root = Path(listing.root if listing is not None else data.get("path", manifest["dataset"]["path"]))
+    if kind == "file_list" and listing is None:
+        root = root.parent
+    if kind in LISTED_KINDS and not root.is_dir():
+        raise FileNotFoundError(f"the image folder {root} does not exist (moved or removed?)")
+    if listing is None:
+        if kind not in LISTED_KINDS:
+            raise FileNotFoundError(f"{output_dir} has no input listing to find the images in")
         return lambda unit, item_id: open_image(str(root / item_id), max_pixels)
-    from .inputs import load_items
-
-    known = {f.name for f in dataclasses.fields(DataConfig)}
-    items = load_items(DataConfig(**{k: v for k, v in data.items() if k in known}))
-    position = {item_id: i for i, item_id in enumerate(items.ids)}
-    return lambda unit, item_id: open_image(items.open(position[item_id]), max_pixels)
+    source = image_sources(output_dir)
+    return lambda unit, item_id: open_image(source(unit, item_id), max_pixels)
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:

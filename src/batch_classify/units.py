@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .shard import unit_ranges
 from .writer import PREDICTIONS_DIR, add_digests, read_unit_stats, unit_of, unit_stats
 
 BATCH_ROWS = 65_536
@@ -40,7 +39,7 @@ def expected_units(manifest: dict[str, Any]) -> int | None:
     if dataset.get("n_units") is not None:
         return int(dataset["n_units"])
     if dataset.get("n_items") is not None and job.get("unit_size"):
-        return len(unit_ranges(dataset["n_items"], job["unit_size"]))
+        return -(-int(dataset["n_items"]) // int(job["unit_size"]))  # ranges of unit_size items
     return None
 
 
