@@ -161,14 +161,15 @@ def test_a_rank_stuck_in_a_hung_read_still_stops(tmp_path, tiny_models):
 
 def test_sigterm_to_the_launcher_stops_every_rank(tmp_path, tiny_models):
     # Two ranks; item 6 (unit 3) blocks until fed. Units go to whichever rank is free, so the
-    # other rank runs every other unit meanwhile.
+    # other rank runs the others meanwhile (all but one the blocked rank may have read ahead).
     corpus, fifo, content = _blocking_corpus(tmp_path / "corpus", blocked_index=6)
     out = tmp_path / "out"
     args = ["--model.name", str(tiny_models["efficientnet"]), "--data.path", str(corpus),
             "--output.dir", str(out), "--output.unit_size", "2", "--runtime.batch_size", "1"]
     job = Background(args, processes=2)
     try:
-        job.wait_for_units(out, 5)  # all but unit 3
+        job.wait_for_units(out, 4)
+        time.sleep(1)
         job.process.send_signal(signal.SIGTERM)
         job.wait_for_line("WARNING batch_classify.preemption: received SIGTERM")
         # The blocked rank either reads the item, then stops, or is ended by the launcher once
@@ -178,8 +179,8 @@ def test_sigterm_to_the_launcher_stops_every_rank(tmp_path, tiny_models):
     finally:
         job.finish()
     assert status != 0
-    assert sorted(p.name for p in (out / "predictions").iterdir()) == [
-        f"unit-{u:06d}.parquet" for u in (0, 1, 2, 4, 5)]
+    committed = {int(p.name[5:11]) for p in (out / "predictions").iterdir()}
+    assert 3 not in committed and {0, 1, 2} <= committed and len(committed) >= 4
     assert cli_main(["verify", str(out)]) == 1
 
     fifo.unlink()

@@ -188,7 +188,15 @@ def _predict_units(spec: JobSpec, work: RankWork, device: torch.device, progress
         del batches  # shuts the DataLoader workers (or decode threads) down
         errors.flush()
         writer.close()
-    return {"first_batch": first_batch, "last_write": time.time(), "items": processed}
+    return {"first_batch": first_batch, "last_write": time.time(), "items": processed,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _check_error_fraction(limit: float | None, done: int, failed: int, total: int | None) -> None:
@@ -319,6 +327,7 @@ def _run_rank(spec: JobSpec, state, stop: StopFlag, board: JobBoard) -> dict[str
         write_json(output / TIMING, {
             "items_this_run": processed,
             "items_per_rank": [t["items"] for t in timings],
+            "peak_rss_mb_per_rank": [t.get("peak_rss_mb") for t in timings],
             "seconds": seconds,
             "images_per_second": processed / seconds if seconds else None,
             "world_size": state.num_processes,
