@@ -40,7 +40,9 @@ LISTING_FORMAT = 1
 MAX_AUTO_UNIT = 10_000
 """Items per unit at most, by default: 1e9 images make ~1e5 unit files."""
 TARGET_UNITS = 1024
-"""Smaller inputs are cut into about this many units, so hundreds of ranks all get work."""
+"""Larger inputs are cut into about this many units, so hundreds of ranks all get work..."""
+MIN_AUTO_UNIT = 512
+"""...of at least this many items (batches end at unit ends), or 1/64 of a smaller input."""
 ROW_GROUP = 8192
 """Rows per row group of listing.parquet: a unit reads at most a few of them."""
 HF_SLICE = 256
@@ -55,7 +57,8 @@ LISTING_KEYS = ("path", "kind", "labels", "split", "image_column", "label_column
 
 
 def auto_unit_size(n_items: int) -> int:
-    return max(1, min(MAX_AUTO_UNIT, math.ceil(n_items / TARGET_UNITS)))
+    smallest = min(MIN_AUTO_UNIT, math.ceil(n_items / 64))
+    return max(1, min(MAX_AUTO_UNIT, max(smallest, math.ceil(n_items / TARGET_UNITS))))
 
 
 @dataclass

@@ -37,30 +37,31 @@ class UnitTasks:
         self.batch_size = batch_size
         self.stopping = stopping
 
-    def _tasks(self) -> Iterator[Task]:
+    def _unit_tasks(self, unit: int) -> Iterator[Task]:
+        previous = None
+        for record in self.listing.records(unit):
+            if previous is not None:
+                yield Task(ItemKey(unit, previous.id, previous.label), previous.payload, previous.error)
+            previous = record
+        if previous is None:
+            raise RuntimeError(f"unit {unit} ({self.listing.describe_unit(unit)}) holds no items")
+        yield Task(ItemKey(unit, previous.id, previous.label, last=True), previous.payload, previous.error)
+
+    def _batches(self) -> Iterator[list[Task]]:
+        """Batches never span units: a unit's last batch goes out as soon as the unit is read,
+        so it commits without waiting for the next unit's items (which may be slow to come)."""
         while not self.stopping():
             unit = self.units.claim()
             if unit is None:
                 return
-            previous = None
-            for record in self.listing.records(unit):
-                if previous is not None:
-                    yield Task(ItemKey(unit, previous.id, previous.label), previous.payload, previous.error)
-                previous = record
-            if previous is None:
-                raise RuntimeError(f"unit {unit} ({self.listing.describe_unit(unit)}) holds no items")
-            yield Task(ItemKey(unit, previous.id, previous.label, last=True), previous.payload,
-                       previous.error)
-
-    def _batches(self) -> Iterator[list[Task]]:
-        batch: list[Task] = []
-        for task in self._tasks():
-            batch.append(task)
-            if len(batch) == self.batch_size:
+            batch: list[Task] = []
+            for task in self._unit_tasks(unit):
+                batch.append(task)
+                if len(batch) == self.batch_size:
+                    yield batch
+                    batch = []
+            if batch:
                 yield batch
-                batch = []
-        if batch:
-            yield batch
 
     def _read(self, out: queue.Queue, quit_reading: threading.Event) -> None:
         try:
