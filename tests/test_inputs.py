@@ -189,3 +189,36 @@ def test_job_on_a_hugging_face_dataset(tmp_path, tiny_models):
     assert rows["photo-1"]["label"] == wnid_to_index()["n02123045"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == 7 and metrics["n_labelled"] == 7 and metrics["top1"] is not None
+
+
+def test_parquet_shards_are_read_a_row_group_run_at_a_time(tmp_path, tiny_models):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from batch_classify.listing import write_listing
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    for shard in range(2):
+        images = [{"bytes": tiny_png((40 * i, 90, 30 * shard)), "path": None} for i in range(6)]
+        table = pa.table({"image": pa.array(images, image_type), "label": [i % 3 for i in range(6)]})
+        pq.write_table(table, folder / f"train-{shard:05d}.parquet", row_group_size=2)
+    listing = write_listing(data(folder), tmp_path / "listing", unit_size=4)
+    # Whole row groups of 2 rows, up to 4 rows a unit, never across files.
+    assert listing.kind == "parquet" and listing.n_items == 12 and listing.n_units == 4
+    records = [r for u in range(listing.n_units) for r in listing.records(u)]
+    assert [r.id for r in records] == [str(i) for i in range(12)]  # the row index over all files
+    assert [r.label for r in records] == [i % 3 for i in range(6)] * 2
+    assert all(isinstance(r.payload, bytes) for r in records)
+    out = tmp_path / "out"
+    run_job(["--model.name", str(tiny_models["beit"]), "--data.path", str(folder), "--output.dir", str(out),
+             "--output.unit_size", "4"], processes=2)
+    rows = read_rows(out)
+    assert sorted(rows, key=int) == [str(i) for i in range(12)]
+    assert all(r["error"] is None for r in rows.values())
+
+
+def test_a_path_that_does_not_exist_says_so(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        load_items(data(tmp_path / "no" / "such" / "folder"))

@@ -136,3 +136,24 @@ def test_aggregate_refuses_duplicate_ids(job_args, tmp_path):
     # A partial (temporary) file left by a killed writer is ignored.
     (out / "predictions" / ".unit-000001.parquet.tmp-123").write_bytes(b"PAR1 partial")
     assert aggregate(out)["n"] == 11
+
+
+def test_the_same_model_by_a_relative_path_is_the_same_job(job_args, tiny_models, tmp_path):
+    _, args = job_args
+    out = tmp_path / "out"
+    run_job([*args, "--output.dir", str(out)])
+    relative = os.path.relpath(tiny_models["efficientnet"], ROOT)  # run_job runs in ROOT
+    result = run_job([*args, "--output.dir", str(out), "--model.name", relative])
+    assert "resuming: 11 of 11" in result.stderr
+
+
+def test_configuration_mistakes_are_one_line_without_a_traceback(job_args, tmp_path):
+    _, args = job_args
+    missing = run_job([*args, "--output.dir", str(tmp_path / "a"), "--data.path", str(tmp_path / "nope")],
+                      expect_ok=False)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    assert "Traceback" not in missing.stderr and "load_dataset" not in missing.stderr
+    no_model = run_job([*args, "--output.dir", str(tmp_path / "b"), "--model.name", str(tmp_path / "m")],
+                       expect_ok=False)
+    assert no_model.returncode == 2 and f"no folder {tmp_path / 'm'} exists" in no_model.stderr
+    assert "Traceback" not in no_model.stderr
