@@ -32,8 +32,9 @@ IMAGE_EXTENSIONS = frozenset(
 )
 CHUNK_ROWS = 65_536
 """Rows a file listing holds in memory before they go to disk."""
-DUPLICATE_CHECK_LIMIT = 10_000_000
-"""A path list is checked for repeated lines up to this many (8 bytes each)."""
+DUPLICATE_CHECK_LIMIT = 2_000_000
+"""A path list is checked for repeated lines up to this many (a set of 64-bit hashes, ~150 MB
+on the main rank while it lists); beyond, verify finds an id twice within a unit."""
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
@@ -291,7 +292,7 @@ def _columns(features: Any, cfg: DataConfig, where: str) -> tuple[str, str | Non
 
 def webdataset(cfg: DataConfig) -> Enumeration:
     """WebDataset tars: one unit each; samples are only read by the rank that runs the tar."""
-    from .shards import IMAGE_SUFFIXES, ShardSpecError, expand_shards, shard_root
+    from .tars import IMAGE_SUFFIXES, ShardSpecError, expand_shards, shard_root
 
     root = shard_root(cfg.path)
     try:

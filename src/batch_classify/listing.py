@@ -182,7 +182,7 @@ class Listing:
                 yield Record(item_id, label, path if path is not None else os.path.join(root, item_id))
 
     def _tar(self, unit: int, read_images: bool = True) -> Iterator[Record]:
-        from .shards import iter_tar
+        from .tars import iter_tar
 
         reader = self.info["reader"]
         rel = self.unit_paths[unit]
