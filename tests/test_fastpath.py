@@ -281,7 +281,7 @@ def test_the_batch_loop_writes_every_row_once_with_and_without_overlap(overlap, 
     import numpy as np
 
     from batch_classify.config import load_spec
-    from batch_classify.job import RankWork, _predict_units, resolve_runtime
+    from batch_classify.job import ModelJob, RankWork, _predict_units, resolve_runtime
     from batch_classify.listing import write_listing
     from batch_classify.model import load_model, prepare_inference
     from batch_classify.preemption import StopFlag
@@ -297,7 +297,8 @@ def test_the_batch_loop_writes_every_row_once_with_and_without_overlap(overlap, 
     loaded = load_model(spec.model, device)
     inference = prepare_inference(loaded, spec.runtime, device)
     mine = [0, 2, 3]  # not every unit: rows must land in the right files
-    work = RankWork(listing, UnitQueue(np.array(mine)), loaded, inference, None, {})
+    job = ModelJob(spec, tmp_path / "out", loaded.labels, {}, None, loaded, inference, {})
+    work = RankWork(listing, UnitQueue(np.array(mine)), [job])
     progress = Progress(listing.n_items, 0, False, 10.0)
     timing = _predict_units(spec, work, device, progress, 0, 2, StopFlag(), overlap=overlap)
     progress.close()

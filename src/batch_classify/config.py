@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
@@ -22,19 +22,52 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+OVERRIDABLE = ("precision", "preprocess", "channels_last", "fold_batchnorm", "compile")
+"""runtime keys a model of a list may set for itself."""
+
+
 @dataclass
 class ModelConfig:
     """Which classifier to run."""
 
-    name: str = ""
-    """Hub id or local folder of a checkpoint that AutoModelForImageClassification loads."""
+    name: str | list[str] = ""
+    """Hub id or local folder of a checkpoint that AutoModelForImageClassification loads, or
+    of a CLIP-family one (CLIPModel, SiglipModel, ...) with model.classes. A list runs several
+    models on one decode of each image, each into <output.dir>/<folder name of the model>/."""
     revision: str | None = None
-    """Hub revision (branch, tag or commit) to load."""
+    """Hub revision (branch, tag or commit) to load (one model only)."""
     trust_remote_code: bool = False
     """Run code shipped with the checkpoint. Off unless you trust its source."""
+    classes: list[str] | str | None = None
+    """Zero-shot labels for CLIP-family checkpoints: a list of class names, a text file of
+    them (one per line), or 'imagenet-1k' (the 1000 OpenAI prompt names, scored by index)."""
+    templates: list[str] | str | None = None
+    """Zero-shot prompts, '{}' standing for the class name: one template, a list, a text file
+    (one per line) or 'openai-imagenet' (the 80 OpenAI templates). Default 'a photo of a {}.'."""
+    overrides: dict[str, dict[str, Any]] | None = None
+    """Per-model runtime settings for a list of models, keyed by the model's name as given:
+    e.g. {google/efficientnet-b7: {precision: bf16}}. Keys: precision, preprocess,
+    channels_last, fold_batchnorm, compile."""
+
+    @property
+    def names(self) -> list[str]:
+        """The model(s) to run, as a list."""
+        return [self.name] if isinstance(self.name, str) else list(self.name)
 
     def __post_init__(self) -> None:
-        _require(bool(self.name), "model.name", "is required (a hub id or a local folder)")
+        _require(bool(self.name) and all(self.names), "model.name",
+                 "is required (a hub id or a local folder, or a list of them)")
+        _require(len(set(self.names)) == len(self.names), "model.name", "names a model twice")
+        _require(self.revision is None or len(self.names) == 1, "model.revision",
+                 "applies to one model; pin each model of a list by its commit in a local folder")
+        for name, settings in (self.overrides or {}).items():
+            _require(name in self.names, "model.overrides", f"{name!r} is not one of model.name")
+            unknown = set(settings) - set(OVERRIDABLE)
+            _require("batch_size" not in unknown, f"model.overrides.{name}.batch_size",
+                     "one decoded batch feeds every model, so runtime.batch_size is shared; a model "
+                     "that runs out of device memory splits its batches on its own")
+            _require(not unknown, f"model.overrides.{name}",
+                     f"unknown key(s) {sorted(unknown)}; allowed: {', '.join(OVERRIDABLE)}")
 
 
 @dataclass
@@ -88,6 +121,11 @@ class OutputConfig:
     whole row groups up to this many rows."""
     overwrite: bool = False
     """Start over in an output folder that holds another job's results."""
+    embeddings: bool = False
+    """Add an 'embedding' column: the vector that feeds the classifier head (for CLIP-family
+    models the image embedding), float16, 2 bytes per dimension per row before compression."""
+    normalize_embeddings: bool = False
+    """L2-normalise the embeddings (cosine similarity is then a dot product)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.dir), "output.dir", "is required (a folder to write to)")
@@ -165,6 +203,22 @@ class JobSpec:
     data: DataConfig = field(default_factory=DataConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        _require(not (len(self.model.names) > 1 and self.runtime.decode == "device"), "runtime.decode",
+                 "device decoding is for one model; several models share the workers' decode")
+
+    @property
+    def models(self) -> list[str]:
+        return self.model.names
+
+    def for_model(self, name: str, output_dir: str) -> JobSpec:
+        """The single-model spec of one model of a list: what a run of it alone would use."""
+        overrides = (self.model.overrides or {}).get(name, {})
+        model = dataclasses.replace(self.model, name=name, overrides=None)
+        output = dataclasses.replace(self.output, dir=output_dir)
+        runtime = dataclasses.replace(self.runtime, **overrides)
+        return JobSpec(model, self.data, output, runtime)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -251,24 +251,42 @@ class TaskDataset(torch.utils.data.Dataset):
 class Batch:
     items: list[ItemKey]
     """Every item of the batch, in order."""
-    pixel_values: torch.Tensor | list[Any] | None
-    """Stacked inputs of the items that decoded, in order; a list where some are still
-    encoded (``runtime.decode device``), for ``device_decode.DeviceDecode``."""
+    pixel_values: torch.Tensor | tuple[torch.Tensor, ...] | list[Any] | None
+    """Stacked inputs of the items that decoded, in order; a tuple of them, one per model,
+    where several models share the decode; a list where some are still encoded
+    (``runtime.decode device``), for ``device_decode.DeviceDecode``."""
     ok: list[bool]
     errors: list[str | None]
 
     def pin_memory(self) -> Batch:
         if isinstance(self.pixel_values, torch.Tensor):
             self.pixel_values = self.pixel_values.pin_memory()
+        elif isinstance(self.pixel_values, tuple):
+            self.pixel_values = tuple(part.pin_memory() for part in self.pixel_values)
         return self
+
+    def model_input(self, index: int | None) -> torch.Tensor | list[Any] | None:
+        """The inputs of model ``index`` of several, or the one model's (None)."""
+        if index is None or self.pixel_values is None:
+            return self.pixel_values
+        return self.pixel_values[index]
+
+
+def _stack(good: list[Any]) -> torch.Tensor | tuple[torch.Tensor, ...] | list[Any] | None:
+    if not good:
+        return None
+    if isinstance(good[0], tuple):  # one input per model (several models, one decode)
+        return tuple(torch.stack(parts) for parts in zip(*good))
+    if any(isinstance(value, Encoded) for value in good):
+        return list(good)
+    return torch.stack(good)
 
 
 def collate(samples: list[Sample]) -> Batch:
     good = [s.pixel_values for s in samples if s.error is None]
     return Batch(
         items=[s.key for s in samples],
-        pixel_values=(None if not good else list(good)
-                      if any(isinstance(value, Encoded) for value in good) else torch.stack(good)),
+        pixel_values=_stack(good),
         ok=[s.error is None for s in samples],
         errors=[s.error for s in samples],
     )

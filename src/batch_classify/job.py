@@ -32,16 +32,18 @@ from .distributed import (
     plan_cpu,
 )
 from .errors import UserError
-from .labels import class_subset, label_targets
-from .listing import Listing, read_listing
+from .labels import ModelLabels, class_subset, label_targets
+from .listing import Listing, read_listing, share_listing
 from .loader import UnitTasks, make_loader
 from .manifest import FORMAT_VERSION, OutputLock, prepare_output, read_manifest, write_json
 from .model import Inference, LoadedModel, describe_model, load_model, prepare_inference
 from .plan import committed_summary, prepare_listing
 from .predict import Predictor
 from .preemption import Preempted, StopFlag
+from .preprocess import MultiTransform
 from .progress import ErrorLog, Progress
 from .shard import PENDING_FILE, UnitQueue
+from .side_by_side import MODELS_FILE, side_by_side
 from .writer import UnitWriter, committed_units
 
 log = logging.getLogger("batch_classify")
@@ -64,7 +66,9 @@ def build_manifest(spec: JobSpec, listing: Listing, identity: dict[str, Any],
         },
         "model": identity,
         "job": {"top_k": spec.output.top_k, "unit_size": listing.info["unit_size"],
-                "class_subset": spec.data.class_subset},
+                "class_subset": spec.data.class_subset,
+                **({"embeddings": {"normalized": spec.output.normalize_embeddings}}
+                   if spec.output.embeddings else {})},
         "accuracy_unavailable": unavailable,
         "config": spec.to_dict(),
     }
@@ -80,26 +84,45 @@ class TooManyErrors(UserError, RuntimeError):
 
 
 @dataclass
+class ModelJob:
+    """One model of the job: its own single-model spec, output folder and label space."""
+
+    spec: JobSpec
+    output: Path
+    labels: ModelLabels
+    identity: dict[str, Any]
+    targets: list[int | None] | None = None
+    loaded: LoadedModel | None = None
+    inference: Inference | None = None
+    metadata: dict[str, Any] | None = None
+
+
+@dataclass
 class RankWork:
-    """What one rank needs to run its share: the listing, the units to claim, the model."""
+    """What one rank needs to run its share: the listing, the units to claim, the model(s)."""
 
     listing: Listing
     units: UnitQueue
-    loaded: LoadedModel
-    inference: Inference
-    targets: list[int | None] | None
-    metadata: dict[str, Any]
+    models: list[ModelJob]
+
+
+class _Quiet:
+    """Decode errors are logged once, by the first model's rows."""
+
+    def add(self, *_args) -> None:
+        pass
 
 
 class UnitRows:
     """Rows of the units in hand; a unit is committed as soon as its last item's row is in."""
 
     def __init__(self, writer: UnitWriter, names: dict[int, str], targets: list[int | None] | None,
-                 errors: ErrorLog):
+                 errors: ErrorLog | _Quiet):
         self.writer = writer
         self.names = names
         self.targets = targets
         self.errors = errors
+        self.columns = (*COLUMNS, "embedding") if writer.embedding_dim is not None else COLUMNS
         self.open: dict[int, dict[str, list]] = {}
 
     def _target(self, label: int | None) -> int | None:
@@ -109,11 +132,15 @@ class UnitRows:
 
     def add(self, batch: Batch, pending) -> None:
         ids, scores = pending.result()
+        vectors = iter(pending.embedding_rows())
         predictions = iter(zip(ids, scores))
+        embeddings = "embedding" in self.columns
         for key, ok, error in zip(batch.items, batch.ok, batch.errors):
             rows = self.open.get(key.unit)
             if rows is None:
-                rows = self.open[key.unit] = {c: [] for c in COLUMNS}
+                rows = self.open[key.unit] = {c: [] for c in self.columns}
+            if embeddings:
+                rows["embedding"].append(next(vectors) if ok else None)
             rows["id"].append(key.id)
             rows["label"].append(key.label)
             rows["target"].append(self._target(key.label))
@@ -134,26 +161,46 @@ class UnitRows:
 def _predict_units(spec: JobSpec, work: RankWork, device: torch.device, progress: Progress,
                    workers: int, threads: int, stop: StopFlag,
                    overlap: bool | None = None) -> dict[str, Any]:
-    """Claim units until none is left; commit each as it completes. Returns this rank's timing."""
-    inference = work.inference
+    """Claim units until none is left; commit each as it completes. Returns this rank's timing.
+
+    Several models share each decoded batch: every model gets its own inputs from the one
+    decode, runs, and writes its own rows into its own folder."""
+    several = len(work.models) > 1
+    first = work.models[0].inference
     tasks = UnitTasks(work.units, work.listing, spec.runtime.batch_size, stopping=lambda: stop.requested)
-    dataset = TaskDataset(inference.input_path.worker, spec.runtime.max_image_pixels)
+    transform = (MultiTransform([m.inference.input_path.worker for m in work.models]) if several
+                 else first.input_path.worker)
+    dataset = TaskDataset(transform, spec.runtime.max_image_pixels)
     loader = make_loader(dataset, tasks, workers, device, threads, stopping=lambda: stop.requested)
-    predictor = Predictor(inference.model, work.loaded.labels, device, spec.runtime.precision,
-                          spec.output.top_k, inference.prepare(device),
-                          pad_to=spec.runtime.batch_size if spec.runtime.compile else None)
-    names = dict(zip(work.loaded.labels.ids, work.loaded.labels.names))
-    writer = UnitWriter(spec.output.dir, work.metadata)
     errors = ErrorLog(spec.runtime.log_every_s)
-    rows = UnitRows(writer, names, work.targets, errors)
+    predictors, all_rows, writers = [], [], []
+    for index, job in enumerate(work.models):
+        inference = job.inference
+        predictors.append(Predictor(inference.model, job.labels, device, job.spec.runtime.precision,
+                                    spec.output.top_k, inference.prepare(device),
+                                    pad_to=spec.runtime.batch_size if job.spec.runtime.compile else None,
+                                    sigmoid=inference.sigmoid, capture=inference.capture))
+        writers.append(UnitWriter(job.output, job.metadata, inference.embedding_dim))
+        names = dict(zip(job.labels.ids, job.labels.names))
+        all_rows.append(UnitRows(writers[-1], names, job.targets, errors if index == 0 else _Quiet()))
+    model_seconds = [0.0] * len(work.models)
     processed = 0
 
-    def emit(batch: Batch, pending) -> None:
+    def emit(batch: Batch, pendings: list) -> None:
         nonlocal processed
-        rows.add(batch, pending)
+        for rows, pending in zip(all_rows, pendings):
+            rows.add(batch, pending)
         processed += len(batch.items)
         done, failed = progress.add(len(batch.items), sum(e is not None for e in batch.errors))
         _check_error_fraction(spec.runtime.max_error_fraction, done, failed, progress.total)
+
+    def launch(batch: Batch) -> list:
+        pendings = []
+        for index, predictor in enumerate(predictors):
+            started = time.perf_counter()
+            pendings.append(predictor.launch(batch.model_input(index if several else None)))
+            model_seconds[index] += time.perf_counter() - started
+        return pendings
 
     first_batch = None
     # On a GPU the host reads the next batch and queues it before collecting the previous
@@ -174,8 +221,9 @@ def _predict_units(spec: JobSpec, work: RankWork, device: torch.device, progress
                 raise
             if first_batch is None:
                 first_batch = time.time()
-            batch = inference.input_path.finish_decoding(batch)
-            launched = (batch, predictor.launch(batch.pixel_values))
+            if not several:
+                batch = first.input_path.finish_decoding(batch)
+            launched = (batch, launch(batch))
             if in_flight is not None:
                 emit(*in_flight)
             in_flight = launched
@@ -187,9 +235,10 @@ def _predict_units(spec: JobSpec, work: RankWork, device: torch.device, progress
     finally:
         del batches  # shuts the DataLoader workers (or decode threads) down
         errors.flush()
-        writer.close()
+        for writer in writers:
+            writer.close()
     return {"first_batch": first_batch, "last_write": time.time(), "items": processed,
-            "peak_rss_mb": peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb(), "model_seconds": model_seconds}
 
 
 def peak_rss_mb() -> float:
@@ -257,6 +306,65 @@ def _write_pending(output: Path, pending: np.ndarray) -> None:
     os.replace(temporary, output / PENDING_FILE)
 
 
+def model_folder(name: str) -> str:
+    """The sub-folder of one model of several: its folder's or hub id's last part."""
+    return Path(name.rstrip("/")).name or name.replace("/", "_")
+
+
+def model_jobs(spec: JobSpec, output: Path) -> list[ModelJob]:
+    """Each model's single-model spec and folder (one model: the output folder itself), with its
+    label space and identity described from the config alone."""
+    names = spec.models
+    folders = [model_folder(name) for name in names]
+    if len(names) > 1 and len(set(folders)) != len(folders):
+        raise ConfigError(f"model.name: two models would share an output sub-folder ({folders}); "
+                          "give the checkpoints folders (or hub ids) with different last parts")
+    jobs = []
+    for name, folder in zip(names, folders):
+        sub = output if len(names) == 1 else output / folder
+        model_spec = spec.for_model(name, spec.output.dir if len(names) == 1 else str(sub))
+        labels, identity = describe_model(model_spec.model)
+        if spec.data.class_subset is not None:
+            labels = labels.restrict(class_subset(spec.data.class_subset), spec.data.class_subset)
+            identity["label_space"] = labels.note
+        jobs.append(ModelJob(model_spec, sub, labels, identity))
+    if (spec.model.classes is not None or spec.model.templates is not None) and not any(
+            "zero_shot" in job.identity for job in jobs):
+        raise ConfigError("model.classes and model.templates are for CLIP-family checkpoints (an image "
+                          "and a text tower); none of model.name is one")
+    return jobs
+
+
+def _prepare_outputs(spec: JobSpec, output: Path,
+                     jobs: list[ModelJob]) -> tuple[Listing, np.ndarray, int | None]:
+    """Main rank: list once, then each model's folder (manifest, config, listing). Returns the
+    listing, the units pending in any model, and the items already committed in all."""
+    listing, _ = prepare_listing(spec, output)
+    pending_units: set[int] = set()
+    done_everywhere = set(range(listing.n_units))
+    for job in jobs:
+        job.targets, unavailable = label_targets(listing.classes, job.labels)
+        if listing.labelled is False:
+            unavailable = None
+        manifest = build_manifest(job.spec, listing, job.identity, unavailable)
+        prepare_output(job.output, manifest, spec.output.overwrite)
+        if job.output != output:
+            share_listing(output, job.output)
+        (job.output / "config.yaml").write_text(job.spec.to_yaml())
+        committed = committed_units(job.output)
+        pending_units.update(u for u in range(listing.n_units) if u not in committed)
+        done_everywhere &= committed
+    if len(jobs) > 1:
+        (output / "config.yaml").write_text(spec.to_yaml())
+        write_json(output / MODELS_FILE, {"models": [
+            {"name": job.spec.model.name, "folder": job.output.name} for job in jobs]})
+    pending = np.array(sorted(pending_units), dtype=np.int64)
+    already_done, summary = committed_summary(listing, done_everywhere)
+    if done_everywhere:
+        log.info("resuming: %s", summary)
+    return listing, pending, already_done
+
+
 def _run_rank(spec: JobSpec, state, stop: StopFlag, board: JobBoard) -> dict[str, Any] | None:
     device = state.device
     spec = resolve_runtime(spec, device)
@@ -269,43 +377,32 @@ def _run_rank(spec: JobSpec, state, stop: StopFlag, board: JobBoard) -> dict[str
     output = Path(spec.output.dir)
     output.mkdir(parents=True, exist_ok=True)
 
-    labels, identity = describe_model(spec.model)
-    if spec.data.class_subset is not None:
-        labels = labels.restrict(class_subset(spec.data.class_subset), spec.data.class_subset)
-        identity["label_space"] = labels.note
+    jobs = model_jobs(spec, output)
     if state.is_main_process:
-        listing, _ = prepare_listing(spec, output)
-        targets, unavailable = label_targets(listing.classes, labels)
-        if listing.labelled is False:
-            unavailable = None
-        manifest = build_manifest(spec, listing, identity, unavailable)
-        prepare_output(output, manifest, spec.output.overwrite)
-        (output / "config.yaml").write_text(spec.to_yaml())
-        committed = committed_units(output)
-        pending = np.array([u for u in range(listing.n_units) if u not in committed], dtype=np.int64)
+        listing, pending, already_done = _prepare_outputs(spec, output, jobs)
         _write_pending(output, pending)
-        already_done, summary = committed_summary(listing, committed)
-        if committed:
-            log.info("resuming: %s", summary)
         board.announce("output ready")
     else:
         board.wait_for_main("output ready", stop)
         listing = read_listing(output)
-        targets, _ = label_targets(listing.classes, labels)
+        for job in jobs:
+            job.targets, _ = label_targets(listing.classes, job.labels)
         pending = np.load(output / PENDING_FILE)
         already_done = None
-    manifest = read_manifest(output)
 
     timing = {"first_batch": None, "last_write": time.time(), "items": 0}
     if len(pending):
-        loaded = load_model(spec.model, device)
-        loaded.labels = labels
-        inference = prepare_inference(loaded, spec.runtime, device)
-        log.info("model: %s", inference.describe())
-        metadata = {"model": manifest["model"], "dataset_fingerprint": manifest["dataset"]["fingerprint"],
-                    "config": spec.to_dict()}
-        work = RankWork(listing, UnitQueue(pending, board.store, namespace_key(board, "next_unit")),
-                        loaded, inference, targets, metadata)
+        for job in jobs:
+            job.loaded = load_model(job.spec.model, device)
+            job.loaded.labels = job.labels
+            job.inference = prepare_inference(job.loaded, job.spec.runtime, device, spec.output.embeddings,
+                                              spec.output.normalize_embeddings)
+            log.info("model %s: %s", job.spec.model.name, job.inference.describe())
+            manifest = read_manifest(job.output)
+            job.metadata = {"model": manifest["model"],
+                            "dataset_fingerprint": manifest["dataset"]["fingerprint"],
+                            "config": job.spec.to_dict()}
+        work = RankWork(listing, UnitQueue(pending, board.store, namespace_key(board, "next_unit")), jobs)
         progress = Progress(listing.n_items, already_done or 0, state.is_main_process,
                             spec.runtime.log_every_s, namespace=board.namespace)
         try:
@@ -320,28 +417,45 @@ def _run_rank(spec: JobSpec, state, stop: StopFlag, board: JobBoard) -> dict[str
     if not state.is_main_process:
         board.release(stop)
         return None
-    if len(pending):
-        started = [t["first_batch"] for t in timings if t["first_batch"] is not None]
-        processed = sum(t["items"] for t in timings)
-        seconds = max(t["last_write"] for t in timings) - min(started) if started else None
-        write_json(output / TIMING, {
-            "items_this_run": processed,
-            "items_per_rank": [t["items"] for t in timings],
-            "peak_rss_mb_per_rank": [t.get("peak_rss_mb") for t in timings],
-            "seconds": seconds,
-            "images_per_second": processed / seconds if seconds else None,
-            "world_size": state.num_processes,
-            "device": str(device),
-            "precision": spec.runtime.precision,
-            "batch_size": spec.runtime.batch_size,
-            "input_path": inference.input_path.name,
-        })
-    metrics = current_metrics(output) if not len(pending) else None
-    if metrics is None:
-        metrics = aggregate(output)
-    print(format_table(metrics), flush=True)
+    results = []
+    for index, job in enumerate(jobs):
+        if len(pending):
+            _write_timing(job, timings, index, state, device)
+        metrics = current_metrics(job.output) if not len(pending) else None
+        if metrics is None:
+            metrics = aggregate(job.output)
+        print(format_table(metrics), flush=True)
+        results.append(metrics)
+    if len(jobs) > 1:
+        table, summary = side_by_side(output, [job.output for job in jobs])
+        print(table, flush=True)
+        board.release(stop)
+        return summary
     board.release(stop)
-    return metrics
+    return results[0]
+
+
+def _write_timing(job: ModelJob, timings: list[dict[str, Any]], index: int, state,
+                  device: torch.device) -> None:
+    """timing.json of one model: the pass's rate (every model of a pass shares it), and the
+    seconds this model's forward passes took (on a GPU: the time to queue them)."""
+    started = [t["first_batch"] for t in timings if t["first_batch"] is not None]
+    processed = sum(t["items"] for t in timings)
+    seconds = max(t["last_write"] for t in timings) - min(started) if started else None
+    model_seconds = [t.get("model_seconds", [0.0] * (index + 1))[index] for t in timings]
+    write_json(job.output / TIMING, {
+        "items_this_run": processed,
+        "items_per_rank": [t["items"] for t in timings],
+        "peak_rss_mb_per_rank": [t.get("peak_rss_mb") for t in timings],
+        "seconds": seconds,
+        "images_per_second": processed / seconds if seconds else None,
+        "model_seconds_per_rank": model_seconds,
+        "world_size": state.num_processes,
+        "device": str(device),
+        "precision": job.spec.runtime.precision,
+        "batch_size": job.spec.runtime.batch_size,
+        "input_path": job.inference.input_path.name,
+    })
 
 
 def namespace_key(board: JobBoard, name: str) -> str:

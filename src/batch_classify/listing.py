@@ -387,6 +387,22 @@ def read_listing(output: str | Path) -> Listing | None:
     return Listing(folder, info, pq.read_table(folder / UNITS_FILE, schema=UNITS_SCHEMA))
 
 
+def share_listing(source_output: str | Path, target_output: str | Path) -> None:
+    """Put the listing of ``source_output`` into ``target_output`` too (hard links where the
+    filesystem allows, else copies; the info file last, so a reader sees all of it or none)."""
+    source, target = Path(source_output) / INPUT_DIR, Path(target_output) / INPUT_DIR
+    if (target / INFO_FILE).exists() and (target / INFO_FILE).read_text() == (source / INFO_FILE).read_text():
+        return
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for name in (*(p.name for p in source.iterdir() if p.name != INFO_FILE), INFO_FILE):
+        try:
+            os.link(source / name, target / name)
+        except OSError:
+            shutil.copy2(source / name, target / name)
+
+
 def matches(listing: Listing, cfg: DataConfig, unit_size: int) -> bool:
     """Whether ``listing`` is what ``cfg`` and ``output.unit_size`` would list."""
     return (listing.info.get("format") == LISTING_FORMAT and listing.info["data"] == listing_data(cfg)

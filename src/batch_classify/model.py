@@ -1,4 +1,5 @@
-"""Load a classifier and its image processor through transformers' Auto classes."""
+"""Load a classifier (or a CLIP-family model with a label set) and its image processor
+through transformers' Auto classes."""
 
 from __future__ import annotations
 
@@ -13,10 +14,22 @@ from PIL import Image
 
 from .config import ModelConfig, RuntimeConfig
 from .device_decode import decode_on_device
+from .embeddings import EmbeddingCapture, NoHead
 from .errors import UserError
 from .labels import ModelLabels, model_labels
 from .optimize import optimise
 from .preprocess import InputPath, choose_input_path, synthetic_images
+from .zero_shot import (
+    ZeroShotClassifier,
+    ZeroShotError,
+    encode_classes,
+    is_zero_shot,
+    resolve_classes,
+    resolve_templates,
+    uses_sigmoid,
+    zero_shot_identity,
+    zero_shot_labels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,17 +117,25 @@ def describe_model(cfg: ModelConfig) -> tuple[ModelLabels, dict[str, Any]]:
                                             trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as error:
         raise _load_error(cfg, error) from error
-    labels = model_labels(dict(config.id2label or {}), config.num_labels)
+    zero_shot = None
+    if is_zero_shot(config):
+        classes, templates = resolve_classes(cfg.classes, cfg.name), resolve_templates(cfg.templates)
+        labels = zero_shot_labels(classes, cfg.classes == "imagenet-1k")
+        zero_shot = zero_shot_identity(classes, templates, uses_sigmoid(config))
+    else:
+        labels = model_labels(dict(config.id2label or {}), config.num_labels)
     commit = getattr(config, "_commit_hash", None)
     identity = {
         "name": model_name(cfg),
         "revision": commit or cfg.revision,
         "architecture": (getattr(config, "architectures", None) or [type(config).__name__])[0],
-        "num_labels": config.num_labels,
+        "num_labels": len(labels.names) if zero_shot else config.num_labels,
         "weights_sha256": weights_sha256(_weights_folder(cfg, commit)),
         "label_space": labels.note,
         "imagenet_ids": labels.imagenet,
     }
+    if zero_shot:
+        identity["zero_shot"] = zero_shot
     return labels, identity
 
 
@@ -123,6 +144,8 @@ def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     labels, identity = describe_model(cfg)
+    if "zero_shot" in identity:
+        return _load_zero_shot(cfg, device, labels, identity)
     kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     try:
         processor = AutoImageProcessor.from_pretrained(cfg.name, **kwargs)
@@ -133,6 +156,28 @@ def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
     return LoadedModel(model, processor, labels, identity)
 
 
+def _load_zero_shot(cfg: ModelConfig, device: torch.device, labels: ModelLabels,
+                    identity: dict[str, Any]) -> LoadedModel:
+    """The dual encoder with its label set's text embeddings computed once, as a classifier."""
+    from transformers import AutoImageProcessor, AutoModelForZeroShotImageClassification, AutoTokenizer
+
+    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    try:
+        processor = AutoImageProcessor.from_pretrained(cfg.name, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.name, **kwargs)
+        model = AutoModelForZeroShotImageClassification.from_pretrained(cfg.name, **kwargs)
+    except (OSError, ValueError) as error:
+        raise _load_error(cfg, error) from error
+    if not hasattr(model, "get_image_features") or not hasattr(model, "get_text_features"):
+        raise ZeroShotError(f"model.name {cfg.name!r}: {type(model).__name__} has no "
+                            "get_image_features/get_text_features; zero-shot needs a dual encoder")
+    model.eval().to(device)
+    classes = resolve_classes(cfg.classes, cfg.name)
+    embeddings = encode_classes(model, tokenizer, classes, resolve_templates(cfg.templates), device)
+    log.info("encoded %d classes x %d template(s) once", len(classes), identity["zero_shot"]["n_templates"])
+    return LoadedModel(ZeroShotClassifier(model, embeddings).eval(), processor, labels, identity)
+
+
 @dataclass
 class Inference:
     """The model as the job runs it, and the input path that feeds it."""
@@ -141,6 +186,14 @@ class Inference:
     input_path: InputPath
     channels_last: bool
     notes: list[str]
+    capture: EmbeddingCapture | None = None
+    """Catches each pass's head input where output.embeddings asks for it."""
+    embedding_dim: int | None = None
+
+    @property
+    def sigmoid(self) -> bool:
+        """Scores are per-class sigmoids (SigLIP), not a softmax."""
+        return bool(getattr(getattr(self.model, "_orig_mod", self.model), "sigmoid", False))
 
     def prepare(self, device: torch.device):
         """Worker batch -> model input on ``device``."""
@@ -150,8 +203,10 @@ class Inference:
         return "; ".join([f"{self.input_path.name} input path ({self.input_path.note})", *self.notes])
 
 
-def prepare_inference(loaded: LoadedModel, runtime: RuntimeConfig, device: torch.device) -> Inference:
-    """Choose the input path and apply the model rewrites that ``runtime`` asks for."""
+def prepare_inference(loaded: LoadedModel, runtime: RuntimeConfig, device: torch.device,
+                      embeddings: bool = False, normalize: bool = False) -> Inference:
+    """Choose the input path and apply the model rewrites that ``runtime`` asks for; with
+    ``embeddings`` hook the classifier head so each pass also yields its input."""
     input_path = choose_input_path(loaded.processor, loaded.transform, runtime.preprocess)
     if runtime.decode == "device":
         input_path = decode_on_device(input_path, device)
@@ -161,4 +216,16 @@ def prepare_inference(loaded: LoadedModel, runtime: RuntimeConfig, device: torch
     optimised = optimise(loaded.model, example, runtime.fold_batchnorm, runtime.channels_last,
                          runtime.compile)
     loaded.model = optimised.model  # the unfolded copy would only hold device memory
-    return Inference(optimised.model, input_path, optimised.channels_last, optimised.notes)
+    inference = Inference(optimised.model, input_path, optimised.channels_last, optimised.notes)
+    if embeddings:
+        try:
+            # Registered before the first call, so a compiled model traces the hook too.
+            inference.capture = EmbeddingCapture(optimised.model, normalize)
+        except NoHead as error:
+            raise ModelLoadError(str(error)) from None
+        with torch.inference_mode():
+            getattr(optimised.model, "_orig_mod", optimised.model)(pixel_values=example)
+        inference.embedding_dim = int(inference.capture.take(len(example)).shape[1])
+        inference.notes.append(f"embeddings of {inference.embedding_dim} dimensions"
+                               + (", L2-normalised" if normalize else ""))
+    return inference

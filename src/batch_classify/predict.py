@@ -6,8 +6,10 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
+from .embeddings import EmbeddingCapture
 from .labels import ModelLabels
 
 log = logging.getLogger(__name__)
@@ -27,28 +29,41 @@ def autocast(device: torch.device, precision: str):
 class Pending:
     """Top-k of one batch, still on the device: ``result()`` waits for it and copies it back."""
 
-    def __init__(self, ids: torch.Tensor | None, scores: torch.Tensor | None):
+    def __init__(self, ids: torch.Tensor | None, scores: torch.Tensor | None,
+                 embeddings: torch.Tensor | None = None):
         self.ids = ids
         self.scores = scores
+        self.embeddings = embeddings
 
     def result(self) -> tuple[list[list[int]], list[list[float]]]:
         if self.ids is None:
             return [], []
         return self.ids.cpu().tolist(), self.scores.cpu().tolist()
 
+    def embedding_rows(self) -> list[np.ndarray]:
+        """One float16 vector per decoded image (empty without embeddings)."""
+        if self.embeddings is None:
+            return []
+        return list(self.embeddings.cpu().numpy())
+
 
 class Predictor:
     """Run the model under inference_mode (and autocast) and keep the top k classes.
 
     ``prepare`` moves a worker batch to the device (and normalises the fast path's uint8
-    pixels there). A batch that runs out of device memory is split in halves and retried,
+    pixels there). Scores are a softmax over the kept classes, or with ``sigmoid`` (SigLIP)
+    each class's own sigmoid. With ``capture`` each pass also keeps the head's input. A batch
+    that runs out of device memory is split in halves and retried,
     and later batches keep the smaller size, so the job slows down instead of crashing.
     """
 
     def __init__(self, model: torch.nn.Module, labels: ModelLabels, device: torch.device,
                  precision: str, top_k: int, prepare: Callable[[torch.Tensor], torch.Tensor],
-                 pad_to: int | None = None):
+                 pad_to: int | None = None, sigmoid: bool = False,
+                 capture: EmbeddingCapture | None = None):
         self.model = model
+        self.sigmoid = sigmoid
+        self.capture = capture
         self.labels = labels
         self.device = device
         self.precision = precision
@@ -62,7 +77,12 @@ class Predictor:
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """Logits over the kept classes for a worker batch, in chunks that fit the device."""
-        chunks = []
+        return self.forward(batch)[0]
+
+    def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits over the kept classes, embeddings or None) for a worker batch, in chunks
+        that fit the device."""
+        chunks, vectors = [], []
         start = 0
         while start < len(batch):
             size = len(batch) - start if self.max_chunk is None else self.max_chunk
@@ -70,6 +90,8 @@ class Predictor:
                 with torch.inference_mode(), autocast(self.device, self.precision):
                     pixels = self.prepare(batch[start:start + size])
                     chunks.append(self._forward(pixels))
+                    if self.capture is not None:
+                        vectors.append(self.capture.take(len(pixels)))
             except OutOfMemory:
                 if size == 1:
                     raise
@@ -81,7 +103,8 @@ class Predictor:
                 continue
             start += size
         logits = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-        return logits.index_select(1, self._keep).float()
+        embeddings = (vectors[0] if len(vectors) == 1 else torch.cat(vectors)) if vectors else None
+        return logits.index_select(1, self._keep).float(), embeddings
 
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
         n = len(pixels)
@@ -106,11 +129,11 @@ class Predictor:
         if batch is None:
             return Pending(None, None)
         with torch.inference_mode():
-            logits = self.logits(batch)
+            logits, embeddings = self.forward(batch)
             # Rank by logits: softmax rounds near-equal logits to equal probabilities.
             positions = logits.topk(self.k, dim=-1).indices
-            scores = logits.softmax(dim=-1).gather(1, positions)
-            return Pending(self._ids[positions], scores)
+            scores = logits.sigmoid() if self.sigmoid else logits.softmax(dim=-1)
+            return Pending(self._ids[positions], scores.gather(1, positions), embeddings)
 
     def __call__(self, batch: torch.Tensor | None) -> tuple[list[list[int]], list[list[float]]]:
         return self.launch(batch).result()

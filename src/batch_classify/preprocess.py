@@ -299,6 +299,27 @@ def check_spec(reference_transform: Any, spec: PixelSpec, tolerance: float = 1.5
     return None
 
 
+class MultiTransform:
+    """Several models' worker transforms on one decode of each image (picklable).
+
+    The image is decoded once, into a tensor where any model's transform takes one (the
+    pixels of ``open_image``, for less CPU); a transform that wants a PIL image gets that
+    tensor as one, so every model sees the pixels its own single-model run would.
+    """
+
+    def __init__(self, transforms: list[Any]):
+        self.transforms = transforms
+        self.takes_tensor = [getattr(t, "decoder", open_image) is read_pixels for t in transforms]
+        self.decoder = read_pixels if any(self.takes_tensor) else open_image
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> tuple[torch.Tensor, ...]:
+        as_pil = image
+        if isinstance(image, torch.Tensor) and not all(self.takes_tensor):
+            as_pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+        return tuple(transform(image if tensor else as_pil)
+                     for transform, tensor in zip(self.transforms, self.takes_tensor))
+
+
 @dataclass
 class InputPath:
     """The two halves of the chosen input path and how it was chosen."""

@@ -13,6 +13,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .embeddings import embedding_array, embedding_field
+
 PREDICTIONS_DIR = "predictions"
 
 SCHEMA = pa.schema([
@@ -25,7 +27,13 @@ SCHEMA = pa.schema([
     ("error", pa.string()),
 ])
 """`label`: the dataset's label; `target`: that label in the model's output space (what
-accuracy compares `topk_ids` with), null where unknown or unmappable."""
+accuracy compares `topk_ids` with), null where unknown or unmappable. With output.embeddings
+an `embedding` column follows: fixed-size list of float16 (null on error rows)."""
+
+
+def prediction_schema(embedding_dim: int | None = None) -> pa.Schema:
+    """SCHEMA, plus the embedding column where the job writes one."""
+    return SCHEMA if embedding_dim is None else SCHEMA.append(embedding_field(embedding_dim))
 
 
 def unit_path(output_dir: str | Path, unit: int) -> Path:
@@ -105,13 +113,18 @@ def committed_units(output_dir: str | Path) -> set[int]:
         return {unit for entry in entries if (unit := unit_of(Path(entry.name))) is not None}
 
 
-def write_unit(output_dir: str | Path, unit: int, rows: dict[str, list], metadata: dict[str, Any]) -> Path:
+def write_unit(output_dir: str | Path, unit: int, rows: dict[str, list], metadata: dict[str, Any],
+               embedding_dim: int | None = None) -> Path:
     """Write to a temporary name, fsync, then rename: readers see all of it or none."""
     final = unit_path(output_dir, unit)
     final.parent.mkdir(parents=True, exist_ok=True)
     temporary = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     stats = {UNIT_STATS_KEY: {"unit": unit, **unit_stats(rows)}}
-    table = pa.Table.from_pydict(rows, schema=SCHEMA).replace_schema_metadata(
+    table = pa.Table.from_pydict({name: rows[name] for name in SCHEMA.names}, schema=SCHEMA)
+    if embedding_dim is not None:
+        table = table.append_column(embedding_field(embedding_dim),
+                                    embedding_array(rows["embedding"], embedding_dim))
+    table = table.replace_schema_metadata(
         {key: json.dumps(value) for key, value in {**metadata, **stats}.items()}
     )
     pq.write_table(table, temporary)
@@ -124,14 +137,16 @@ def write_unit(output_dir: str | Path, unit: int, rows: dict[str, list], metadat
 class UnitWriter:
     """Commits units on a background thread so the accelerator never waits for Parquet."""
 
-    def __init__(self, output_dir: str | Path, metadata: dict[str, Any]):
+    def __init__(self, output_dir: str | Path, metadata: dict[str, Any], embedding_dim: int | None = None):
         self.output_dir = output_dir
         self.metadata = metadata
+        self.embedding_dim = embedding_dim
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer")
         self._pending: list[Future] = []
 
     def submit(self, unit: int, rows: dict[str, list]) -> None:
-        self._pending.append(self._pool.submit(write_unit, self.output_dir, unit, rows, self.metadata))
+        self._pending.append(self._pool.submit(write_unit, self.output_dir, unit, rows, self.metadata,
+                                               self.embedding_dim))
         still_running = []
         for future in self._pending:
             if future.done():
