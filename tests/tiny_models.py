@@ -96,3 +96,62 @@ def save_tiny_classifier(folder: Path, id2label: dict[int, str]) -> Path:
     MobileNetV1ImageProcessor(size={"shortest_edge": 36},
                               crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
+
+
+ZERO_SHOT_WORDS = ("a photo of the an this is kind picture tench tabby cat warplane dog car tree "
+                   "missile sunglasses plane fish")
+
+
+def _word_tokenizer(model_max_length: int, with_attention_mask: bool):
+    """A word-level tokenizer built offline: <bos> words <eos>, '.' and ',' as words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<unk>", "<bos>", "<eos>", ".", ",", *ZERO_SHOT_WORDS.split()]
+    vocab = {word: i for i, word in enumerate(dict.fromkeys(words))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])])
+    names = ["input_ids", "attention_mask"] if with_attention_mask else ["input_ids"]
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<bos>", eos_token="<eos>", model_max_length=model_max_length,
+                                   model_input_names=names), len(vocab)
+
+
+def _tiny_towers(vocab_size: int, max_positions: int) -> tuple[dict, dict]:
+    text = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=max_positions,
+                pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2)
+    return text, vision
+
+
+def save_tiny_clip(folder: Path) -> Path:
+    """CLIPModel + a word tokenizer + CLIPImageProcessor (shortest edge 36, crop 32, bicubic)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(0)
+    tokenizer, vocab_size = _word_tokenizer(77, with_attention_mask=True)
+    text, vision = _tiny_towers(vocab_size, 77)
+    config = CLIPConfig(text_config=text, vision_config={**vision, "projection_dim": 16}, projection_dim=16)
+    CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_siglip(folder: Path) -> Path:
+    """SiglipModel + a word tokenizer (no attention mask, as SigLIP's) + SiglipImageProcessor;
+    text positions 64, the length the pipeline pads SigLIP text to."""
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    torch.manual_seed(0)
+    tokenizer, vocab_size = _word_tokenizer(64, with_attention_mask=False)
+    text, vision = _tiny_towers(vocab_size, 64)
+    config = SiglipConfig(text_config={**text, "projection_size": 32}, vision_config=vision)
+    SiglipModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder

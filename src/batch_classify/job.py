@@ -79,6 +79,10 @@ COLUMNS = ("id", "label", "target", "topk_ids", "topk_labels", "topk_scores", "e
 _RUNS = itertools.count()
 
 
+class ModelsError(UserError, ValueError):
+    """model.* settings that cannot work together; the message says which and why."""
+
+
 class TooManyErrors(UserError, RuntimeError):
     """More than runtime.max_error_fraction of the items seen failed to decode."""
 
@@ -317,7 +321,7 @@ def model_jobs(spec: JobSpec, output: Path) -> list[ModelJob]:
     names = spec.models
     folders = [model_folder(name) for name in names]
     if len(names) > 1 and len(set(folders)) != len(folders):
-        raise ConfigError(f"model.name: two models would share an output sub-folder ({folders}); "
+        raise ModelsError(f"model.name: two models would share an output sub-folder ({folders}); "
                           "give the checkpoints folders (or hub ids) with different last parts")
     jobs = []
     for name, folder in zip(names, folders):
@@ -330,7 +334,7 @@ def model_jobs(spec: JobSpec, output: Path) -> list[ModelJob]:
         jobs.append(ModelJob(model_spec, sub, labels, identity))
     if (spec.model.classes is not None or spec.model.templates is not None) and not any(
             "zero_shot" in job.identity for job in jobs):
-        raise ConfigError("model.classes and model.templates are for CLIP-family checkpoints (an image "
+        raise ModelsError("model.classes and model.templates are for CLIP-family checkpoints (an image "
                           "and a text tower); none of model.name is one")
     return jobs
 
