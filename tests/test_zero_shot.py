@@ -83,5 +83,6 @@ def test_class_and_template_sources(tmp_path):
 
 def test_classes_for_a_classifier_are_refused_without_a_traceback(tiny_models, corpus, tmp_path):
     result = run_job(["--model.name", str(tiny_models["beit"]), "--data.path", str(corpus),
-                      "--output.dir", str(tmp_path / "out"), "--model.classes", "[cat, dog]"], expect_ok=False)
+                      "--output.dir", str(tmp_path / "out"), "--model.classes", "[cat, dog]"],
+                     expect_ok=False)
     assert result.returncode == 2 and "CLIP-family" in result.stderr and "Traceback" not in result.stderr

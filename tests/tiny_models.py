@@ -138,7 +138,8 @@ def save_tiny_clip(folder: Path) -> Path:
     config = CLIPConfig(text_config=text, vision_config={**vision, "projection_dim": 16}, projection_dim=16)
     CLIPModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    processor = CLIPImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(folder)
     return folder
 
 
