@@ -85,3 +85,17 @@ def test_bench_rejects_bad_options_naming_them(tiny_models, corpus, tmp_path, op
                         "--bench.dir", str(tmp_path / "b"), *option])
     assert result.returncode == 2
     assert "configuration error" in result.stderr and named in result.stderr
+
+
+def test_several_models_bench_one_pass_against_separate_jobs(tiny_models, corpus, tmp_path):
+    bench_dir = tmp_path / "bench"
+    names = json.dumps([str(tiny_models["mobilenet_v1"]), str(tiny_models["beit"])])
+    result = run_bench(["--model.name", names, "--data.path", str(corpus), "--bench.dir", str(bench_dir),
+                        "--runtime.batch_size", "4"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((bench_dir / "bench_models.json").read_text())
+    assert len(report["separate_jobs"]) == 2 and len(report["one_pass_rounds"]) == 2
+    assert report["ratio_separate_over_one_pass"] > 0 and "separate / one pass" in result.stdout
+    for index in range(2):
+        assert len(_predicted_ids(bench_dir / f"alone-{index}")) == 11
+    assert len(_predicted_ids(bench_dir / "pass" / "beit")) == 11

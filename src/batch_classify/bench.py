@@ -1,6 +1,7 @@
 """``batch-classify bench``: how close the job runs to the model alone, and to the peers.
 
-One run, the same images, model, device, batch size and precision, five stages:
+One run, the same images, model, device, batch size and precision, five stages (with several
+models in model.name instead: one pass of them all against one job per model, ``models_bench``):
 
 1. model: forward passes on ready tensors (on the device, normalised, in the job's layout);
 2. pipeline: decode + preprocess into device batches, no model;
@@ -368,6 +369,11 @@ def main(argv: list[str]) -> int:
         return 2
     bench_dir = Path(args.bench_dir)
     bench_dir.mkdir(parents=True, exist_ok=True)
+    if len(spec.models) > 1:  # several models: one pass against one job per model
+        from .models_bench import run_models_bench
+
+        run_models_bench(spec, bench_dir)
+        return 0
     try:
         run_bench(spec, stages, args.limit, args.baseline_limit, bench_dir, args.rounds)
     except ConfigError as error:
