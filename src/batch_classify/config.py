@@ -55,6 +55,8 @@ class ModelConfig:
         return [self.name] if isinstance(self.name, str) else list(self.name)
 
     def __post_init__(self) -> None:
+        if isinstance(self.name, list) and len(self.name) == 1:
+            self.name = self.name[0]  # a list of one is one model, with the single-model layout
         _require(bool(self.name) and all(self.names), "model.name",
                  "is required (a hub id or a local folder, or a list of them)")
         _require(len(set(self.names)) == len(self.names), "model.name", "names a model twice")
