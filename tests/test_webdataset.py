@@ -155,7 +155,7 @@ def test_the_same_figures_as_the_same_images_in_an_imagenet_folder(tiny_models, 
     assert per_class[0] == per_class[1]
 
 
-def test_plan_lists_tars_without_reading_them(tmp_path, tiny_models):
+def test_plan_lists_tars_without_reading_them(tmp_path, tiny_models, capsys):
     root = tmp_path / "wds"
     make_wds(root, _images(20, seed=4), per_tar=5)
     pattern = str(root / "{00000..00002}.tar")  # a brace pattern: 3 of the 4 tars
@@ -168,3 +168,9 @@ def test_plan_lists_tars_without_reading_them(tmp_path, tiny_models):
     rows = read_rows(out)
     assert sorted({k.split("/")[0] for k in rows}) == ["00000.tar", "00001.tar", "00002.tar"]
     assert len(rows) == 15
+    capsys.readouterr()
+    (out / "predictions" / "unit-000001.parquet").unlink()  # as if preempted before it committed
+    assert cli_main(["plan", "--model.name", str(tiny_models["beit"]), "--data.path", pattern,
+                     "--output.dir", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "listing   reused" in said and "2 of 3 units committed, 1 pending" in said

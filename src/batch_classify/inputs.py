@@ -372,6 +372,8 @@ def hf_load(cfg: DataConfig):
     try:
         if path.is_dir() and any((path / marker).exists() for marker in HF_MARKERS):
             loaded = datasets.load_from_disk(str(path))
+        elif path.is_file() and path.suffix == ".parquet":  # data.kind: hf asked for explicitly
+            loaded = datasets.load_dataset("parquet", data_files=str(path))
         else:
             loaded = datasets.load_dataset(cfg.path, split=cfg.split)
     except (FileNotFoundError, ValueError, ConnectionError) as error:
