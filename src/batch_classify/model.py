@@ -152,7 +152,8 @@ class Inference:
 
 def prepare_inference(loaded: LoadedModel, runtime: RuntimeConfig, device: torch.device) -> Inference:
     """Choose the input path and apply the model rewrites that ``runtime`` asks for."""
-    input_path = choose_input_path(loaded.processor, loaded.transform, runtime.preprocess)
+    input_path = choose_input_path(loaded.processor, loaded.transform, runtime.preprocess,
+                                   runtime.reduced_decode)
     if runtime.decode == "device":
         input_path = decode_on_device(input_path, device)
     if device.type == "cuda":
