@@ -9,6 +9,8 @@
 : "${GPU_PLATFORM:=auto}"         # rocm | cuda | none | auto: which env-*.sh every node sources;
                                   # auto: /dev/kfd means ROCm, /dev/nvidiactl or nvidia-smi CUDA
 : "${GPUS_PER_NODE:=}"            # ranks per node; empty: the GPUs Slurm allocated on the node
+: "${CPUS_PER_NODE:=}"            # CPUs the launch step gets on each node (srun --cpus-per-task);
+                                  # empty: the allocation's (the smallest node's)
 : "${LOG_DIR:=logs}"              # per-node logs; keep it equal to the #SBATCH --output folder
 : "${NODE_LOG:=%x-%j-node%n-%N.out}"  # per-node log name (srun filename patterns)
 : "${NODE_LOCAL_DIR:=${SLURM_TMPDIR:-/tmp}}"  # a node-local disk: per-job caches (MIOpen) go here
@@ -41,6 +43,33 @@ gpus_per_node() {
     case $count in
         '' | *[!0-9]* | 0) die "GPUs per node must be a positive integer, got '$count'" ;;
     esac
+    echo "$count"
+}
+
+# CPUs the launch step's one task gets on every node: CPUS_PER_NODE, else the smallest node's
+# count in SLURM_JOB_CPUS_PER_NODE ("128(x2),64"), else SLURM_CPUS_ON_NODE; empty if none.
+# Given to srun explicitly: since Slurm 22.05 srun no longer inherits the batch script's
+# --cpus-per-task, and where tasks are bound to their CPUs one task would get one core, for
+# every rank and DataLoader worker of the node (Lightning #18650).
+cpus_per_node() {
+    local count="" entry
+    local -a entries=()
+    if [ -n "$CPUS_PER_NODE" ]; then
+        entries=("$CPUS_PER_NODE")
+    elif [ -n "${SLURM_JOB_CPUS_PER_NODE:-}" ]; then
+        IFS=, read -r -a entries <<<"$SLURM_JOB_CPUS_PER_NODE"
+    elif [ -n "${SLURM_CPUS_ON_NODE:-}" ]; then
+        entries=("$SLURM_CPUS_ON_NODE")
+    fi
+    for entry in ${entries[@]+"${entries[@]}"}; do
+        entry=${entry%%(*}                     # "128(x2)" -> 128
+        case $entry in
+            '' | *[!0-9]* | 0) die "CPUs per node must be a positive integer, got '$entry'" ;;
+        esac
+        if [ -z "$count" ] || [ "$entry" -lt "$count" ]; then
+            count=$entry
+        fi
+    done
     echo "$count"
 }
 
@@ -130,8 +159,9 @@ classify_main() {
     [ -f "$config" ] || die "config file '$config' not found (relative to $PWD)"
 
     local nodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
-    local per_node processes first_host port backend
+    local per_node processes first_host port backend cpus
     per_node=$(gpus_per_node)
+    cpus=$(cpus_per_node)
     processes=$((nodes * per_node))
     # (`|| true`: head may close the pipe before scontrol has printed a long node list.)
     first_host=$({ scontrol show hostnames "$SLURM_JOB_NODELIST" || true; } | head -n1)
@@ -159,6 +189,9 @@ classify_main() {
         "$nodes node(s) x $per_node rank(s) = $processes, rendezvous $backend at" \
         "${MAIN_PROCESS_IP:-$first_host}:$port, env ${GPU_ENV_FILE:-none}"
     log "config $config, overrides: $*"
+    log "launch step: 1 task per node with ${cpus:-the default number of} CPU(s)" \
+        "(srun --cpus-per-task); each rank sizes its threads and workers from its affinity" \
+        "mask, capped by the allocation"
     log "per-node logs: $(node_log_path '<n>' '<host>')"
 
     preempted=0
@@ -166,7 +199,8 @@ classify_main() {
     step_pid=
     trap on_usr1 USR1
     trap on_term TERM
-    srun --nodes="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 --open-mode=append \
+    srun --nodes="$nodes" --ntasks-per-node=1 ${cpus:+"--cpus-per-task=$cpus"} \
+        --kill-on-bad-exit=1 --open-mode=append \
         --output="$LOG_DIR/$NODE_LOG" ${srun_args[@]+"${srun_args[@]}"} \
         "$PROJECT_DIR/slurm/launch-node.sh" "${launcher[@]}" \
         "$PROJECT_DIR/jobs/classify.py" --config "$config" "$@" &

@@ -33,7 +33,8 @@ fi
 echo "node $SLURM_NODEID of ${SLURM_NNODES:-1} ($(hostname)): machine rank $SLURM_NODEID," \
     "rendezvous ${RDZV_BACKEND:-static}, GPU env ${GPU_ENV_FILE:-none}," \
     "visible GPUs: ROCR=${ROCR_VISIBLE_DEVICES-unset} HIP=${HIP_VISIBLE_DEVICES-unset}" \
-    "CUDA=${CUDA_VISIBLE_DEVICES-unset}"
+    "CUDA=${CUDA_VISIBLE_DEVICES-unset}; CPUs: $(nproc) in the affinity mask," \
+    "${SLURM_CPUS_ON_NODE:-?} allocated on the node"
 
 if [ -n "$stop_signal" ]; then
     echo "node $SLURM_NODEID: SIG$stop_signal before the launch: not starting the ranks"

@@ -34,7 +34,8 @@ def test_bench_runs_all_five_stages_on_the_same_images(tiny_models, corpus, tmp_
     bench_dir = tmp_path / "bench"
     result = run_bench(["--model.name", str(tiny_models["mobilenet_v1"]), "--data.path", str(corpus),
                         "--bench.dir", str(bench_dir), "--bench.limit", "8",
-                        "--runtime.batch_size", "4"])
+                        "--runtime.batch_size", "4", "--bench.large_photos", "3",
+                        "--bench.large_sizes", "640x480,200x150"])
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((bench_dir / "bench.json").read_text())
     assert set(report["stages"]) == STAGES
@@ -54,6 +55,15 @@ def test_bench_runs_all_five_stages_on_the_same_images(tiny_models, corpus, tmp_
     assert len(ids) == len(set(ids)) == 8
     for name in ("model", "pipeline", "job", "hf_pipeline", "seed_loop"):
         assert name in result.stdout
+    # Large photos made from the bench's images: the workers' decode with reduction and without.
+    large = report["large_photos"]
+    assert set(large) == {"640x480", "200x150"}
+    for figures in large.values():
+        assert figures["images"] == 3
+        for setting in ("off", "auto"):
+            assert figures[setting]["cpu_ms_per_image"] > 0
+            assert figures[setting]["pipeline_images_per_s"] > 0
+    assert "large photos 640x480 (3 JPEGs)" in result.stdout
 
 
 def test_bench_in_the_jobs_layout_counts_every_rank(tiny_models, corpus, tmp_path):
@@ -69,6 +79,7 @@ def test_bench_in_the_jobs_layout_counts_every_rank(tiny_models, corpus, tmp_pat
     assert report["settings"]["decode"] == "device"
     assert "JPEGs decoded on cpu" in report["settings"]["input_path_and_model"]
     assert set(report["stages"]) == {"model", "pipeline", "job"}
+    assert "large_photos" not in report  # not among the stages asked for
     assert all(stage["images"] == 11 for stage in report["stages"].values())
     ids = _predicted_ids(bench_dir / "job")
     assert len(ids) == len(set(ids)) == 11
@@ -78,6 +89,8 @@ def test_bench_in_the_jobs_layout_counts_every_rank(tiny_models, corpus, tmp_pat
     (["--bench.stages", "model,warp"], "warp"),
     (["--bench.rounds", "0"], "bench.rounds"),
     (["--bench.limit", "0"], "bench.limit"),
+    (["--bench.large_sizes", "4032by3024"], "bench.large_sizes"),
+    (["--bench.large_photos", "-1"], "bench.large_photos"),
     (["--runtime.preprocess", "turbo"], "runtime.preprocess"),
 ])
 def test_bench_rejects_bad_options_naming_them(tiny_models, corpus, tmp_path, option, named):

@@ -334,8 +334,11 @@ class _State:
 
 @pytest.mark.parametrize(("device", "expected"), [("cpu", (4, 0)), ("cuda", (2, 3))])
 def test_threads_and_workers_come_from_the_ranks_share_of_slurms_cores(monkeypatch, device, expected):
+    import os
+
     from batch_classify.distributed import plan_cpu
 
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))  # a 64-core node
     monkeypatch.setenv("SLURM_CPUS_ON_NODE", "16")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert plan_cpu(_State(device), None) == expected
@@ -378,3 +381,19 @@ def test_cpu_ranks_keep_freed_host_memory():
     if "libc.so" not in (ctypes.util.find_library("c") or ""):
         pytest.skip("not a glibc system: the allocator is left alone")
     assert "no mmap, no trimming" in keep_host_memory(torch.device("cpu"), enabled=True)
+
+
+def test_a_restricted_affinity_mask_caps_slurms_count_and_is_warned(monkeypatch, caplog):
+    import os
+
+    from batch_classify.distributed import available_cores, cpu_mask_warning, plan_cpu
+
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "128")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # the step bound to one core
+    assert available_cores() == 1
+    with caplog.at_level("WARNING"):
+        assert plan_cpu(_State("cuda"), None) == (1, 1)
+    assert "may run on 1 CPU(s)" in caplog.text and "--cpus-per-task=128" in caplog.text
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(100)))
+    assert available_cores() == 100 and cpu_mask_warning() is None  # near the allocation: quiet

@@ -107,3 +107,38 @@ def test_fast_path_gives_the_reference_paths_answers(job_runs, reference_run):
     assert agreement >= 0.995, agreement
     assert abs(metrics["top1"] - reference_metrics["top1"]) <= 0.002
     assert abs(metrics["top5"] - reference_metrics["top5"]) <= 0.002
+
+
+# Large photos: runtime.reduced_decode auto agrees with every pixel decoded ---------------------
+
+LARGE_PHOTOS = 300
+LARGE_SIZES = ((4032, 3024), (2592, 1944))  # 12 MP (decoded at 1/4 for Lite0), 5 MP (at 1/2)
+
+
+@pytest.fixture(scope="module")
+def large_photos(tmp_path_factory):
+    """300 sample photos upscaled to camera sizes (JPEG q90), half 12 MP, half 5 MP."""
+    from batch_classify.large_photos import upscaled_photos
+
+    folder = tmp_path_factory.mktemp("large-photos")
+    sources = sorted(str(p) for p in IMAGENET_SAMPLE.rglob("*.JPEG"))[:LARGE_PHOTOS]
+    for index, size in enumerate(LARGE_SIZES):
+        upscaled_photos(sources[index::len(LARGE_SIZES)], folder / f"{size[0]}x{size[1]}", size)
+    return folder
+
+
+def test_reduced_decode_agrees_with_the_full_decode_on_large_photos(lite0, large_photos, tmp_path):
+    rows = {}
+    for setting in ("off", "auto"):
+        out = tmp_path / setting
+        result = run_job(["--model.name", str(lite0), "--data.path", str(large_photos),
+                          "--data.kind", "images", "--output.dir", str(out),
+                          "--runtime.reduced_decode", setting], timeout=900)
+        rows[setting] = read_rows(out)
+        assert ("reduced decode: images kept at a shorter side of at least 512 px" in result.stderr) \
+            == (setting == "auto"), result.stderr[-2000:]
+    assert len(rows["auto"]) == len(rows["off"]) == LARGE_PHOTOS
+    assert all(row["error"] is None for row in rows["auto"].values())
+    agreement = np.mean([rows["auto"][i]["topk_ids"][0] == rows["off"][i]["topk_ids"][0]
+                         for i in rows["off"]])
+    assert agreement >= 0.98, agreement

@@ -481,3 +481,58 @@ def test_label_array_writes_one_output_per_collection(reference, tmp_path):
         assert _table_at_end(log) == list(TABLE_ROWS), log
     # One rank per task: a plain launch (accelerate refuses --multi_gpu for one process).
     assert all("--multi_gpu" not in call for call in cluster.calls("srun"))
+
+
+# --- the node's CPUs reach the ranks --------------------------------------------------------------
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({"CPUS_PER_NODE": "48", "SLURM_JOB_CPUS_PER_NODE": "128(x2)"}, "48"),
+    ({"SLURM_JOB_CPUS_PER_NODE": "128(x2),64", "SLURM_CPUS_ON_NODE": "128"}, "64"),
+    ({"SLURM_CPUS_ON_NODE": "96"}, "96"),
+    ({}, ""),
+])
+def test_cpus_per_node_from_the_setting_else_the_smallest_nodes_allocation(env, expected):
+    result = _bash("source slurm/common.sh; cpus_per_node", **env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
+
+
+def test_a_bad_cpu_count_stops_the_job_with_a_reason():
+    result = _bash("source slurm/common.sh; cpus_per_node", CPUS_PER_NODE="many")
+    assert result.returncode != 0 and "positive integer" in result.stderr
+
+
+def test_the_launch_step_gets_the_nodes_cpus_where_slurm_binds_tasks(tmp_path):
+    # A cluster whose srun binds each task to --cpus-per-task CPUs (default 1): without the
+    # script's explicit count, every rank and worker of the node would share one core.
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs at least 2 CPUs to tell the node's CPUs from one")
+    cluster, args = _fake_job(tmp_path, "ok", SLURM_STUB_CPU_BIND="1")
+    result = cluster.run(args, _free_job_id())
+    assert result.returncode == 0, result.stdout + cluster.logs()
+    launch = cluster.calls("srun")[0]
+    allocated = len(os.sched_getaffinity(0)) // 2  # the stub's 2 nodes share this host
+    assert f"--cpus-per-task={allocated}" in launch
+    for node in (0, 1):
+        cpus = json.loads((cluster.state / f"cpus-{node}.json").read_text())
+        assert len(cpus["affinity"]) == allocated == int(cpus["cpus_on_node"]), cpus
+    assert f"with {allocated} CPU(s)" in cluster.logs()
+
+
+def test_a_rank_bound_to_fewer_cpus_than_allocated_sizes_for_them_and_warns(reference, tmp_path):
+    # The site binds the step to 1 CPU whatever srun asked; Slurm says the node has 2 (or more).
+    allocated = len(os.sched_getaffinity(0))
+    if allocated < 2:
+        pytest.skip("needs at least 2 CPUs to restrict the affinity mask below the allocation")
+    cluster = Cluster(tmp_path, SLURM_STUB_TASK_CPUS="1")
+    out = tmp_path / "out"
+    job_id = _free_job_id()
+    result = cluster.run([str(SLURM / "single-node.sbatch"), str(reference["config"]), *JOB_ARGS,
+                          "--output.dir", str(out)], job_id)
+    assert result.returncode == 0, result.stdout + cluster.logs()
+    assert _predictions(read_rows(out)) == reference["rows"]
+    node_log = cluster.log(f"classify-{job_id}-node0-localhost.out")
+    assert f"CPUs: 1 in the affinity mask, {allocated} allocated" in node_log
+    assert (f"may run on 1 CPU(s) (its affinity mask) but Slurm allocated {allocated}"
+            in node_log), node_log
+    assert "1 thread(s)" in node_log, node_log

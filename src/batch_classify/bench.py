@@ -9,6 +9,10 @@ models in model.name instead: one pass of them all against one job per model, ``
 4. hf_pipeline: ``transformers.pipeline("image-classification", batch_size=...)``;
 5. seed_loop: one image at a time, ``processor(image)`` then ``model(**inputs)``.
 
+With ``large_photos`` (on by default) the main rank also measures the workers' decode and
+preprocessing on camera-sized photos made from the bench's images, with
+``runtime.reduced_decode`` auto and off (``large_photos.py``), before the other stages.
+
 They run in the order pipeline, hf_pipeline, seed_loop, then the model-only rounds with the
 job in their middle. Started plainly it is one rank; under ``accelerate launch``
 every stage runs on every rank at once over that rank's share of the images (the job's own
@@ -25,6 +29,7 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -37,6 +42,8 @@ from .config import ConfigError, JobSpec, parse_args
 from .decode import ItemKey, Task, TaskDataset, open_image
 from .distributed import configure_logging, init_state, keep_host_memory, plan_cpu
 from .job import resolve_runtime
+from .large_photos import measure as measure_large_photos
+from .large_photos import parse_sizes, upscaled_photos
 from .listing import Items, load_items
 from .loader import make_loader
 from .model import load_model, prepare_inference
@@ -45,6 +52,7 @@ from .predict import PRECISIONS, Predictor, autocast
 log = logging.getLogger("batch_classify.bench")
 
 STAGES = ("model", "pipeline", "hf_pipeline", "seed_loop", "job")  # as reported
+EXTRA_STAGES = ("large_photos",)  # reported apart: its own figures
 RATIOS = {"job/model": ("job", "model"), "job/hf_pipeline": ("job", "hf_pipeline"),
           "job/seed_loop": ("job", "seed_loop"), "pipeline/model": ("pipeline", "model")}
 
@@ -201,8 +209,30 @@ def _combine_rounds(per_rank: list[list[dict]]) -> dict:
     return {**ordered[len(ordered) // 2], "rounds": [r["images_per_s"] for r in rounds]}
 
 
+def stage_large_photos(spec, items: Items, indices: list[int], inference, device, workers: int,
+                       threads: int, count: int, sizes: list[tuple[int, int]]) -> dict:
+    """The workers' decode on upscaled photos, reduced_decode auto vs off (main rank only)."""
+    if inference.input_path.spec is None:
+        return {"skipped": f"the input path is the checkpoint's processor ({inference.input_path.note})"}
+    sources = [items.paths[i] if items.paths is not None else items.open(i) for i in indices[:count]]
+    report = {}
+    with tempfile.TemporaryDirectory(prefix="bench-large-photos-") as folder:
+        for width, height in sizes:
+            paths = upscaled_photos(sources, Path(folder) / f"{width}x{height}", (width, height))
+            log.info("bench: %d photos of %dx%d (JPEG q90) made from the bench's images", len(paths),
+                     width, height)
+            report[f"{width}x{height}"] = {
+                "images": len(paths), "megapixels": round(width * height / 1e6, 1),
+                **measure_large_photos(inference.input_path.spec, paths,
+                                       spec.runtime.max_image_pixels, spec.runtime.batch_size,
+                                       workers, threads, device)}
+            shutil.rmtree(Path(folder) / f"{width}x{height}")
+    return report
+
+
 def run_bench(spec: JobSpec, stages: list[str], limit: int | None, baseline_limit: int | None,
-              bench_dir: Path, rounds: int = 4) -> dict | None:
+              bench_dir: Path, rounds: int = 4, large_photos: int = 16,
+              large_sizes: list[tuple[int, int]] | None = None) -> dict | None:
     state = init_state(spec.runtime.device, spec.runtime.timeout_s)
     configure_logging(state.process_index, state.is_main_process)
     device = state.device
@@ -230,6 +260,10 @@ def run_bench(spec: JobSpec, stages: list[str], limit: int | None, baseline_limi
         raise RuntimeError("bench: none of this rank's images could be decoded")
     if "pipeline" in stages:
         results["pipeline"] = [pipeline_result]
+    large = None
+    if "large_photos" in stages and large_photos > 0 and state.is_main_process:
+        large = stage_large_photos(spec, items, list(range(total)), inference, device, workers,
+                                   threads, large_photos, large_sizes or parse_sizes("4032x3024"))
     state.wait_for_everyone()
     # The baselines first: the model-only rounds and the job then run back to back, so that
     # a shared machine's drift moves both sides of job/model alike.
@@ -274,6 +308,8 @@ def run_bench(spec: JobSpec, stages: list[str], limit: int | None, baseline_limi
         "stages": {name: _combine_rounds([r[name] for r in gathered])
                    for name in STAGES if name in gathered[0]},
     }
+    if large is not None:
+        report["large_photos"] = large
     if job_timing is not None:
         report["stages"]["job"] = {"images": job_timing["items_this_run"],
                                    "seconds": round(job_timing["seconds"], 3),
@@ -333,6 +369,14 @@ def format_bench(report: dict) -> str:
                          f"({stage['images']} images, {stage['seconds']:.1f} s)")
     for name, value in report.get("ratios", {}).items():
         lines.append(f"  {name:<16} {value:.2f}")
+    for size, figures in report.get("large_photos", {}).items():
+        if size == "skipped":
+            lines.append(f"  large photos skipped: {figures}")
+            continue
+        lines.append(f"  large photos {size} ({figures['images']} JPEGs), reduced_decode off / auto:")
+        for setting in ("off", "auto"):
+            lines.append(f"    {setting:<5} {figures[setting]['cpu_ms_per_image']:>8.1f} CPU ms/image, "
+                         f"pipeline {figures[setting]['pipeline_images_per_s']:>7.1f} images/s")
     return "\n".join(lines)
 
 
@@ -349,14 +393,27 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--bench.rounds", dest="rounds", type=int, default=4,
                         help="rounds of the model-only stage, half of them before the job stage "
                              "and half after it; the median is reported (default 4)")
-    parser.add_argument("--bench.stages", dest="stages", default=",".join(STAGES),
-                        help=f"comma-separated subset of {','.join(STAGES)}")
+    every = (*STAGES, *EXTRA_STAGES)
+    parser.add_argument("--bench.stages", dest="stages", default=",".join(every),
+                        help=f"comma-separated subset of {','.join(every)}")
+    parser.add_argument("--bench.large_photos", dest="large_photos", type=int, default=16,
+                        help="large_photos stage: how many of the bench's images to upscale "
+                             "(default 16)")
+    parser.add_argument("--bench.large_sizes", dest="large_sizes", default="4032x3024",
+                        help="large_photos stage: comma-separated WIDTHxHEIGHT sizes (default "
+                             "4032x3024, 12 MP; 5656x4242 is 24 MP, 8000x6000 48 MP)")
     args, rest = parser.parse_known_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    unknown = sorted(set(stages) - set(STAGES))
+    unknown = sorted(set(stages) - set(every))
     try:
         if unknown:
-            raise ConfigError(f"bench.stages: unknown stage(s) {unknown}; choose from {list(STAGES)}")
+            raise ConfigError(f"bench.stages: unknown stage(s) {unknown}; choose from {list(every)}")
+        try:
+            large_sizes = parse_sizes(args.large_sizes)
+        except ValueError as error:
+            raise ConfigError(f"bench.large_sizes: {error}") from None
+        if args.large_photos < 0:
+            raise ConfigError(f"bench.large_photos: must be >= 0, got {args.large_photos}")
         for name, value in (("rounds", args.rounds), ("limit", args.limit),
                             ("baseline_limit", args.baseline_limit)):
             if value is not None and value < 1:
@@ -375,7 +432,8 @@ def main(argv: list[str]) -> int:
         run_models_bench(spec, bench_dir)
         return 0
     try:
-        run_bench(spec, stages, args.limit, args.baseline_limit, bench_dir, args.rounds)
+        run_bench(spec, stages, args.limit, args.baseline_limit, bench_dir, args.rounds,
+                  args.large_photos, large_sizes)
     except ConfigError as error:
         print(f"batch-classify bench: configuration error: {error}", file=sys.stderr)
         return 2

@@ -154,9 +154,17 @@ class RuntimeConfig:
     processor (checked at start-up), else processor."""
     decode: Literal["cpu", "device"] = "cpu"
     """Where plain JPEGs are decoded. cpu: in the DataLoader workers. device: in batches on
-    the rank's device (torchvision's nvJPEG on NVIDIA), the workers only read and check the
-    files; falls back to cpu, with a warning, where the device has no JPEG decoder (ROCm)
-    or the input path is the processor's. Not yet measured on a GPU: compare with bench."""
+    the rank's device (torchvision's nvJPEG on NVIDIA, rocJPEG on ROCm builds that have it),
+    the workers only read and check the files; falls back to cpu, with a warning, where the
+    device has no JPEG decoder (most ROCm wheels) or the input path is the processor's. Not
+    yet measured on a GPU: compare with bench."""
+    reduced_decode: Literal["auto", "off"] = "auto"
+    """auto: the fast input path decodes an image at least twice the processor's resize
+    target at a reduced size that still covers twice it (JPEGs at 1/2, 1/4 or 1/8 in libjpeg's
+    DCT domain, other formats by an integer box reduce): a 12 MP photo costs a fraction of
+    its full decode, while smaller images (ImageNet's) decode exactly as with off. off: every
+    pixel decoded, for bit-exact comparisons with a full decode. Not used by runtime.decode
+    device (JPEGs) or runtime.preprocess processor."""
     channels_last: bool | None = None
     """NHWC memory layout (default: on for convolutional networks)."""
     fold_batchnorm: bool = True

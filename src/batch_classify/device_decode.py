@@ -1,13 +1,17 @@
 """``runtime.decode device``: plain JPEGs decoded on the rank's device, in batches.
 
-With torchvision built with nvJPEG (NVIDIA) the workers only read each file and check its
-header; the rank decodes the batch's JPEGs in one ``decode_jpeg(..., device=...)`` call,
-then resizes and crops each image on the device. Other images arrive decoded and cropped
-by the workers, as on the default path. A JPEG the device cannot decode is decoded with
-Pillow instead, and one Pillow cannot decode either becomes that item's error row.
+Where torchvision decodes JPEGs on the device (nvJPEG on NVIDIA; rocJPEG on ROCm builds
+that have it, pytorch/vision#9342) the workers only read each file and check its header;
+the rank decodes the batch's JPEGs in one ``decode_jpeg(..., device=...)`` call, then
+resizes and crops each image on the device, at full size (``runtime.reduced_decode`` is the
+workers' CPU decode). Other images arrive decoded and cropped by the workers, as on the
+default path. A JPEG the device refuses (rocJPEG's hardware backend: under 64x64, some
+chroma subsamplings) is decoded with Pillow instead, and one Pillow cannot decode either
+becomes that item's error row.
 
-ROCm wheels ship no GPU JPEG decoder: there the start-up probe fails and the job decodes
-in the workers, with a warning. On a CPU device the decode runs in the rank's process.
+Nothing here names a vendor: ROCm's PyTorch calls its GPUs ``cuda`` too. Where the start-up
+probe fails (ROCm wheels without rocJPEG) the job decodes in the workers, with a warning.
+On a CPU device the decode runs in the rank's process.
 """
 
 from __future__ import annotations
@@ -26,9 +30,14 @@ from .preprocess import FastTransform, InputPath, PixelSpec
 log = logging.getLogger(__name__)
 
 
+PROBE_SIZE = (128, 96)
+"""The probe JPEG's (width, height): 4:2:0 and over 64x64, a file every GPU decoder takes
+(rocJPEG's hardware backend refuses smaller ones, which would fail a probe on good builds)."""
+
+
 def _probe_jpeg() -> torch.Tensor:
     buffer = io.BytesIO()
-    Image.new("RGB", (16, 8), (200, 30, 90)).save(buffer, format="JPEG")
+    Image.new("RGB", PROBE_SIZE, (200, 30, 90)).save(buffer, format="JPEG", subsampling="4:2:0")
     return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
 
 
@@ -38,10 +47,12 @@ def unavailable(device: torch.device) -> str | None:
         return "this torchvision has no JPEG decoder"
     try:
         image = decode_jpeg(_probe_jpeg(), mode="RGB", device=device)
-    except Exception as error:  # no nvJPEG in this build (ROCm), or no usable device
+    except Exception as error:  # no GPU decoder in this build (most ROCm wheels), no device
         return f"torchvision cannot decode JPEGs on {device} ({describe_error(error)})"
-    if tuple(image.shape) != (3, 8, 16):
-        return f"torchvision decoded a 16x8 test JPEG on {device} to shape {tuple(image.shape)}"
+    width, height = PROBE_SIZE
+    if tuple(image.shape) != (3, height, width):
+        return (f"torchvision decoded a {width}x{height} test JPEG on {device} to shape "
+                f"{tuple(image.shape)}")
     return None
 
 
@@ -137,4 +148,5 @@ def decode_on_device(path: InputPath, device: torch.device) -> InputPath:
         return dataclasses.replace(path, note=f"{path.note}; decoded in the workers ({problem})")
     return dataclasses.replace(path, worker=Passthrough(FastTransform(path.spec)),
                                device_decode=DeviceDecode(path.spec, device),
-                               note=f"{path.note}; plain JPEGs decoded on {device}")
+                               note=f"{path.spec.describe()}; plain JPEGs decoded on {device}, "
+                                    "every image at full size")

@@ -32,14 +32,39 @@ def init_state(device: str, timeout_s: int) -> PartialState:
     return PartialState(cpu=use_cpu, timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def available_cores() -> int:
-    """Cores this process may run on: Slurm's allocation, else the affinity mask."""
-    if os.environ.get("SLURM_CPUS_ON_NODE"):
-        return max(1, int(os.environ["SLURM_CPUS_ON_NODE"]))
+def _affinity() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def _slurm_cpus() -> int | None:
+    value = os.environ.get("SLURM_CPUS_ON_NODE", "")
+    return max(1, int(value)) if value.isdigit() else None
+
+
+def available_cores() -> int:
+    """Cores this process may actually run on: its affinity mask, capped by Slurm's count.
+
+    Slurm's count alone is not enough: an srun task is often bound to the CPUs of its step,
+    which without ``--cpus-per-task`` can be one core (Slurm 22.05+ no longer passes the
+    batch script's on to srun), and sizing threads from the allocation then piles every
+    rank and worker onto it.
+    """
+    slurm = _slurm_cpus()
+    return _affinity() if slurm is None else min(slurm, _affinity())
+
+
+def cpu_mask_warning() -> str | None:
+    """A warning where the affinity mask is at most half of Slurm's allocation on the node."""
+    slurm, mask = _slurm_cpus(), _affinity()
+    if slurm is None or mask * 2 > slurm:
+        return None
+    return (f"this process may run on {mask} CPU(s) (its affinity mask) but Slurm allocated "
+            f"{slurm} on the node (SLURM_CPUS_ON_NODE): threads and DataLoader workers are sized "
+            f"for {mask}. The launch step was probably bound to too few CPUs: give srun "
+            f"--cpus-per-task={slurm} (slurm/common.sh does) or --cpu-bind=none")
 
 
 def cores_per_rank(local_world_size: int) -> int:
@@ -72,6 +97,9 @@ def keep_host_memory(device: torch.device, enabled: bool) -> str | None:
 def plan_cpu(state: PartialState, num_workers: int | None) -> tuple[int, int]:
     """(intra-op threads, DataLoader workers) for this rank, sized so ranks don't oversubscribe."""
     cores = cores_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    warning = cpu_mask_warning()
+    if warning is not None and os.environ.get("LOCAL_RANK", "0") == "0":  # once per node
+        log.warning("%s", warning)
     if state.device.type == "cpu":
         # The model needs the cores. No worker process: the rank's threads decode each batch
         # between forward passes (loader.ThreadedBatches), so decoding never preempts one of

@@ -174,6 +174,9 @@ def _predict_units(spec: JobSpec, work: RankWork, device: torch.device, progress
     tasks = UnitTasks(work.units, work.listing, spec.runtime.batch_size, stopping=lambda: stop.requested)
     transform = (MultiTransform([m.inference.input_path.worker for m in work.models]) if several
                  else first.input_path.worker)
+    if getattr(transform, "note", None):
+        log.info("%s; each model's predictions equal its run alone with runtime.reduced_decode off",
+                 transform.note)
     dataset = TaskDataset(transform, spec.runtime.max_image_pixels)
     loader = make_loader(dataset, tasks, workers, device, threads, stopping=lambda: stop.requested)
     errors = ErrorLog(spec.runtime.log_every_s)

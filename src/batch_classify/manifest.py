@@ -53,6 +53,9 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             before, after = old.get(section, {}).get(key), new.get(section, {}).get(key)
             if before != after:
                 found.append(f"{section}.{key}: {before!r} in the folder, {after!r} now")
+                if key == "weights_sha256" and "name" not in keys:
+                    names = old.get("model", {}).get("name"), new.get("model", {}).get("name")
+                    found.append(f"model.name: {names[0]!r} in the folder, {names[1]!r} now")
     return found
 
 

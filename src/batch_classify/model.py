@@ -207,7 +207,8 @@ def prepare_inference(loaded: LoadedModel, runtime: RuntimeConfig, device: torch
                       embeddings: bool = False, normalize: bool = False) -> Inference:
     """Choose the input path and apply the model rewrites that ``runtime`` asks for; with
     ``embeddings`` hook the classifier head so each pass also yields its input."""
-    input_path = choose_input_path(loaded.processor, loaded.transform, runtime.preprocess)
+    input_path = choose_input_path(loaded.processor, loaded.transform, runtime.preprocess,
+                                   runtime.reduced_decode)
     if runtime.decode == "device":
         input_path = decode_on_device(input_path, device)
     if device.type == "cuda":

@@ -70,9 +70,12 @@ def plan(spec: JobSpec) -> str:
     """List (or reuse the listing), then describe the job's units and the output folder."""
     output = Path(spec.output.dir)
     started = time.monotonic()
-    with OutputLock(output):
-        listing, listed_now = prepare_listing(spec, output)
-        committed = {u for u in committed_units(output) if u < listing.n_units}
+    listing, listed_now = read_listing(output), False
+    if listing is None or not listing_matches(listing, spec.data, spec.output.unit_size):
+        with OutputLock(output):  # writing a listing: not beside a running job
+            listing, listed_now = prepare_listing(spec, output)
+    # Reading a listing needs no lock: plan reports on a running job's progress too.
+    committed = {u for u in committed_units(output) if u < listing.n_units}
     seconds = time.monotonic() - started
     info = listing.info
     if listing.n_items is not None:

@@ -10,6 +10,7 @@ so a processor whose behaviour the spec misreads falls back instead of changing 
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from .decode import open_image, read_pixels
+from .decode import JPEG_SCALES, Cover, open_image, read_pixels
 
 log = logging.getLogger(__name__)
 
@@ -184,17 +185,48 @@ def _centre_crop(pixels: torch.Tensor, crop: tuple[int, int], floor: bool) -> to
     return pixels[..., top:top + crop[0], left:left + crop[1]]
 
 
+REDUCTION_MARGIN = 2
+"""A reduced decode keeps at least this many times the resize's output size, so the final
+antialiased resize still averages several decoded pixels into each output pixel."""
+
+
+def reduced_cover(spec: PixelSpec) -> Cover:
+    """(width, height) a reduced decode keeps at least: twice the processor's resize target."""
+    if spec.resize == "exact":
+        return spec.size[1] * REDUCTION_MARGIN, spec.size[0] * REDUCTION_MARGIN
+    side = spec.size[0] * REDUCTION_MARGIN
+    return side, side
+
+
+def describe_reduction(spec: PixelSpec) -> str:
+    """Which images decode reduced, and at which scales (for the log and timing.json)."""
+    width, height = reduced_cover(spec)
+    if spec.resize == "exact":
+        at = ", ".join(f"1/{s} from {width * s}x{height * s}" for s in reversed(JPEG_SCALES))
+        need = f"at least {width}x{height}"
+    else:
+        at = ", ".join(f"1/{s} from a shorter side of {width * s} px" for s in reversed(JPEG_SCALES))
+        need = f"a shorter side of at least {width} px"
+    return (f"reduced decode: images kept at {need} (twice the resize target); JPEGs at {at} "
+            "(DCT scaling), any format then box-reduced by the integer factor that still covers it; "
+            "smaller images decode in full")
+
+
 class FastTransform:
     """Worker side: RGB image -> uint8 tensor (H, W, 3), resized and cropped (picklable).
 
     The image is a PIL image or, where the resize filter exists in torchvision
-    (``takes_tensor``), the uint8 (3, H, W) tensor of ``decode.read_pixels``.
+    (``takes_tensor``), the uint8 (3, H, W) tensor of ``decode.read_pixels``. With ``reduce``
+    the decoder decodes an image at least twice the resize target reduced (``reduced_cover``);
+    a smaller image decodes, and so ends, exactly as without it.
     """
 
-    def __init__(self, spec: PixelSpec):
+    def __init__(self, spec: PixelSpec, reduce: bool = False):
         self.spec = spec
         self.takes_tensor = spec.resample in _TENSOR_MODES
-        self.decoder = read_pixels if self.takes_tensor else open_image
+        self.reduce = reduce
+        decoder = read_pixels if self.takes_tensor else open_image
+        self.decoder = functools.partial(decoder, cover=reduced_cover(spec)) if reduce else decoder
 
     def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         spec = self.spec
@@ -283,6 +315,9 @@ def check_spec(reference_transform: Any, spec: PixelSpec, tolerance: float = 1.5
 
     ``tolerance`` is in uint8 levels, mean absolute difference per image: resampling
     implementations round differently by a level or so, a misread step differs by tens.
+    The images go straight to the resize and crop, never through a reduced decode: the
+    check compares the pixels of a full decode, which are those of any image under twice the
+    resize target whatever ``runtime.reduced_decode`` says.
     """
     fast = FastTransform(spec)
     scale = torch.tensor(spec.scale).view(3, 1, 1)
@@ -304,13 +339,22 @@ class MultiTransform:
 
     The image is decoded once, into a tensor where any model's transform takes one (the
     pixels of ``open_image``, for less CPU); a transform that wants a PIL image gets that
-    tensor as one, so every model sees the pixels its own single-model run would.
+    tensor as one, so every model sees the pixels its own single-model run would (with
+    runtime.reduced_decode off, or where the models' reduced decodes coincide).
     """
 
     def __init__(self, transforms: list[Any]):
         self.transforms = transforms
-        self.takes_tensor = [getattr(t, "decoder", open_image) is read_pixels for t in transforms]
-        self.decoder = read_pixels if any(self.takes_tensor) else open_image
+        decoders = [getattr(t, "decoder", open_image) for t in transforms]
+        self.takes_tensor = [getattr(d, "func", d) is read_pixels for d in decoders]
+        decoder = read_pixels if any(self.takes_tensor) else open_image
+        # A reduced decode (runtime.reduced_decode) is shared only where every model would
+        # decode to the same size alone; else every pixel is decoded, as with it off.
+        covers = {getattr(d, "keywords", {}).get("cover") for d in decoders}
+        cover = next(iter(covers)) if len(covers) == 1 else None
+        self.decoder = functools.partial(decoder, cover=cover) if cover is not None else decoder
+        self.note = ("reduced decode off: the models' resize targets differ" if len(covers) > 1
+                     else None)
 
     def __call__(self, image: Image.Image | torch.Tensor) -> tuple[torch.Tensor, ...]:
         as_pil = image
@@ -343,9 +387,11 @@ class InputPath:
         return DeviceNormalize(self.spec, device, channels_last)
 
 
-def choose_input_path(processor: Any, reference_transform: Any, mode: str) -> InputPath:
+def choose_input_path(processor: Any, reference_transform: Any, mode: str,
+                      reduced_decode: str = "off") -> InputPath:
     """'processor': the checkpoint's processor in the workers; 'fast' (or 'auto' where the
-    processor is understood and agrees on the check images): uint8 crops, normalised on device."""
+    processor is understood and agrees on the check images): uint8 crops, normalised on device.
+    ``reduced_decode`` 'auto': the fast path decodes large images reduced (``FastTransform``)."""
     if mode == "processor":
         return InputPath(reference_transform, None, "processor", "runtime.preprocess processor")
     try:
@@ -356,6 +402,11 @@ def choose_input_path(processor: Any, reference_transform: Any, mode: str) -> In
     except Exception as error:  # a processor with settings the spec reader does not expect
         spec, problem = None, f"{type(error).__name__} while reading the processor: {error}"
     if problem is None:
+        if reduced_decode == "auto":
+            reduction = describe_reduction(spec)
+            log.info("%s (runtime.reduced_decode auto; off decodes every pixel)", reduction)
+            return InputPath(FastTransform(spec, reduce=True), spec, "fast",
+                             f"{spec.describe()}; {reduction}")
         return InputPath(FastTransform(spec), spec, "fast", spec.describe())
     if mode == "fast":
         raise UnsupportedProcessor(

@@ -350,10 +350,16 @@ def image_opener(manifest: dict[str, Any], output_dir: str | Path) -> Opener:
         root = root.parent
     if kind in LISTED_KINDS and not root.is_dir():
         raise FileNotFoundError(f"the image folder {root} does not exist (moved or removed?)")
-    if listing is None:
-        if kind not in LISTED_KINDS:
-            raise FileNotFoundError(f"{output_dir} has no input listing to find the images in")
+    if listing is None and kind in LISTED_KINDS:
         return lambda unit, item_id: open_image(str(root / item_id), max_pixels)
+    if listing is None:  # a folder written without its listing (by hand): list the input whole
+        from .config import DataConfig
+        from .listing import load_items
+
+        known = {f.name for f in dataclasses.fields(DataConfig)}
+        items = load_items(DataConfig(**{k: v for k, v in data.items() if k in known}))
+        position = {item_id: i for i, item_id in enumerate(items.ids)}
+        return lambda unit, item_id: open_image(items.open(position[item_id]), max_pixels)
     source = image_sources(output_dir)
     return lambda unit, item_id: open_image(source(unit, item_id), max_pixels)
 

@@ -7,7 +7,8 @@ FAKE_LAUNCH picks what every node's "launcher" does:
   fail  exit 3
   wait  wait for SIGTERM or SIGUSR1, then exit 75 as the job's ranks do (1 after 60 s without);
         the node named by FAKE_SLOW_STOP_NODE first "finishes its batch" for FAKE_STOP_S (1 s)
-Each writes its arguments to $SLURM_STUB_STATE/launch-<node id>.json once it is ready.
+Each writes its arguments to $SLURM_STUB_STATE/launch-<node id>.json once it is ready, and its
+CPUs (affinity mask, SLURM_CPUS_ON_NODE, SLURM_CPUS_PER_TASK) to cpus-<node id>.json.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def main() -> int:
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, lambda number, _frame: received.append(number))
     ready = Path(os.environ["SLURM_STUB_STATE"]) / f"launch-{node}.json"
+    # What the ranks would size their threads and workers from.
+    (ready.parent / f"cpus-{node}.json").write_text(json.dumps(
+        {"affinity": sorted(os.sched_getaffinity(0)), "cpus_on_node": os.environ.get("SLURM_CPUS_ON_NODE"),
+         "cpus_per_task": os.environ.get("SLURM_CPUS_PER_TASK")}))
     ready.write_text(json.dumps(sys.argv[1:]))
     print(f"fake launcher on node {node}: {mode}", flush=True)
     if mode == "fail":

@@ -28,6 +28,12 @@ Every call is logged to $SLURM_STUB_STATE/calls.jsonl; requeue.log and signals.l
 requeues and signals. Nodes default to "localhost" (SLURM_STUB_NODELIST overrides): every node
 must resolve to this host. SLURM_STUB_START_ORDER=reverse makes srun start the last node first,
 SLURM_STUB_STAGGER_S waits between task starts.
+
+CPU binding, as a cluster with TaskPlugin=task/affinity does it: with SLURM_STUB_CPU_BIND=1 each
+srun task runs on the first --cpus-per-task CPUs (default 1, as srun's since Slurm 22.05, which
+no longer inherits the batch script's) of the allocation's affinity mask; SLURM_STUB_TASK_CPUS=N
+binds every task to N CPUs whatever srun was asked (a site whose step gets fewer CPUs than the
+node's allocation). sbatch sets SLURM_JOB_CPUS_PER_NODE ("2(x2)") and SLURM_CPUS_ON_NODE.
 """
 
 from __future__ import annotations
@@ -277,6 +283,7 @@ def srun(args: list[str]) -> int:
     step = Step(job_id, next_step_id(job_id))
     step_id = step.name.split(".")[1]
     cpus_per_node = max(1, len(os.sched_getaffinity(0)) // nodes)
+    bound = _task_cpus(options)
 
     output, error = options.get("output"), options.get("error")
     mode = "a" if options.get("open-mode") == "append" else "w"
@@ -319,9 +326,13 @@ def srun(args: list[str]) -> int:
                       "a": os.environ.get("SLURM_ARRAY_TASK_ID", "4294967294")}
             stdout = open_output(output, values) if output else None
             stderr = open_output(error, values) if error else (subprocess.STDOUT if stdout else None)
+            if "cpus-per-task" in options:
+                env["SLURM_CPUS_PER_TASK"] = str(options["cpus-per-task"])
             try:
                 process = subprocess.Popen(command, env=env, stdout=stdout, stderr=stderr,
-                                           cwd=options.get("chdir"), start_new_session=True)
+                                           cwd=options.get("chdir"), start_new_session=True,
+                                           preexec_fn=None if bound is None
+                                           else lambda: os.sched_setaffinity(0, bound))
             except OSError as exc:
                 print(f"srun: error: {host}: task {task_id}: {exc}", file=sys.stderr)
                 worst = max(worst, 2)
@@ -356,6 +367,20 @@ def srun(args: list[str]) -> int:
         for file in files.values():
             file.close()
     return worst
+
+
+def _task_cpus(options: dict) -> set[int] | None:
+    """The CPUs each task is bound to (SLURM_STUB_CPU_BIND, SLURM_STUB_TASK_CPUS), or None."""
+    forced = os.environ.get("SLURM_STUB_TASK_CPUS")
+    if not forced and os.environ.get("SLURM_STUB_CPU_BIND") != "1":
+        return None
+    if str(options.get("cpu-bind", "")).startswith("none") and not forced:
+        return None
+    count = int(forced or options.get("cpus-per-task", 1))
+    allowed = sorted(os.sched_getaffinity(0))
+    if count > len(allowed):
+        raise UsageError(f"srun: error: --cpus-per-task={count}: the node has {len(allowed)} CPUs")
+    return set(allowed[:count])
 
 
 def _kill_later(running: list, grace_s: float = 5.0) -> None:
@@ -427,6 +452,7 @@ def sbatch(args: list[str]) -> int:
                "SLURM_CLUSTER_NAME": "stub", "SLURMD_NODENAME": hosts[0],
                "SLURM_NODEID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
                "SLURM_CPUS_ON_NODE": str(max(1, len(os.sched_getaffinity(0)) // nodes)),
+               "SLURM_JOB_CPUS_PER_NODE": f"{max(1, len(os.sched_getaffinity(0)) // nodes)}(x{nodes})",
                "SLURM_JOB_PARTITION": str(options.get("partition", "stub"))}
         if "gpus-per-node" in options:
             env["SLURM_GPUS_PER_NODE"] = str(options["gpus-per-node"])

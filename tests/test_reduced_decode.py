@@ -1,0 +1,196 @@
+"""runtime.reduced_decode: large images decode at a reduced size that still covers twice the
+resize target; smaller ones decode exactly as with it off."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import pytest
+import torch
+from conftest import IMAGENET_SAMPLE
+from fixtures_images import bomb_png
+from PIL import Image
+from transformers import MobileNetV1ImageProcessor
+
+from batch_classify.config import ConfigError, RuntimeConfig
+from batch_classify.decode import (
+    ImageTooLarge,
+    ItemKey,
+    Task,
+    TaskDataset,
+    jpeg_scale,
+    open_image,
+    read_pixels,
+)
+from batch_classify.model import ProcessorTransform
+from batch_classify.preprocess import (
+    FastTransform,
+    PixelSpec,
+    choose_input_path,
+    pixel_spec,
+    reduced_cover,
+)
+
+LIMIT = 128_000_000
+COVER = (256, 256)  # a shortest-edge-128 processor's: twice its target
+
+
+def _picture(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Smooth colours with some detail: what a downscale of a photo looks like."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC))
+    noise = rng.normal(0, 6, size=smooth.shape)
+    return Image.fromarray(np.clip(smooth + noise, 0, 255).astype(np.uint8))
+
+
+def _save(image: Image.Image, path, **kwargs) -> str:
+    image.save(path, **kwargs)
+    return str(path)
+
+
+def _like(reduced: torch.Tensor | Image.Image, full: Image.Image) -> float:
+    """Mean absolute difference (uint8 levels) between a reduced decode and the full decode
+    box-resized to the same size."""
+    reduced = (np.asarray(reduced) if isinstance(reduced, Image.Image)
+               else reduced.permute(1, 2, 0).numpy())
+    height, width = reduced.shape[:2]
+    expected = np.asarray(full.resize((width, height), Image.Resampling.BOX))
+    return float(np.abs(reduced.astype(int) - expected.astype(int)).mean())
+
+
+def test_a_large_jpeg_decodes_at_the_smallest_dct_scale_that_still_covers(tmp_path):
+    path = _save(_picture(2048, 1536), tmp_path / "large.jpg", quality=90)
+    full = open_image(path, LIMIT)
+    with Image.open(path) as image:
+        assert jpeg_scale(image, COVER) == 4  # 1536 // 256 = 6: 1/4, not 1/8 (192 < 256)
+    reduced = read_pixels(path, LIMIT, cover=COVER)
+    assert tuple(reduced.shape) == (3, 384, 512)
+    assert _like(reduced, full) < 3
+    assert tuple(read_pixels(path, LIMIT, cover=(128, 128)).shape) == (3, 192, 256)  # 1/8
+    assert np.asarray(open_image(path, LIMIT, cover=COVER)).shape == (384, 512, 3)
+
+
+def test_a_large_png_is_box_reduced_by_the_largest_factor_that_still_covers(tmp_path):
+    path = _save(_picture(1800, 1300), tmp_path / "large.png")
+    full = open_image(path, LIMIT)
+    reduced = read_pixels(path, LIMIT, cover=COVER)  # min(1800 // 256, 1300 // 256) = 5
+    assert tuple(reduced.shape) == (3, 260, 360)
+    assert reduced.shape[1] >= COVER[1] and reduced.shape[2] >= COVER[0]
+    assert _like(reduced, full) < 1.5
+
+
+@pytest.mark.parametrize(("size", "suffix"), [((511, 700), ".jpg"), ((1000, 400), ".jpg"),
+                                              ((600, 511), ".png"), ((256, 256), ".png")])
+def test_an_image_under_twice_the_cover_decodes_exactly_as_with_reduction_off(tmp_path, size, suffix):
+    # Twice the cover is 512: each of these is smaller on at least one side.
+    path = _save(_picture(*size), tmp_path / f"image{suffix}")
+    assert torch.equal(read_pixels(path, LIMIT, cover=COVER), read_pixels(path, LIMIT))
+    assert (np.asarray(open_image(path, LIMIT, cover=COVER))
+            == np.asarray(open_image(path, LIMIT))).all()
+
+
+def test_the_fast_path_gives_off_pixels_on_real_imagenet_photos():
+    if not IMAGENET_SAMPLE.is_dir():
+        pytest.skip(f"the ImageNet sample is not at {IMAGENET_SAMPLE}")
+    # MobileNet's processor: shortest edge 256, so nothing under 512 px reduces (ImageNet's
+    # photos are about 500x375): the crops must be the very same.
+    spec = pixel_spec(MobileNetV1ImageProcessor())
+    auto, off = TaskDataset(FastTransform(spec, reduce=True), LIMIT), TaskDataset(FastTransform(spec), LIMIT)
+    paths = sorted(str(p) for p in IMAGENET_SAMPLE.rglob("*.JPEG"))[::25]
+    assert paths
+    for path in paths:
+        task = Task(ItemKey(0, path, None), path)
+        assert torch.equal(auto[task].pixel_values, off[task].pixel_values), path
+
+
+def _awkward_large(folder) -> dict[str, str]:
+    """Large files in the modes that need care: name -> path."""
+    base = _picture(1100, 800, seed=3)
+    files = {}
+    files["cmyk.jpg"] = _save(base.convert("CMYK"), folder / "cmyk.jpg", quality=92)
+    files["grey.jpg"] = _save(base.convert("L"), folder / "grey.jpg", quality=92)
+    sixteen = (np.asarray(base.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+    files["sixteen.png"] = _save(Image.fromarray(sixteen), folder / "sixteen.png")
+    files["palette.png"] = _save(base.convert("P", palette=Image.Palette.ADAPTIVE), folder / "palette.png",
+                                 transparency=0)
+    rgba = base.convert("RGBA")
+    alpha = np.full((800, 1100), 255, dtype=np.uint8)
+    alpha[:, :550] = 0  # the left half transparent: white once composited
+    rgba.putalpha(Image.fromarray(alpha))
+    files["rgba.png"] = _save(rgba, folder / "rgba.png")
+    files["la.png"] = _save(rgba.convert("LA"), folder / "la.png")
+    files["webp.webp"] = _save(base, folder / "webp.webp", quality=95)
+    files["tiff.tif"] = _save(base, folder / "tiff.tif")
+    return files
+
+
+def test_awkward_modes_decode_correctly_when_reduced(tmp_path):
+    for name, path in _awkward_large(tmp_path).items():
+        full = open_image(path, LIMIT)
+        reduced = open_image(path, LIMIT, cover=COVER)
+        assert reduced.mode == "RGB", name
+        assert reduced.width >= COVER[0] and reduced.height >= COVER[1], name
+        assert reduced.width <= full.width / 2, name  # really reduced (JPEG 1/2, others by 3)
+        assert _like(reduced, full) < 3, name
+        tensor = read_pixels(path, LIMIT, cover=COVER)
+        assert (tensor.permute(1, 2, 0).numpy() == np.asarray(reduced)).all(), name
+    rgba = np.asarray(open_image(str(tmp_path / "rgba.png"), LIMIT, cover=COVER))
+    assert (rgba[:, :100] == 255).all()  # transparency still composited on white
+    sixteen = open_image(str(tmp_path / "sixteen.png"), LIMIT, cover=COVER)
+    grey = open_image(str(tmp_path / "grey.jpg"), LIMIT)
+    assert _like(sixteen, grey) < 3  # 16-bit keeps its range
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_is_applied_to_a_reduced_jpeg(tmp_path, orientation):
+    upright = _picture(1400, 700, seed=5)  # wide: a rotation swaps the sides that must cover
+    undo = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = _save(upright.transpose(undo[orientation]), tmp_path / "rotated.jpg", quality=92, exif=exif)
+    plain = _save(upright, tmp_path / "upright.jpg", quality=92)
+    cover = (340, 170)  # an exact-size target of 170x85: 1/2 (700 // 170 = 4 would allow 1/4 ...
+    expected = read_pixels(plain, LIMIT, cover=cover)  # ... only on the upright sides)
+    rotated = read_pixels(path, LIMIT, cover=cover)
+    assert tuple(rotated.shape) == tuple(expected.shape) == (3, 175, 350)
+    assert (rotated.float() - expected.float()).abs().mean() < 3
+
+
+def test_the_pixel_limit_still_refuses_a_bomb_before_any_decode():
+    with pytest.raises(ImageTooLarge):
+        read_pixels(io.BytesIO(bomb_png()), LIMIT, cover=COVER)
+    with pytest.raises(ImageTooLarge):
+        open_image(io.BytesIO(bomb_png()), LIMIT, cover=COVER)
+
+
+def test_the_cover_is_twice_the_processors_resize_target():
+    shortest = PixelSpec("shortest", (256,), Image.Resampling.BILINEAR, (224, 224), (1.0,) * 3, (0.0,) * 3)
+    exact = PixelSpec("exact", (600, 800), Image.Resampling.BICUBIC, None, (1.0,) * 3, (0.0,) * 3)
+    assert reduced_cover(shortest) == (512, 512)
+    assert reduced_cover(exact) == (1600, 1200)  # (width, height) from size (height, width)
+
+
+def test_auto_is_logged_with_its_scales_and_off_decodes_every_pixel(caplog):
+    processor = MobileNetV1ImageProcessor()
+    with caplog.at_level(logging.INFO):
+        auto = choose_input_path(processor, ProcessorTransform(processor), "auto", "auto")
+    assert auto.name == "fast" and auto.worker.reduce  # the start-up check still passed
+    for text in (caplog.text, auto.note):
+        assert "reduced decode" in text and "1/2 from a shorter side of 1024 px" in text
+        assert "1/8 from a shorter side of 4096 px" in text
+    off = choose_input_path(processor, ProcessorTransform(processor), "auto", "off")
+    assert not off.worker.reduce and "reduced" not in off.note
+    assert off.worker.decoder is read_pixels
+
+
+def test_reduced_decode_is_a_runtime_setting():
+    assert RuntimeConfig().reduced_decode == "auto"
+    assert RuntimeConfig(reduced_decode="off").reduced_decode == "off"
+    with pytest.raises(ConfigError):
+        from batch_classify.config import parse_args
+
+        parse_args(["--model.name", "m", "--data.path", "d", "--output.dir", "o",
+                    "--runtime.reduced_decode", "sometimes"])
