@@ -400,8 +400,7 @@ def _run_rank(spec: JobSpec, state, stop: StopFlag, board: JobBoard) -> dict[str
     timing = {"first_batch": None, "last_write": time.time(), "items": 0}
     if len(pending):
         for job in jobs:
-            job.loaded = load_model(job.spec.model, device)
-            job.loaded.labels = job.labels
+            job.loaded = load_model(job.spec.model, device, (job.labels, job.identity))
             job.inference = prepare_inference(job.loaded, job.spec.runtime, device, spec.output.embeddings,
                                               spec.output.normalize_embeddings)
             log.info("model %s: %s", job.spec.model.name, job.inference.describe())

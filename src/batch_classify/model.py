@@ -139,11 +139,13 @@ def describe_model(cfg: ModelConfig) -> tuple[ModelLabels, dict[str, Any]]:
     return labels, identity
 
 
-def load_model(cfg: ModelConfig, device: torch.device) -> LoadedModel:
-    """Model (eval mode, on ``device``), processor, label space and identity."""
+def load_model(cfg: ModelConfig, device: torch.device,
+               described: tuple[ModelLabels, dict[str, Any]] | None = None) -> LoadedModel:
+    """Model (eval mode, on ``device``), processor, label space and identity (``described``:
+    what ``describe_model`` already returned, so the weights are not hashed twice)."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    labels, identity = describe_model(cfg)
+    labels, identity = described if described is not None else describe_model(cfg)
     if "zero_shot" in identity:
         return _load_zero_shot(cfg, device, labels, identity)
     kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
