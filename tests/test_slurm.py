@@ -390,14 +390,20 @@ def test_multi_node_job_matches_a_single_process_run(reference, tmp_path):
     assert cluster.node_local.is_dir() and not any(cluster.node_local.iterdir())
 
 
-def test_single_node_job_with_two_ranks_matches_a_single_process_run(reference, tmp_path):
-    cluster = Cluster(tmp_path, GPUS_PER_NODE="2", SRUN_ARGS="--cpu-bind=none --label")
-    out = tmp_path / "out"
+def _single_node_job(cluster: Cluster, reference: dict, out: Path) -> str:
+    """single-node.sbatch on the reference config; its predictions must be the reference's."""
     job_id = _free_job_id()
     result = cluster.run([str(SLURM / "single-node.sbatch"), str(reference["config"]), *JOB_ARGS,
                           "--output.dir", str(out)], job_id)
     assert result.returncode == 0, result.stdout + cluster.logs()
     assert _predictions(read_rows(out)) == reference["rows"]
+    return job_id
+
+
+def test_single_node_job_with_two_ranks_matches_a_single_process_run(reference, tmp_path):
+    cluster = Cluster(tmp_path, GPUS_PER_NODE="2", SRUN_ARGS="--cpu-bind=none --label")
+    out = tmp_path / "out"
+    job_id = _single_node_job(cluster, reference, out)
     assert _metrics(out) == reference["metrics"]
     launch = cluster.calls("srun")[0]
     assert "--multi_gpu" in launch and "--cpu-bind=none" in launch and "--label" in launch
@@ -526,11 +532,7 @@ def test_a_rank_bound_to_fewer_cpus_than_allocated_sizes_for_them_and_warns(refe
         pytest.skip("needs at least 2 CPUs to restrict the affinity mask below the allocation")
     cluster = Cluster(tmp_path, SLURM_STUB_TASK_CPUS="1")
     out = tmp_path / "out"
-    job_id = _free_job_id()
-    result = cluster.run([str(SLURM / "single-node.sbatch"), str(reference["config"]), *JOB_ARGS,
-                          "--output.dir", str(out)], job_id)
-    assert result.returncode == 0, result.stdout + cluster.logs()
-    assert _predictions(read_rows(out)) == reference["rows"]
+    job_id = _single_node_job(cluster, reference, out)
     node_log = cluster.log(f"classify-{job_id}-node0-localhost.out")
     assert f"CPUs: 1 in the affinity mask, {allocated} allocated" in node_log
     assert (f"may run on 1 CPU(s) (its affinity mask) but Slurm allocated {allocated}"
