@@ -180,6 +180,10 @@ def test_bad_images_become_rows_and_the_job_goes_on(tmp_path, tiny_models):
     assert sum(metrics["errors_by_type"].values()) == len(bad)
     assert metrics["errors_by_type"]["EmptyImageFile"] == 1
     assert metrics["errors_by_type"]["CorruptExif"] == 1
+    # Batches end at unit ends: automatic units are whole batches, or the model would run
+    # on batches of 1/64 of a small input.
+    listing = json.loads((out / "input" / "listing.json").read_text())
+    assert listing["unit_size"] % 3 == 0 and listing["unit_size_configured"] == 0
 
 
 def test_a_file_gone_between_listing_and_reading_is_a_row(tmp_path, tiny_models):

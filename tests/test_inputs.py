@@ -222,3 +222,36 @@ def test_parquet_shards_are_read_a_row_group_run_at_a_time(tmp_path, tiny_models
 def test_a_path_that_does_not_exist_says_so(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         load_items(data(tmp_path / "no" / "such" / "folder"))
+
+
+@pytest.mark.parametrize(("n_items", "batch_size", "expected"), [
+    (200, 16, 16),  # 1/64 of 200 is 4 items: one batch of 16 instead
+    (1000, 16, 16),
+    (1000, 5, 20),  # 16, rounded up to whole batches
+    (10**6, 64, 1024),  # 977 per unit for 1024 units, rounded up
+    (10**9, 64, 10_048),  # the cap, rounded up
+    (10**9, 1, 10_000),
+])
+def test_automatic_units_hold_whole_batches(n_items, batch_size, expected):
+    from batch_classify.listing import auto_unit_size
+
+    assert auto_unit_size(n_items, batch_size) == expected
+
+
+def test_plan_lists_in_the_batch_size_the_job_will_use(tmp_path):
+    from batch_classify.config import parse_args
+    from batch_classify.plan import listing_batch_size, plan
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(70):
+        (folder / f"{i:03d}.png").write_bytes(tiny_png((i, 0, 0)))
+    base = ["--model.name", "unused", "--output.dir", str(tmp_path / "out"), "--data.path", str(folder),
+            "--data.kind", "images"]
+    assert listing_batch_size(parse_args(base + ["--runtime.device", "cpu"])) == 16
+    # auto may run on a GPU node after plan ran on a login node: the GPU default, a
+    # multiple of the CPU's, suits both
+    assert listing_batch_size(parse_args(base)) == 64
+    plan(parse_args(base + ["--runtime.batch_size", "12"]))
+    info = json.loads((tmp_path / "out" / "input" / "listing.json").read_text())
+    assert info["unit_size"] == 12 and info["n_units"] == 6  # ceil(70 / 64) = 2 -> 12

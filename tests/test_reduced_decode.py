@@ -144,6 +144,44 @@ def test_awkward_modes_decode_correctly_when_reduced(tmp_path):
     assert _like(sixteen, grey) < 3  # 16-bit keeps its range
 
 
+@pytest.mark.parametrize(("size", "mode", "options"), [
+    ((2048, 1536), "RGB", {"quality": 90}),  # 4:2:0 at 1/4
+    ((900, 700), "RGB", {"quality": 85, "subsampling": 0}),  # 4:4:4 at 1/2
+    ((2200, 1700), "RGB", {"quality": 85, "subsampling": 1, "progressive": True}),  # 4:2:2 at 1/4
+    ((4400, 4200), "RGB", {"quality": 80}),  # 1/8, then a box reduce by 2 (550 // 256)
+    ((1100, 800), "L", {"quality": 92}),  # grey at 1/2, replicated to RGB
+])
+def test_an_upright_jpeg_decodes_scaled_by_libjpeg_turbo_to_the_pixels_of_pillows_draft(
+        tmp_path, monkeypatch, size, mode, options):
+    from batch_classify import decode
+
+    path = _save(_picture(*size).convert(mode), tmp_path / "photo.jpg", **options)
+    calls = []
+    scaled = decode.simplejpeg.decode_jpeg
+    monkeypatch.setattr(decode.simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(1) or scaled(*a, **k))
+    fast = read_pixels(path, LIMIT, cover=COVER)
+    assert calls, "simplejpeg decoded nothing"
+    pillow = torch.from_numpy(np.array(open_image(path, LIMIT, cover=COVER))).permute(2, 0, 1)
+    assert tuple(fast.shape) == tuple(pillow.shape) and torch.equal(fast, pillow)
+    assert COVER[0] <= fast.shape[2] < 2 * COVER[0] or COVER[1] <= fast.shape[1] < 2 * COVER[1]
+    monkeypatch.setattr(decode, "simplejpeg", None)  # without it: Pillow's draft, same pixels
+    assert torch.equal(read_pixels(path, LIMIT, cover=COVER), fast)
+
+
+def test_a_large_jpeg_that_libjpeg_turbo_refuses_gets_pillows_verdict(tmp_path):
+    whole = tmp_path / "whole.jpg"
+    _save(_picture(2048, 1536), whole, quality=90)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(data[: len(data) // 2])
+    dataset = TaskDataset(FastTransform(PixelSpec("shortest", (128,), Image.Resampling.BICUBIC, (112, 112),
+                                                  (1.0,) * 3, (0.0,) * 3), reduce=True), LIMIT)
+    sample = dataset[Task(ItemKey(0, "cut", None), str(cut))]
+    assert sample.pixel_values is None and sample.error.startswith("OSError: image file is truncated")
+    with pytest.raises(OSError, match="truncated"):
+        open_image(str(cut), LIMIT, cover=COVER)
+
+
 @pytest.mark.parametrize("orientation", [3, 6, 8])
 def test_exif_orientation_is_applied_to_a_reduced_jpeg(tmp_path, orientation):
     upright = _picture(1400, 700, seed=5)  # wide: a rotation swaps the sides that must cover

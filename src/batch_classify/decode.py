@@ -25,6 +25,12 @@ try:
     from torchvision.io import ImageReadMode, decode_jpeg
 except ImportError:  # pragma: no cover - depends on the torchvision release
     decode_jpeg = None
+# libjpeg-turbo's DCT-scaled decode straight into an array (a dependency; without it, a
+# reduced JPEG decodes through Pillow's draft to the same pixels, about 2 ms slower at 12 MP).
+try:
+    import simplejpeg
+except ImportError:  # pragma: no cover - a platform without its wheels
+    simplejpeg = None
 
 _WARNINGS = threading.Lock()
 
@@ -196,12 +202,41 @@ def open_image(source: Any, max_pixels: int, cover: Cover | None = None) -> Imag
         return _decode_with_pillow(_open_header(stream, max_pixels), cover)
 
 
-def _plain_jpeg(image: Image.Image) -> bool:
-    """An upright RGB or grey JPEG: torchvision's decoders give Pillow's pixels for it."""
-    if decode_jpeg is None or image.format != "JPEG" or image.mode not in {"RGB", "L"}:
+def _upright_jpeg(image: Image.Image) -> bool:
+    """An upright RGB or grey JPEG: libjpeg-turbo's RGB output is Pillow's ``to_rgb`` of it."""
+    if image.format != "JPEG" or image.mode not in {"RGB", "L"}:
         return False
     with _exif_checked():  # cheap for a JPEG: the block was read with the header
         return image.getexif().get(ExifTags.Base.Orientation, 1) == 1
+
+
+def _plain_jpeg(image: Image.Image) -> bool:
+    """An upright RGB or grey JPEG, and torchvision's decoder to give Pillow's pixels for it."""
+    return decode_jpeg is not None and _upright_jpeg(image)
+
+
+def scaled_jpeg_decoder(tensor_path: bool = True) -> str:
+    """Who decodes a reduced upright JPEG (``read_pixels`` on the tensor path), for the log."""
+    return "simplejpeg (libjpeg-turbo)" if tensor_path and simplejpeg is not None else "Pillow's draft"
+
+
+def _scaled_jpeg(data: bytes, size: tuple[int, int], scale: int, cover: Cover) -> torch.Tensor | None:
+    """An upright JPEG decoded at 1/``scale`` in libjpeg-turbo's DCT domain by simplejpeg:
+    the pixels of Pillow's ``draft`` at that scale, without Pillow's line-by-line unpacking
+    and the copy into an array (15 instead of 17 CPU ms for a 12 MP photo at 1/4). None where
+    simplejpeg is missing or refuses the file: Pillow then decodes it, or names the fault."""
+    if simplejpeg is None:
+        return None
+    width, height = size
+    try:
+        # Exactly 1/scale: the smallest M/8 scale at least that large and at least that small.
+        array = simplejpeg.decode_jpeg(data, "RGB", min_width=-(-width // scale),
+                                       min_height=-(-height // scale), min_factor=scale)
+    except ValueError:
+        return None
+    if reduction_factor((array.shape[1], array.shape[0]), cover) > 1:  # over 16x the cover
+        array = np.array(_reduce(Image.fromarray(array), cover))
+    return torch.from_numpy(array).permute(2, 0, 1)
 
 
 def _pillow_tensor(image: Image.Image, cover: Cover | None = None) -> torch.Tensor:
@@ -239,12 +274,18 @@ def read_pixels(source: Any, max_pixels: int, cover: Cover | None = None) -> tor
     settings and give the same pixels. Anything else, and any JPEG torchvision refuses,
     goes through Pillow, which also names what is wrong with a broken file. A tensor from
     torchvision is (H, W, 3) memory seen as (3, H, W). With ``cover``, an image at least
-    twice that size decodes reduced, through Pillow (``open_image``).
+    twice that size decodes reduced, to the pixels of ``open_image``: an upright JPEG by
+    simplejpeg (``_scaled_jpeg``), anything else through Pillow.
     """
     if cover is not None:
         with _opened(source) as stream:
             image = _open_header(stream, max_pixels)
             if reduction_factor(image.size, _stored_cover(image, cover)) > 1:
+                scale = jpeg_scale(image, cover)
+                if scale > 1 and _upright_jpeg(image):
+                    pixels = _scaled_jpeg(_rest(stream), image.size, scale, cover)
+                    if pixels is not None:
+                        return pixels
                 return _pillow_tensor(image, cover)
             if not _plain_jpeg(image):
                 return _pillow_tensor(image)

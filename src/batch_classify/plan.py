@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, JobSpec, parse_args
+from .distributed import CPU_BATCH_SIZE, GPU_BATCH_SIZE
 from .errors import UserError
 from .listing import INPUT_DIR, Listing, listing_data, read_listing, write_listing
 from .listing import matches as listing_matches
@@ -34,6 +35,15 @@ def _data_differences(old: dict[str, Any], spec: JobSpec) -> list[str]:
         f"data.path: {before.get('path')!r} in the folder, {now['path']!r} now"]
 
 
+def listing_batch_size(spec: JobSpec) -> int:
+    """The batch size automatic units are whole multiples of: ``runtime.batch_size``, else the
+    device default (a GPU's, a multiple of the CPU's, unless ``runtime.device`` is cpu), so
+    that a listing from ``plan`` on a login node suits the job on either."""
+    if spec.runtime.batch_size is not None:
+        return spec.runtime.batch_size
+    return CPU_BATCH_SIZE if spec.runtime.device == "cpu" else GPU_BATCH_SIZE
+
+
 def prepare_listing(spec: JobSpec, output: Path) -> tuple[Listing, bool]:
     """Main rank: the folder's listing where it is this job's, else a new one (refused where it
     would orphan another job's committed predictions). Returns (listing, listed now)."""
@@ -47,7 +57,7 @@ def prepare_listing(spec: JobSpec, output: Path) -> tuple[Listing, bool]:
             + "; ".join(_data_differences(old, spec))
             + "). Choose another output.dir, or set output.overwrite true to discard them.")
     started = time.monotonic()
-    listing = write_listing(spec.data, output, spec.output.unit_size)
+    listing = write_listing(spec.data, output, spec.output.unit_size, listing_batch_size(spec))
     log.info("listed %s in %.1f s: %s", spec.data.path, time.monotonic() - started, describe_listing(listing))
     return listing, True
 

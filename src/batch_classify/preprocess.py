@@ -21,7 +21,7 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from .decode import JPEG_SCALES, Cover, open_image, read_pixels
+from .decode import JPEG_SCALES, Cover, open_image, read_pixels, scaled_jpeg_decoder
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,8 @@ def describe_reduction(spec: PixelSpec) -> str:
         at = ", ".join(f"1/{s} from a shorter side of {width * s} px" for s in reversed(JPEG_SCALES))
         need = f"a shorter side of at least {width} px"
     return (f"reduced decode: images kept at {need} (twice the resize target); JPEGs at {at} "
-            "(DCT scaling), any format then box-reduced by the integer factor that still covers it; "
+            f"(DCT scaling, {scaled_jpeg_decoder(spec.resample in _TENSOR_MODES)}), any format then "
+            "box-reduced by the integer factor that still covers it; "
             "smaller images decode in full")
 
 
