@@ -255,3 +255,75 @@ def test_plan_lists_in_the_batch_size_the_job_will_use(tmp_path):
     plan(parse_args(base + ["--runtime.batch_size", "12"]))
     info = json.loads((tmp_path / "out" / "input" / "listing.json").read_text())
     assert info["unit_size"] == 12 and info["n_units"] == 6  # ceil(70 / 64) = 2 -> 12
+
+
+def _parquet_shards(folder, n_files=2, rows=12, group=4):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir()
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    for shard in range(n_files):
+        images = [{"bytes": tiny_png((20 * i, 90, 40 * shard)), "path": None} for i in range(rows)]
+        table = pa.table({"image": pa.array(images, image_type), "label": [i % 3 for i in range(rows)],
+                          "key": [f"s{shard}-{i}" for i in range(rows)]})
+        pq.write_table(table, folder / f"train-{shard:05d}.parquet", row_group_size=group)
+
+
+def _garble_column(path, group: int, column: str) -> None:
+    """Overwrite one column chunk of one row group: listing (footers only) cannot notice."""
+    import pyarrow.parquet as pq
+
+    metadata = pq.ParquetFile(path).metadata.row_group(group)
+    chunk = next(metadata.column(i) for i in range(metadata.num_columns)
+                 if metadata.column(i).path_in_schema.split(".")[0] == column)
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start:start + 16] = b"\xff" * 16  # the page header: not a thrift struct any more
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_parquet_row_group_is_error_rows_and_the_job_goes_on(tmp_path, tiny_models):
+    from batch_classify.verify import verify
+
+    folder = tmp_path / "shards"
+    _parquet_shards(folder)
+    _garble_column(folder / "train-00000.parquet", 1, "image")  # rows 4-7 of 24
+    out = tmp_path / "out"
+    result = run_job(["--model.name", str(tiny_models["beit"]), "--data.path", str(folder),
+                      "--data.id_column", "key", "--output.dir", str(out), "--output.unit_size", "8"],
+                     processes=2)
+    rows = read_rows(out)
+    ids = [f"s{s}-{i}" for s in range(2) for i in range(12)]
+    assert sorted(rows) == sorted(ids)  # the id column still reads: the rows keep their ids
+    broken = {f"s0-{i}" for i in range(4, 8)}
+    for item_id, row in rows.items():
+        if item_id in broken:
+            assert row["error"].startswith("CorruptShard: train-00000.parquet row group 1 (rows 4-7): ")
+            assert row["topk_ids"] is None
+        else:
+            assert row["error"] is None and len(row["topk_ids"]) == 5, item_id
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 24 and metrics["errors_by_type"] == {"CorruptShard": 4}
+    assert "CorruptShard" in result.stdout + result.stderr  # named in the log, not only in rows
+    check = verify(out, recount=True)  # a recount reads the ids alone, and finds the same
+    assert check.complete and not check.recount_mismatches
+
+
+def test_corrupt_parquet_rows_keep_their_index_ids_or_name_the_file(tmp_path):
+    from batch_classify.listing import write_listing
+
+    folder = tmp_path / "shards"
+    _parquet_shards(folder, n_files=1)
+    path = folder / "train-00000.parquet"
+    _garble_column(path, 0, "image")
+    _garble_column(path, 2, "key")
+    by_row = write_listing(data(folder), tmp_path / "rows", unit_size=12)
+    records = list(by_row.records(0))
+    assert [r.id for r in records] == [str(i) for i in range(12)]  # the row index, as when fine
+    # group 2's broken column is the key, which this listing does not read
+    assert [r.error is not None for r in records] == [True] * 4 + [False] * 8
+    by_key = write_listing(data(folder, id_column="key"), tmp_path / "keys", unit_size=12)
+    ids = [r.id for r in by_key.records(0)]
+    # group 0: the key column still reads; group 2: it is the broken one, so file@row
+    assert ids == [f"s0-{i}" for i in range(8)] + [f"train-00000.parquet@{i}" for i in range(8, 12)]

@@ -174,3 +174,25 @@ def test_plan_lists_tars_without_reading_them(tmp_path, tiny_models, capsys):
                      "--output.dir", str(out)]) == 0
     said = capsys.readouterr().out
     assert "listing   reused" in said and "2 of 3 units committed, 1 pending" in said
+
+
+def test_a_tar_gone_after_listing_stops_the_job_with_one_line_and_a_rerun_retries_it(tmp_path, tiny_models):
+    root = tmp_path / "wds"
+    tars = make_wds(root, _images(10, seed=5), per_tar=5)
+    out = tmp_path / "out"
+    args = ["--model.name", str(tiny_models["beit"]), "--data.path", str(root), "--output.dir", str(out)]
+    assert cli_main(["plan", *args]) == 0
+    moved = tmp_path / "elsewhere.tar"
+    tars[1].rename(moved)  # a mount gone, a shard being copied: the filesystem, not the data
+    failed = run_job(args, expect_ok=False)
+    assert failed.returncode == 2, failed.stderr
+    said = [line for line in failed.stderr.splitlines() if "cannot be read" in line]
+    assert said == [f"batch-classify: unit 1 of the input (00001.tar) cannot be read: FileNotFoundError: "
+                    f"[Errno 2] No such file or directory: '{tars[1]}'. Finished units are committed; "
+                    "run the same command again once it is readable"]
+    assert "Traceback" not in failed.stderr
+    assert sorted({key.split("/")[0] for key in read_rows(out)}) == ["00000.tar"]  # committed, kept
+    moved.rename(tars[1])
+    run_job(args)
+    rows = read_rows(out)
+    assert len(rows) == 10 and all(row["error"] is None for row in rows.values())

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from .errors import describe_error
+
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec, whose PyPI wheels
 # are CUDA builds; torchvision's come in every flavour torch does (ROCm included). If a later
 # torchvision drops them, read_pixels decodes with Pillow.
@@ -299,12 +301,6 @@ def read_pixels(source: Any, max_pixels: int, cover: Cover | None = None) -> tor
         return decode_jpeg(value.data, mode=ImageReadMode.RGB)
     except RuntimeError:
         return torch.from_numpy(np.array(value.with_pillow())).permute(2, 0, 1)
-
-
-def describe_error(error: BaseException) -> str:
-    """Short 'Type: message' for the error column."""
-    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {message}"[:500]
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import DataConfig
+from .errors import describe_error
 from .inputs import Enumeration, InputError, enumerate_input, hf_load, map_label
 from .writer import add_digests, id_hash
 
@@ -78,6 +79,15 @@ class Record:
 
     def source(self) -> str | BinaryIO:
         return io.BytesIO(self.payload) if isinstance(self.payload, bytes) else self.payload
+
+
+PARQUET_FAULTS = (OSError, pa.ArrowException)
+"""What pyarrow raises for a file or row group it cannot read (ArrowInvalid, ArrowIOError, ...)."""
+
+
+def _error_rows(ids: list[str], error: str) -> Iterator[Record]:
+    for item_id in ids:
+        yield Record(item_id, None, None, error)
 
 
 def listing_data(cfg: DataConfig) -> dict[str, Any]:
@@ -227,24 +237,48 @@ class Listing:
             yield Record(item_id, label, payload, error)
 
     def _parquet(self, unit: int, read_images: bool = True) -> Iterator[Record]:
+        """The unit's row groups in order. Listing read only the footers: a row group whose
+        pages turn out unreadable (corrupt, or a bad disk block) is error rows, one per row,
+        so the job goes on and every listed row is accounted for. A file that cannot be opened
+        at all fails the unit, as a tar's filesystem errors do: a rerun retries it."""
         reader = self.info["reader"]
-        path = os.path.join(self.root, self.unit_paths[unit])
-        handle = pq.ParquetFile(path)
+        rel = self.unit_paths[unit]
+        path = os.path.join(self.root, rel)
         columns = [reader["image_column"]] if read_images else []
         label_column = reader["label"]["column"] if reader["label"] else None
         for extra in (label_column, reader["id_column"]):
             if extra is not None and extra not in columns:
                 columns.append(extra)
         position = int(self.units["offset"][unit])
+        handle = pq.ParquetFile(path)  # its footer read fine when listed: a failure is the filesystem's
         for group in range(int(self.units["start"][unit]), int(self.units["stop"][unit])):
-            table = handle.read_row_group(group, columns=columns)
             n = handle.metadata.row_group(group).num_rows
-            ids = ([str(v) for v in table.column(reader["id_column"]).to_pylist()] if reader["id_column"]
-                   else [str(i) for i in range(position, position + n)])
-            labels = table.column(label_column).to_pylist() if label_column else [None] * n
-            images = table.column(reader["image_column"]).to_pylist() if read_images else None
-            yield from self._emit(images, ids, labels, os.path.dirname(path))
+            try:
+                table = handle.read_row_group(group, columns=columns)
+                ids = ([str(v) for v in table.column(reader["id_column"]).to_pylist()] if reader["id_column"]
+                       else [str(i) for i in range(position, position + n)])
+                labels = table.column(label_column).to_pylist() if label_column else [None] * n
+                images = table.column(reader["image_column"]).to_pylist() if read_images else None
+            except PARQUET_FAULTS as error:
+                yield from _error_rows(self._fallback_ids(handle, group, rel, position, n),
+                                       f"CorruptShard: {rel} row group {group} (rows {position}-"
+                                       f"{position + n - 1}): {describe_error(error)}")
+            else:
+                yield from self._emit(images, ids, labels, os.path.dirname(path))
             position += n
+
+    def _fallback_ids(self, handle: pq.ParquetFile, group: int, rel: str, position: int,
+                      n: int) -> list[str]:
+        """Ids for the rows of a group that cannot be read whole: the id column alone where it
+        still reads (a recount reads only ids, and must find the same), else the row index
+        (``<file>@<row>`` where ids come from a column)."""
+        column = self.info["reader"]["id_column"]
+        if column is None:
+            return [str(i) for i in range(position, position + n)]
+        try:
+            return [str(v) for v in handle.read_row_group(group, columns=[column]).column(0).to_pylist()]
+        except PARQUET_FAULTS:
+            return [f"{rel}@{i}" for i in range(position, position + n)]
 
     def _hf_rows(self, unit: int) -> Iterator[Record]:
         reader = self.info["reader"]

@@ -10,7 +10,8 @@ from concurrent.futures import Future, wait
 
 import torch
 
-from .decode import Batch, ItemKey, Task, TaskDataset, collate, worker_init
+from .decode import Batch, ItemKey, Task, TaskDataset, collate, describe_error, worker_init
+from .inputs import InputError
 from .listing import Listing
 from .shard import UnitQueue
 
@@ -55,7 +56,17 @@ class UnitTasks:
             if unit is None:
                 return
             batch: list[Task] = []
-            for task in self._unit_tasks(unit):
+            tasks = self._unit_tasks(unit)
+            while True:
+                try:
+                    task = next(tasks, None)
+                except OSError as error:  # the filesystem's fault (gone, no permission): retry later
+                    raise InputError(
+                        f"unit {unit} of the input ({self.listing.describe_unit(unit)}) cannot be read: "
+                        f"{describe_error(error)}. Finished units are committed; run the same command "
+                        "again once it is readable") from error
+                if task is None:
+                    break
                 batch.append(task)
                 if len(batch) == self.batch_size:
                     yield batch
