@@ -119,8 +119,8 @@ class OutputConfig:
     """How many classes each prediction row keeps."""
     unit_size: int = 0
     """Items per committed unit of work for listed inputs (0: from the item count, at most
-    10,000, so 1e9 images make ~1e5 files). WebDataset units are whole tars; Parquet units
-    whole row groups up to this many rows."""
+    10,000 rounded up to whole batches, so 1e9 images make ~1e5 files). WebDataset units are
+    whole tars; Parquet units whole row groups up to this many rows."""
     overwrite: bool = False
     """Start over in an output folder that holds another job's results."""
     embeddings: bool = False
