@@ -157,3 +157,9 @@ def test_configuration_mistakes_are_one_line_without_a_traceback(job_args, tmp_p
                        expect_ok=False)
     assert no_model.returncode == 2 and f"no folder {tmp_path / 'm'} exists" in no_model.stderr
     assert "Traceback" not in no_model.stderr
+    no_real = run_job([*args, "--output.dir", str(tmp_path / "c"), "--data.real_labels",
+                       str(tmp_path / "real.json")], expect_ok=False)
+    assert no_real.returncode == 2 and "Traceback" not in no_real.stderr
+    assert f"batch-classify: data.real_labels {tmp_path / 'real.json'}: no such file" in no_real.stderr
+    predictions = tmp_path / "c" / "predictions"
+    assert not predictions.exists() or not any(predictions.iterdir())  # stopped before classifying

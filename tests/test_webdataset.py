@@ -19,6 +19,7 @@ from test_preemption import Background
 from batch_classify.cli import main as cli_main
 from batch_classify.labels import imagenet_classes
 from batch_classify.preemption import PREEMPTED_EXIT_STATUS
+from batch_classify.verify import verify
 
 WNIDS = imagenet_classes()[0]
 CLASSES = [0, 1, 281, 404, 817]  # tench, goldfish, tabby, airliner, sports car
@@ -184,15 +185,27 @@ def test_a_tar_gone_after_listing_stops_the_job_with_one_line_and_a_rerun_retrie
     assert cli_main(["plan", *args]) == 0
     moved = tmp_path / "elsewhere.tar"
     tars[1].rename(moved)  # a mount gone, a shard being copied: the filesystem, not the data
-    failed = run_job(args, expect_ok=False)
-    assert failed.returncode == 2, failed.stderr
-    said = [line for line in failed.stderr.splitlines() if "cannot be read" in line]
-    assert said == [f"batch-classify: unit 1 of the input (00001.tar) cannot be read: FileNotFoundError: "
-                    f"[Errno 2] No such file or directory: '{tars[1]}'. Finished units are committed; "
-                    "run the same command again once it is readable"]
-    assert "Traceback" not in failed.stderr
+    failed = run_job(args, processes=2, expect_ok=False)
+    assert failed.returncode != 0
+    reason = (f"unit 1 of the input (00001.tar) cannot be read: FileNotFoundError: [Errno 2] No such "
+              f"file or directory: '{tars[1]}'. Finished units are committed; run the same command "
+              "again once it is readable")
+    said = [line for line in failed.stderr.splitlines() if line.startswith("batch-classify: ")]
+    assert f"batch-classify: {reason}" in said, failed.stderr  # the rank that read it
+    # its peer says why it stops too, in one line: no traceback from either rank
+    assert all(line == f"batch-classify: {reason}" or line.startswith(
+        "batch-classify: another rank of the job failed or stopped: rank ") and line.endswith(reason)
+        for line in said), said
+    assert "src/batch_classify/" not in failed.stderr, failed.stderr
     assert sorted({key.split("/")[0] for key in read_rows(out)}) == ["00000.tar"]  # committed, kept
     moved.rename(tars[1])
     run_job(args)
     rows = read_rows(out)
     assert len(rows) == 10 and all(row["error"] is None for row in rows.values())
+    assert cli_main(["verify", str(out)]) == 0
+    damaged = out / "predictions" / "unit-000001.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:100])  # a committed file cut short since
+    result = verify(out)
+    assert not result.complete and len(result.unreadable_files) == 1
+    assert result.unreadable_files[0].startswith("unit-000001.parquet: ArrowInvalid: ")
+    assert cli_main(["verify", str(out)]) == 1  # a report, not a traceback

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .errors import UserError
 from .manifest import read_manifest, write_json
 from .report import write_report
 from .units import expected_units, file_stats, iter_batches, merge_stats, metrics_from_stats, unit_files
@@ -24,7 +25,7 @@ METRICS = "metrics.json"
 TIMING = "timing.json"
 
 
-class AggregateError(RuntimeError):
+class AggregateError(UserError, RuntimeError):
     """The outputs cannot be scored as they are; the message says what is wrong."""
 
 

@@ -73,7 +73,7 @@ def _verify(argv: list[str]) -> int:
 
     return _on_folders("verify", "Check an output folder against its listing, unit by unit "
                        "(--recount: enumerate the input again and compare every unit's ids).",
-                       ["output_dir"], argv, check, (VerifyError, OSError), error_status=2)
+                       ["output_dir"], argv, check, (VerifyError, OSError, ValueError), error_status=2)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .aggregate import METRICS, TIMING, aggregate, format_table
+from .aggregate import METRICS, TIMING, AggregateError, aggregate, format_table, real_labels_path
 from .config import ConfigError, JobSpec, parse_args
 from .decode import Batch, TaskDataset, describe_error
 from .distributed import (
@@ -346,6 +346,10 @@ def _prepare_outputs(spec: JobSpec, output: Path,
                      jobs: list[ModelJob]) -> tuple[Listing, np.ndarray, int | None]:
     """Main rank: list once, then each model's folder (manifest, config, listing). Returns the
     listing, the units pending in any model, and the items already committed in all."""
+    if spec.data.real_labels and not real_labels_path(spec.data.real_labels).is_file():
+        # found now, not once every image is classified (aggregate scores with it at the end)
+        raise AggregateError(f"data.real_labels {spec.data.real_labels}: no such file (give the path "
+                             "of a real.json, or imagenet-real for the copy timm ships)")
     listing, _ = prepare_listing(spec, output)
     pending_units: set[int] = set()
     done_everywhere = set(range(listing.n_units))
@@ -494,6 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:  # a mistake to fix, not a bug: the message, no traceback
         print(f"batch-classify: {error}", file=sys.stderr)
         return 2
+    except RankFailed as error:  # the failing rank logged its own error; one line from each peer
+        print(f"batch-classify: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -12,7 +12,7 @@ import torch
 
 from .decode import Batch, ItemKey, Task, TaskDataset, collate, describe_error, worker_init
 from .inputs import InputError
-from .listing import Listing
+from .listing import PARQUET_FAULTS, Listing
 from .shard import UnitQueue
 
 
@@ -60,7 +60,7 @@ class UnitTasks:
             while True:
                 try:
                     task = next(tasks, None)
-                except OSError as error:  # the filesystem's fault (gone, no permission): retry later
+                except PARQUET_FAULTS as error:  # gone, no permission, being rewritten: retry later
                     raise InputError(
                         f"unit {unit} of the input ({self.listing.describe_unit(unit)}) cannot be read: "
                         f"{describe_error(error)}. Finished units are committed; run the same command "

@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import UserError
+from .errors import UserError, describe_error
 from .listing import read_listing
 from .manifest import read_manifest
 from .writer import PREDICTIONS_DIR, committed_units, ids_digest, read_unit_stats, unit_of, unit_path
@@ -38,12 +39,14 @@ class Verification:
     unexpected_files: list[str] = field(default_factory=list)
     partial_files: list[str] = field(default_factory=list)
     recount_mismatches: list[str] = field(default_factory=list)
+    unreadable_files: list[str] = field(default_factory=list)
+    """Committed unit files that cannot be read (damaged since): the job counts them as done."""
     recounted: bool = False
 
     @property
     def complete(self) -> bool:
         return not (self.missing_units or self.count_mismatches or self.duplicated_ids
-                    or self.unexpected_files or self.recount_mismatches)
+                    or self.unexpected_files or self.recount_mismatches or self.unreadable_files)
 
     def summary(self, limit: int = SHOW) -> str:
         expected = f" of {self.n_expected} items" if self.n_expected is not None else ""
@@ -54,6 +57,8 @@ class Verification:
                               ("ids written twice within a unit", self.duplicated_ids),
                               ("files that are no unit of this job", self.unexpected_files),
                               ("units whose ids differ from the input now", self.recount_mismatches),
+                              ("unit files that cannot be read (remove them, then run the job again)",
+                               self.unreadable_files),
                               ("partial files (ignored, removed by the next run)", self.partial_files)):
             if values:
                 shown = "; ".join(map(str, values[:limit]))
@@ -90,8 +95,14 @@ def verify(output_dir: str | Path, recount: bool = False) -> Verification:
             result.missing_units.append(f"unit {unit} ({listing.describe_unit(unit)})")
             continue
         path = unit_path(output, unit)
-        ids = _file_ids(path)
+        try:
+            ids = _file_ids(path)
+            stats = read_unit_stats(path)
+        except (OSError, pa.ArrowException) as error:
+            result.unreadable_files.append(f"{path.name}: {describe_error(error)}")
+            continue
         result.n_rows += len(ids)
+        digest = ids_digest(ids)
         if len(set(ids)) != len(ids):
             seen: set[str] = set()
             twice = next(i for i in ids if i in seen or seen.add(i))
@@ -100,12 +111,11 @@ def verify(output_dir: str | Path, recount: bool = False) -> Verification:
         if expected is not None and expected != len(ids):
             result.count_mismatches.append(f"unit {unit} ({listing.describe_unit(unit)}): {len(ids)} rows, "
                                            f"{expected} listed")
-        stats = read_unit_stats(path)
-        if stats is not None and (stats["n"] != len(ids) or stats["ids_digest"] != ids_digest(ids)):
+        if stats is not None and (stats["n"] != len(ids) or stats["ids_digest"] != digest):
             result.count_mismatches.append(f"unit {unit}: its footer does not match its rows")
         if recount:
             again = [record.id for record in listing.records(unit, read_images=False)]
-            if len(again) != len(ids) or ids_digest(again) != ids_digest(ids):
+            if len(again) != len(ids) or ids_digest(again) != digest:
                 result.recount_mismatches.append(
                     f"unit {unit} ({listing.describe_unit(unit)}): {len(ids)} rows committed, "
                     f"{len(again)} items in the input now")
