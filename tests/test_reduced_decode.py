@@ -232,3 +232,22 @@ def test_reduced_decode_is_a_runtime_setting():
 
         parse_args(["--model.name", "m", "--data.path", "d", "--output.dir", "o",
                     "--runtime.reduced_decode", "sometimes"])
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp"])
+def test_no_image_is_decoded_while_holding_the_exif_lock(tmp_path, monkeypatch, suffix):
+    # The EXIF check takes a process-wide lock; decode threads must not decode pixels under it
+    # (a PNG's getexif() loads the whole image where its EXIF follows the pixel data).
+    from PIL import ImageFile
+
+    from batch_classify import decode
+
+    path = _save(_picture(1200, 900), tmp_path / f"large{suffix}")
+    under_lock = []
+    load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load",
+                        lambda self: under_lock.append(decode._WARNINGS.locked() and bool(self.tile))
+                        or load(self))  # tile: pixels still to decode
+    read_pixels(path, LIMIT, cover=COVER)
+    open_image(path, LIMIT, cover=COVER)
+    assert under_lock.count(True) == 0, under_lock

@@ -282,6 +282,10 @@ def read_pixels(source: Any, max_pixels: int, cover: Cover | None = None) -> tor
     if cover is not None:
         with _opened(source) as stream:
             image = _open_header(stream, max_pixels)
+            if image.format not in {"JPEG", "MPO"}:
+                # Decoded whole, then reduced. Its orientation is read after the decode: a PNG's
+                # EXIF may follow the pixels, and reading it first would decode under the lock.
+                return _pillow_tensor(image, cover)
             if reduction_factor(image.size, _stored_cover(image, cover)) > 1:
                 scale = jpeg_scale(image, cover)
                 if scale > 1 and _upright_jpeg(image):
