@@ -327,3 +327,44 @@ def test_corrupt_parquet_rows_keep_their_index_ids_or_name_the_file(tmp_path):
     ids = [r.id for r in by_key.records(0)]
     # group 0: the key column still reads; group 2: it is the broken one, so file@row
     assert ids == [f"s0-{i}" for i in range(8)] + [f"train-00000.parquet@{i}" for i in range(8, 12)]
+
+
+def test_the_kind_is_told_from_the_top_level_and_one_folder_down(tmp_path):
+    import os
+
+    from fixtures_wds import write_tar
+
+    png = tiny_png()
+    tree = tmp_path / "tree"  # class folders of images: an ImageNet-style tree
+    for name in ("n01440764", "n01443537"):
+        (tree / name).mkdir(parents=True)
+        (tree / name / "a.png").write_bytes(png)
+    assert detect_kind(data(tree)) == "imagefolder"
+    hub = tmp_path / "hub"  # a hub download: data/train-*.parquet
+    (hub / "data").mkdir(parents=True)
+    (hub / "data" / "train-00000.parquet").write_bytes(b"")
+    assert detect_kind(data(hub)) == "parquet"
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "a.png").write_bytes(png)
+    assert detect_kind(data(flat)) == "images"
+    # Upper-case suffixes and symlinked tars are tars; a link keeps its own name as its id prefix.
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_tar(shards / "A.TAR", [("k1.png", png)])
+    os.symlink(write_tar(tmp_path / "elsewhere.tar", [("k2.png", png)]), shards / "b.tar")
+    assert detect_kind(data(shards)) == "webdataset"
+    items = load_items(data(shards))
+    assert items.ids == ["A.TAR/k1", "b.tar/k2"]
+
+
+def test_a_parquet_file_without_the_first_files_columns_is_refused_when_listing(tmp_path):
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "shards"
+    _parquet_shards(folder, n_files=1)
+    table = pq.read_table(folder / "train-00000.parquet").drop_columns(["label"])
+    pq.write_table(table, folder / "train-00001.parquet")
+    with pytest.raises(InputError, match=r"train-00001.parquet has no column label \(the first file, "
+                                         r"train-00000.parquet, has it\)"):
+        load_items(data(folder))

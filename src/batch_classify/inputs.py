@@ -23,6 +23,7 @@ from typing import Any
 from .config import DataConfig
 from .errors import UserError
 from .labels import WNID, parse_imagenet_label, wnid_to_index
+from .tars import SHARD_SUFFIXES, is_pattern
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,6 @@ CHUNK_ROWS = 65_536
 DUPLICATE_CHECK_LIMIT = 2_000_000
 """A path list is checked for repeated lines up to this many (a set of 64-bit hashes, ~150 MB
 on the main rank while it lists); beyond, verify finds an id twice within a unit."""
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
 class InputError(UserError, ValueError):
@@ -301,7 +301,7 @@ def webdataset(cfg: DataConfig) -> Enumeration:
         raise InputError(str(error)) from None
     shards, parts = [], []
     for tar in tars:
-        rel = Path(tar).resolve().relative_to(root.resolve()).as_posix()
+        rel = Path(os.path.relpath(tar, root)).as_posix()  # a symlinked tar keeps its own name
         shards.append({"path": rel})
         parts.append(f"{rel}\t{os.stat(tar).st_size}")
     suffixes = [s.lower().lstrip(".") for s in (cfg.image_suffixes or IMAGE_SUFFIXES)]
@@ -334,24 +334,31 @@ def parquet(cfg: DataConfig) -> Enumeration:
     import datasets
     import pyarrow.parquet as pq
 
-    root, files = _parquet_files(cfg)
-    shards, parts, first = [], [], None
-    for file in files:
+    def footer(file: Path):
         try:
-            metadata = pq.read_metadata(file)
+            return pq.read_metadata(file)
         except Exception as error:
             raise InputError(f"data.path: {file} is not a readable Parquet file ({error})") from None
-        if first is None:
-            first = (file, pq.read_schema(file))
+
+    root, files = _parquet_files(cfg)
+    schema = footer(files[0]).schema.to_arrow_schema()  # the columns, as the first file has them
+    try:
+        features = datasets.Features.from_arrow_schema(schema)
+    except Exception:  # columns datasets has no feature type for: read them as plain values
+        features = {name: None for name in schema.names}
+    image_column, label_column, _ = _columns(features, cfg, str(files[0]))
+    needed = {image_column, label_column, cfg.id_column} - {None}
+    shards, parts = [], []
+    for file in files:
+        metadata = footer(file)
+        missing = needed - set(metadata.schema.to_arrow_schema().names)
+        if missing:  # found now, not as a crash when a rank reaches the file
+            raise InputError(f"data.path: {file} has no column {', '.join(sorted(missing))} (the "
+                             f"first file, {files[0].name}, has it); every file needs the same columns")
         rel = file.relative_to(root).as_posix()
         groups = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
         shards.append({"path": rel, "row_groups": groups})
         parts.append(f"{rel}\t{metadata.num_rows}\t{file.stat().st_size}")
-    try:
-        features = datasets.Features.from_arrow_schema(first[1])
-    except Exception:  # columns datasets has no feature type for: read them as plain values
-        features = {name: None for name in first[1].names}
-    image_column, label_column, _ = _columns(features, cfg, str(first[0]))
     reader = {"image_column": image_column, "id_column": cfg.id_column, "label": None}
     classes, notes = None, [f"{len(files)} Parquet file(s), image column {image_column!r}"]
     if label_column is not None:
@@ -415,19 +422,18 @@ def hf_dataset(cfg: DataConfig) -> Enumeration:
 # ---------------------------------------------------------------- kinds
 
 
-GLOB_CHARS = re.compile(r"[*?\[{]")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def _tar_name(name: str) -> bool:
-    return name.lower().endswith(TAR_SUFFIXES)
+    return name.lower().endswith(SHARD_SUFFIXES)
 
 
 def detect_kind(cfg: DataConfig) -> str:
     """The source kind that ``data.kind: auto`` resolves to."""
     path = Path(cfg.path)
     if not path.exists():
-        if GLOB_CHARS.search(cfg.path):
+        if is_pattern(cfg.path):
             if _tar_name(cfg.path):
                 return "webdataset"
             if cfg.path.lower().endswith(".parquet"):
@@ -445,17 +451,33 @@ def detect_kind(cfg: DataConfig) -> str:
         if path.suffix.lower() in {".txt", ".lst", ".list"}:
             return "file_list"
         raise InputError(f"data.path {path}: cannot tell what kind of input this file is; set data.kind")
-    names = [e for e in os.scandir(path) if not e.name.startswith(".")]
-    if any(n.name in HF_MARKERS for n in names) or any(n.name.endswith(".arrow") for n in names):
+    # One pass over the top level, holding flags only (a flat folder may hold millions).
+    hf = parquet_files = tars = False
+    only_folders, first_folder = True, None
+    with os.scandir(path) as entries:
+        for entry in entries:
+            name = entry.name
+            if name.startswith("."):
+                continue
+            hf = hf or name in HF_MARKERS or name.endswith(".arrow")
+            parquet_files = parquet_files or name.lower().endswith(".parquet")
+            tars = tars or _tar_name(name)
+            if entry.is_dir():
+                first_folder = name if first_folder is None else min(first_folder, name)
+            else:
+                only_folders = False
+    if hf:
         return "hf"
-    if any(n.name.endswith(".parquet") for n in names) or (
-            names and all(n.is_dir() for n in names) and list(path.glob("*/*.parquet"))):
+    # Parquet one level down (a hub layout's data/): only the first folder is looked into, not
+    # every class folder of an ImageNet-style tree.
+    if parquet_files or (only_folders and first_folder is not None and any(
+            entry.name.lower().endswith(".parquet") for entry in os.scandir(path / first_folder))):
         return "parquet"
-    if any(_tar_name(n.name) for n in names):
+    if tars:
         return "webdataset"
     if cfg.labels is not None:
         return "images"
-    if names and all(n.is_dir() for n in names):
+    if only_folders and first_folder is not None:
         return "imagefolder"
     return "images"
 

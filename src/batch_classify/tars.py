@@ -327,7 +327,7 @@ def expand_shards(spec: str, root: str | os.PathLike | None = None) -> list[Path
         return [tar for _, tar in found]
     if path.is_file():
         return [path]
-    if not _is_pattern(str(path)):
+    if not is_pattern(str(path)):
         raise ShardSpecError(f"shard spec {spec!r}: {str(path)!r} does not exist")
     try:
         expanded = list(dict.fromkeys(braceexpand(str(path))))
@@ -360,7 +360,7 @@ def shard_root(spec: str, root: str | os.PathLike | None = None) -> Path:
     text = str(path)
     if path.is_dir():
         return path
-    if path.exists() or not _is_pattern(text):
+    if path.exists() or not is_pattern(text):
         return path.parent
     first = min(i for i, char in enumerate(text) if char in "*?[{")
     return Path(os.path.dirname(text[:first]) or ".")
@@ -371,7 +371,8 @@ def _resolve(spec: str, root: str | os.PathLike | None) -> Path:
     return path if root is None or path.is_absolute() else Path(root) / path
 
 
-def _is_pattern(text: str) -> bool:
+def is_pattern(text: str) -> bool:
+    """Whether a data.path is a glob or brace pattern rather than a path."""
     return any(char in text for char in "*?[{")
 
 
@@ -387,7 +388,7 @@ def _scan_folder(folder: Path) -> Iterator[tuple[str, Path]]:
                 relative = prefix + entry.name
                 if entry.is_dir(follow_symlinks=False):
                     pending.append((Path(entry.path), relative + "/"))
-                elif entry.name.endswith(SHARD_SUFFIXES) and entry.is_file():
+                elif entry.name.lower().endswith(SHARD_SUFFIXES) and entry.is_file():
                     yield relative, Path(entry.path)
 
 
