@@ -19,7 +19,7 @@ from .errors import UserError
 from .manifest import read_manifest, write_json
 from .report import write_report
 from .units import expected_units, file_stats, iter_batches, merge_stats, metrics_from_stats, unit_files
-from .writer import PREDICTIONS_DIR, SCHEMA, unit_of
+from .writer import PREDICTIONS_DIR, SCHEMA, error_type, unit_of
 
 METRICS = "metrics.json"
 TIMING = "timing.json"
@@ -39,10 +39,6 @@ def read_predictions(output_dir: str | Path) -> pa.Table:
     return pa.concat_tables(pq.read_table(path, schema=SCHEMA) for path in files)
 
 
-def _error_type(message: str) -> str:
-    return message.split(":", 1)[0]
-
-
 def compute_metrics(table: pa.Table) -> dict[str, Any]:
     """Counts and top-1/top-5 accuracy of one predictions table."""
     errors = [e for e in table.column("error").to_pylist() if e is not None]
@@ -54,7 +50,7 @@ def compute_metrics(table: pa.Table) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "n": table.num_rows,
         "n_errors": len(errors),
-        "errors_by_type": dict(sorted(Counter(map(_error_type, errors)).items())),
+        "errors_by_type": dict(sorted(Counter(map(error_type, errors)).items())),
         "n_labelled": sum(label is not None for label in labels),
         "n_scored": len(scored),
         "top1": None,

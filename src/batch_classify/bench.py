@@ -42,8 +42,8 @@ from .config import ConfigError, JobSpec, parse_args
 from .decode import ItemKey, Task, TaskDataset, open_image
 from .distributed import configure_logging, init_state, keep_host_memory, plan_cpu
 from .job import resolve_runtime
+from .large_photos import DEFAULT_SIZES, parse_sizes, upscaled_photos
 from .large_photos import measure as measure_large_photos
-from .large_photos import parse_sizes, upscaled_photos
 from .listing import Items, load_items
 from .loader import make_loader
 from .model import load_model, prepare_inference
@@ -263,7 +263,7 @@ def run_bench(spec: JobSpec, stages: list[str], limit: int | None, baseline_limi
     large = None
     if "large_photos" in stages and large_photos > 0 and state.is_main_process:
         large = stage_large_photos(spec, items, list(range(total)), inference, device, workers,
-                                   threads, large_photos, large_sizes or parse_sizes("4032x3024"))
+                                   threads, large_photos, large_sizes or parse_sizes(DEFAULT_SIZES))
     state.wait_for_everyone()
     # The baselines first: the model-only rounds and the job then run back to back, so that
     # a shared machine's drift moves both sides of job/model alike.
@@ -399,7 +399,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--bench.large_photos", dest="large_photos", type=int, default=16,
                         help="large_photos stage: how many of the bench's images to upscale "
                              "(default 16)")
-    parser.add_argument("--bench.large_sizes", dest="large_sizes", default="4032x3024",
+    parser.add_argument("--bench.large_sizes", dest="large_sizes", default=DEFAULT_SIZES,
                         help="large_photos stage: comma-separated WIDTHxHEIGHT sizes (default "
                              "4032x3024, 12 MP; 5656x4242 is 24 MP, 8000x6000 48 MP)")
     args, rest = parser.parse_known_args(argv)

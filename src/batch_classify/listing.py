@@ -10,6 +10,7 @@ means the listing is complete. Only the main rank lists; every rank reads the un
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -483,7 +484,7 @@ class Items:
     def labelled(self) -> bool:
         return any(label is not None for label in self.labels)
 
-    @property
+    @functools.cached_property
     def paths(self) -> list[str] | None:
         """Every item's file path, or None where some come as bytes (tars, Parquet, datasets)."""
         return self.payloads if all(isinstance(p, str) for p in self.payloads) else None

@@ -75,10 +75,6 @@ class Predictor:
         self._keep = torch.tensor(labels.keep, device=device)
         self._ids = torch.tensor(labels.ids, device=device)
 
-    def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """Logits over the kept classes for a worker batch, in chunks that fit the device."""
-        return self.forward(batch)[0]
-
     def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logits over the kept classes, embeddings or None) for a worker batch, in chunks
         that fit the device."""

@@ -289,14 +289,6 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
     return calibration.ece()
 
 
-def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(count, accuracy, mean confidence) of each bin; accuracy and confidence NaN when empty."""
-    calibration = Calibration(bins)
-    calibration.add(confidence, correct)
-    return calibration.reliability()
-
-
 @dataclass
 class ClassScore:
     index: int
@@ -508,7 +500,7 @@ def plot_predicted(counts: list[tuple[str, int]], title: str, path: Path) -> Non
 # ---------------------------------------------------------------- files
 
 
-def _percent(value: float | None) -> str:
+def percent(value: float | None) -> str:
     return "n/a" if value is None or value != value else f"{100.0 * value:.2f}%"
 
 
@@ -606,8 +598,8 @@ def _class_section(scores: list[ClassScore]) -> list[str]:
         worst = sorted(scores, key=lambda s: (s.top1, -s.n, s.index))[:10]
         lines += [f"Lowest top-1 (all classes in [{PER_CLASS}]({PER_CLASS})):", "",
                   markdown_table(["class", "n", "top-1", "top-5"],
-                                 [[shorten(s.name) if s.wnid else s.name, s.n, _percent(s.top1),
-                                   _percent(s.top5)] for s in worst]), ""]
+                                 [[shorten(s.name) if s.wnid else s.name, s.n, percent(s.top1),
+                                   percent(s.top5)] for s in worst]), ""]
     return lines
 
 
@@ -631,9 +623,9 @@ def _labelled_report(ctx: Context) -> tuple[list[str], dict[str, Any]]:
     plot_accuracy(scores, *result.calibration.reliability(), macro, ece, ctx.model_name,
                   ctx.output / PER_CLASS_PLOT)
     ctx.written.append(PER_CLASS_PLOT)
-    summary = _summary(ctx, [["top-1", _percent(ctx.metrics["top1"])],
-                             ["top-5", _percent(ctx.metrics["top5"])],
-                             [f"macro top-1 (mean over {len(scores)} classes)", _percent(macro)],
+    summary = _summary(ctx, [["top-1", percent(ctx.metrics["top1"])],
+                             ["top-5", percent(ctx.metrics["top5"])],
+                             [f"macro top-1 (mean over {len(scores)} classes)", percent(macro)],
                              [f"expected calibration error ({ECE_BINS} bins)", f"{ece:.4f}"]])
     lines = (summary + _class_section(scores) + _confusion_section(ctx.names, pairs)
              + _sheet_section(ctx, "Most confident mistakes",
@@ -662,7 +654,7 @@ def _labelling_report(ctx: Context) -> tuple[list[str], dict[str, Any]]:
         ctx.written.append(PREDICTED_PLOT)
         lines += [f"![most frequent top-1 classes]({PREDICTED_PLOT})", "",
                   markdown_table(["class", "images", "share"],
-                                 [[name, n, _percent(n / n_predicted)] for name, n in top]),
+                                 [[name, n, percent(n / n_predicted)] for name, n in top]),
                   "", f"All classes in [{PREDICTED}]({PREDICTED}).", ""]
     else:
         lines += ["No image was classified.", ""]

@@ -13,16 +13,12 @@ from typing import Any
 
 from .compare import compare
 from .manifest import write_json
-from .report import markdown_table
+from .report import markdown_table, percent
 
 MODELS_FILE = "models.json"
 """Top level of a several-model output: the models and their sub-folders."""
 SIDE_BY_SIDE = "side_by_side"
 """side_by_side.md and side_by_side.json: the table, written when the job ends."""
-
-
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100.0 * value:.2f}%"
 
 
 def _model_rate(metrics: dict[str, Any]) -> float | None:
@@ -51,7 +47,7 @@ def side_by_side(output: str | Path, folders: list[Path]) -> tuple[str, dict[str
         result = compare(a, b)
         agreement.append({"a": a.name, "b": b.name, "agreement": result["agreement"],
                           "n_both_decoded": result["n_both_decoded"]})
-    rows = [[m["folder"], _percent(m["top1"]), _percent(m["top5"]),
+    rows = [[m["folder"], percent(m["top1"]), percent(m["top5"]),
              "n/a" if m["ece"] is None else f"{m['ece']:.4f}",
              "n/a" if m["images_per_second"] is None else f"{m['images_per_second']:.1f}",
              "n/a" if m["model_images_per_second"] is None else f"{m['model_images_per_second']:.1f}"]
@@ -60,7 +56,7 @@ def side_by_side(output: str | Path, folders: list[Path]) -> tuple[str, dict[str
                            rows)
     names = [folder.name for folder in folders]
     by_pair = {(p["a"], p["b"]): p["agreement"] for p in agreement}
-    matrix = [[a, *("-" if a == b else _percent(by_pair.get((a, b), by_pair.get((b, a))))
+    matrix = [[a, *("-" if a == b else percent(by_pair.get((a, b), by_pair.get((b, a))))
                     for b in names)] for a in names]
     agreement_table = markdown_table(["top-1 agreement", *names], matrix)
     text = (f"# {len(folders)} models, one pass\n\n{table}\n\n{agreement_table}\n\n"

@@ -31,11 +31,6 @@ accuracy compares `topk_ids` with), null where unknown or unmappable. With outpu
 an `embedding` column follows: fixed-size list of float16 (null on error rows)."""
 
 
-def prediction_schema(embedding_dim: int | None = None) -> pa.Schema:
-    """SCHEMA, plus the embedding column where the job writes one."""
-    return SCHEMA if embedding_dim is None else SCHEMA.append(embedding_field(embedding_dim))
-
-
 def unit_path(output_dir: str | Path, unit: int) -> Path:
     return Path(output_dir) / PREDICTIONS_DIR / f"unit-{unit:06d}.parquet"
 
