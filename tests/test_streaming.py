@@ -280,6 +280,16 @@ def test_duplicate_id_within_a_unit_is_refused(tmp_path: Path):
         aggregate(out)
 
 
+def test_ids_within_units_are_checked_from_the_footers(tmp_path: Path, monkeypatch):
+    out = write_output(tmp_path / "out", random_units(seed=12))
+    read = []
+    real_read_table = pq.read_table
+    monkeypatch.setattr(pq, "read_table", lambda path, *a, **k: read.append(
+        (Path(path).name, k.get("columns"))) or real_read_table(path, *a, **k))
+    aggregate(out)
+    assert not [name for name, columns in read if columns == ["id"]], read  # no second read of the ids
+
+
 def test_copied_or_stray_unit_files_are_refused(tmp_path: Path):
     out = write_output(tmp_path / "out", random_units(seed=9))
     copy = unit_path(out, 7)
@@ -303,7 +313,8 @@ def test_files_without_footer_counts_still_aggregate(tmp_path: Path):
         metadata = {k: v for k, v in table.schema.metadata.items() if k != UNIT_STATS_KEY.encode()}
         pq.write_table(table.replace_schema_metadata(metadata), path)
         assert read_unit_stats(path) is None
-        assert units.file_stats(path) == {k: v for k, v in footer.items() if k != "unit"}
+        # every count but the distinct ids, which only a footer carries (a scan holds one batch)
+        assert units.file_stats(path) == {k: v for k, v in footer.items() if k not in {"unit", "n_distinct"}}
     metrics = aggregate(out)
     for key in ("n", "n_errors", "errors_by_type", "n_labelled", "n_scored", "top1", "top5", "ece",
                 "macro_top1"):

@@ -89,7 +89,8 @@ def unit_stats(rows: dict[str, list]) -> dict[str, Any]:
     return {"n": len(rows["id"]), "n_errors": n_errors,
             "errors_by_type": dict(sorted(errors_by_type.items())),
             "n_labelled": n_labelled, "n_scored": n_scored, "top1_hits": top1, "top5_hits": top5,
-            "top5_available": top5_available, "ids_digest": ids_digest(rows["id"])}
+            "top5_available": top5_available, "ids_digest": ids_digest(rows["id"]),
+            "n_distinct": len(set(rows["id"]))}  # one unit's ids: aggregate need not read them again
 
 
 def read_unit_stats(path: str | Path) -> dict[str, Any] | None:
