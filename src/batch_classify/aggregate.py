@@ -204,7 +204,7 @@ def aggregate(output_dir: str | Path) -> dict[str, Any]:
             columns = ["id", "topk_ids", "error"]
             batches = (batch for _, path in files for batch in iter_batches(path, columns))
             metrics.update(real_accuracy(batches, real_labels_path(real)))
-    metrics.update(write_report(output))
+    metrics.update(write_report(output, metrics, files))
     write_json(output / METRICS, metrics)
     return metrics
 

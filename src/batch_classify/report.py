@@ -666,9 +666,12 @@ def _labelling_report(ctx: Context) -> tuple[list[str], dict[str, Any]]:
 # ---------------------------------------------------------------- entry point
 
 
-def write_report(output_dir: str | Path) -> dict[str, Any]:
+def write_report(output_dir: str | Path, metrics: dict[str, Any] | None = None,
+                 files: list[tuple[int, Path]] | None = None) -> dict[str, Any]:
     """Write report.md and its files next to metrics.json; return metrics to merge into it:
-    ``macro_top1``, ``ece`` (both None in labelling mode), ``n_classes_scored``, ``report_files``."""
+    ``macro_top1``, ``ece`` (both None in labelling mode), ``n_classes_scored``, ``report_files``.
+
+    ``aggregate`` passes the metrics and unit files it already has; alone, this finds them."""
     # Imported here, not at the top: aggregate() calls this module.
     from .aggregate import TIMING
 
@@ -676,11 +679,12 @@ def write_report(output_dir: str | Path) -> dict[str, Any]:
     manifest = read_manifest(output)
     if manifest is None:
         raise FileNotFoundError(f"{output} has no manifest.json: not a batch-classify output folder")
-    files = unit_files(output)
-    metrics = metrics_from_stats(merge_stats(file_stats(path) for _, path in files))
-    metrics["accuracy_unavailable"] = manifest.get("accuracy_unavailable")
-    timing = json.loads((output / TIMING).read_text()) if (output / TIMING).exists() else {}
-    metrics["images_per_second"] = timing.get("images_per_second")
+    files = unit_files(output) if files is None else files
+    if metrics is None:
+        metrics = metrics_from_stats(merge_stats(file_stats(path) for _, path in files))
+        metrics["accuracy_unavailable"] = manifest.get("accuracy_unavailable")
+        timing = json.loads((output / TIMING).read_text()) if (output / TIMING).exists() else {}
+        metrics["images_per_second"] = timing.get("images_per_second")
     result = scan(files)
     ctx = Context(output, manifest, result, class_names(manifest, result.model_names), metrics)
     body, extra = _labelled_report(ctx) if result.n_scored else _labelling_report(ctx)
