@@ -100,6 +100,16 @@ def test_bench_rejects_bad_options_naming_them(tiny_models, corpus, tmp_path, op
     assert "configuration error" in result.stderr and named in result.stderr
 
 
+@pytest.mark.parametrize("option", [["--bench.limit", "5"], ["--bench.stages=model"]])
+def test_several_models_refuse_the_one_model_options(tiny_models, corpus, tmp_path, option):
+    models = f"[{tiny_models['mobilenet_v1']}, {tiny_models['beit']}]"
+    result = run_bench(["--model.name", models, "--data.path", str(corpus),
+                        "--bench.dir", str(tmp_path / "b"), *option])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"configuration error: {option[0].split('=')[0]}: options of the one-model bench" in result.stderr
+    assert not (tmp_path / "b").exists()  # refused before anything ran
+
+
 def test_several_models_bench_one_pass_against_separate_jobs(tiny_models, corpus, tmp_path):
     bench_dir = tmp_path / "bench"
     names = json.dumps([str(tiny_models["mobilenet_v1"]), str(tiny_models["beit"])])

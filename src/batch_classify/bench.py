@@ -52,6 +52,9 @@ from .predict import PRECISIONS, Predictor, autocast
 log = logging.getLogger("batch_classify.bench")
 
 STAGES = ("model", "pipeline", "hf_pipeline", "seed_loop", "job")  # as reported
+SINGLE_MODEL_OPTIONS = ("--bench.stages", "--bench.limit", "--bench.baseline_limit", "--bench.rounds",
+                        "--bench.large_photos", "--bench.large_sizes")
+"""What the several-model bench (``models_bench``) has no use for: refused, not ignored."""
 EXTRA_STAGES = ("large_photos",)  # reported apart: its own figures
 RATIOS = {"job/model": ("job", "model"), "job/hf_pipeline": ("job", "hf_pipeline"),
           "job/seed_loop": ("job", "seed_loop"), "pipeline/model": ("pipeline", "model")}
@@ -421,17 +424,18 @@ def main(argv: list[str]) -> int:
         # The job stage writes under bench.dir, never into the config's own output folder.
         spec = parse_args([*rest, "--output.dir", str(Path(args.bench_dir) / "job")],
                           prog="batch-classify bench")
-    except ConfigError as error:
-        print(f"batch-classify bench: configuration error: {error}", file=sys.stderr)
-        return 2
-    bench_dir = Path(args.bench_dir)
-    bench_dir.mkdir(parents=True, exist_ok=True)
-    if len(spec.models) > 1:  # several models: one pass against one job per model
-        from .models_bench import run_models_bench
+        given = sorted({a.split("=", 1)[0] for a in (sys.argv[1:] if argv is None else argv)}
+                       & set(SINGLE_MODEL_OPTIONS))
+        if len(spec.models) > 1 and given:
+            raise ConfigError(f"{', '.join(given)}: options of the one-model bench; with several models "
+                              "bench runs them in one pass against one job per model, over all the images")
+        bench_dir = Path(args.bench_dir)
+        bench_dir.mkdir(parents=True, exist_ok=True)
+        if len(spec.models) > 1:  # several models: one pass against one job per model
+            from .models_bench import run_models_bench
 
-        run_models_bench(spec, bench_dir)
-        return 0
-    try:
+            run_models_bench(spec, bench_dir)
+            return 0
         run_bench(spec, stages, args.limit, args.baseline_limit, bench_dir, args.rounds,
                   args.large_photos, large_sizes)
     except ConfigError as error:
