@@ -15,6 +15,9 @@ import pytest
 from conftest import ROOT, job_command, make_corpus, read_rows, run_job
 
 from batch_classify.aggregate import AggregateError, aggregate
+from batch_classify.config import parse_args
+from batch_classify.manifest import OutputMismatch
+from batch_classify.plan import prepare_listing
 
 
 def _predictions(rows: dict[str, dict]) -> dict[str, tuple]:
@@ -114,6 +117,9 @@ def test_a_different_job_on_a_used_output_dir_is_refused(job_args, tiny_models, 
     _, args = job_args
     out = tmp_path / "out"
     run_job([*args, "--output.dir", str(out)])
+    # Only the unit size differs: the refusal names it (not the same data.path twice).
+    with pytest.raises(OutputMismatch, match=r"a different job \(output.unit_size: 2 in the folder, 3 now\)"):
+        prepare_listing(parse_args([*args, "--output.dir", str(out), "--output.unit_size", "3"]), out)
     result = run_job([*args, "--output.dir", str(out), "--model.name", str(tiny_models["beit"])],
                      expect_ok=False)
     assert result.returncode != 0

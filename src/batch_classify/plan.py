@@ -16,7 +16,7 @@ from typing import Any
 from .config import ConfigError, JobSpec, parse_args
 from .distributed import CPU_BATCH_SIZE, GPU_BATCH_SIZE
 from .errors import UserError
-from .listing import INPUT_DIR, Listing, listing_data, read_listing, write_listing
+from .listing import INPUT_DIR, LISTING_FORMAT, Listing, listing_data, read_listing, write_listing
 from .listing import matches as listing_matches
 from .manifest import MANIFEST, OutputLock, OutputMismatch, read_manifest
 from .writer import committed_units
@@ -27,12 +27,25 @@ REPORT_FILES = 12
 """metrics.json, report.md, its tables and pictures, config.yaml, manifest.json, timing.json."""
 
 
-def _data_differences(old: dict[str, Any], spec: JobSpec) -> list[str]:
-    before = old.get("config", {}).get("data", {})
+def _differences(existing: Listing | None, old: dict[str, Any], spec: JobSpec) -> list[str]:
+    """What makes the folder's job another one, key by key: from its listing where it has one
+    (paths made absolute as now), else from its manifest's config."""
     now = listing_data(spec.data)
-    return [f"data.{key}: {before.get(key)!r} in the folder, {value!r} now"
-            for key, value in now.items() if key != "path" and before.get(key) != value] or [
-        f"data.path: {before.get('path')!r} in the folder, {now['path']!r} now"]
+    if existing is None:
+        before = old.get("config", {}).get("data", {})
+        keys = [key for key in now if key != "path"]  # the config may hold it relative
+    else:
+        before, keys = existing.info["data"], list(now)
+    found = [f"data.{key}: {before.get(key)!r} in the folder, {now[key]!r} now"
+             for key in keys if before.get(key) != now[key]]
+    if existing is not None:
+        configured = existing.info["unit_size_configured"]
+        if spec.output.unit_size and configured != spec.output.unit_size:
+            found.append(f"output.unit_size: {configured or 'automatic'} in the folder, "
+                         f"{spec.output.unit_size} now")
+        if existing.info.get("format") != LISTING_FORMAT:
+            found.append("its input listing is of another batch-classify version")
+    return found or [f"data.path: {before.get('path')!r} in the folder, {now['path']!r} now"]
 
 
 def listing_batch_size(spec: JobSpec) -> int:
@@ -54,7 +67,7 @@ def prepare_listing(spec: JobSpec, output: Path) -> tuple[Listing, bool]:
     if old is not None and committed_units(output) and not spec.output.overwrite:
         raise OutputMismatch(
             f"output.dir {output} holds results of a different job ("
-            + "; ".join(_data_differences(old, spec))
+            + "; ".join(_differences(existing, old, spec))
             + "). Choose another output.dir, or set output.overwrite true to discard them.")
     started = time.monotonic()
     listing = write_listing(spec.data, output, spec.output.unit_size, listing_batch_size(spec))
