@@ -122,3 +122,14 @@ def test_several_models_bench_one_pass_against_separate_jobs(tiny_models, corpus
     for index in range(2):
         assert len(_predicted_ids(bench_dir / f"alone-{index}")) == 11
     assert len(_predicted_ids(bench_dir / "pass" / "beit")) == 11
+
+
+@pytest.mark.parametrize(("workers", "sizes"), [(0, [8]), (4, [2, 2, 2, 2]), (3, [3, 3, 2])])
+def test_the_large_photo_loader_rate_gives_every_worker_a_batch(monkeypatch, workers, sizes):
+    from batch_classify import large_photos
+
+    seen = []
+    monkeypatch.setattr(large_photos, "make_loader", lambda dataset, batches, *a: seen.extend(batches) or [])
+    large_photos.loader_rate(None, [f"p{i}.jpg" for i in range(8)], 10**8, batch_size=16, workers=workers,
+                             threads=2, device=None)
+    assert [len(batch) for batch in seen] == sizes

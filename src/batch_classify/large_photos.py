@@ -10,6 +10,7 @@ device batches, without the model.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -67,8 +68,11 @@ def cpu_ms_per_image(transform: FastTransform, paths: list[str], max_pixels: int
 
 def loader_rate(transform: FastTransform, paths: list[str], max_pixels: int, batch_size: int,
                 workers: int, threads: int, device: torch.device) -> float:
-    """Images per second through the job's loader into uint8 batches, no model."""
+    """Images per second through the job's loader into uint8 batches, no model, worker start-up
+    included. Each worker process gets a batch (a worker decodes its batch alone, so 16 photos
+    in one batch would time one worker); decode threads share each batch."""
     tasks = [Task(ItemKey(0, path, None), path) for path in paths]
+    batch_size = max(1, min(batch_size, math.ceil(len(tasks) / max(1, workers))))
     batches = [tasks[start:start + batch_size] for start in range(0, len(tasks), batch_size)]
     loader = make_loader(TaskDataset(transform, max_pixels), batches, workers, device, threads)
     start = time.perf_counter()
