@@ -118,6 +118,8 @@ def test_several_models_bench_one_pass_against_separate_jobs(tiny_models, corpus
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((bench_dir / "bench_models.json").read_text())
     assert len(report["separate_jobs"]) == 2 and len(report["one_pass_rounds"]) == 2
+    rounds = [r["seconds"] for r in report["one_pass_rounds"]]  # before and after the separate jobs
+    assert min(rounds) <= report["one_pass"]["seconds"] <= max(rounds)
     assert report["ratio_separate_over_one_pass"] > 0 and "separate / one pass" in result.stdout
     for index in range(2):
         assert len(_predicted_ids(bench_dir / f"alone-{index}")) == 11

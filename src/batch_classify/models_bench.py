@@ -60,7 +60,9 @@ def run_models_bench(spec: JobSpec, bench_dir: Path) -> dict[str, Any] | None:
     if not state.is_main_process:
         return None
     models_file = json.loads((bench_dir / "pass" / MODELS_FILE).read_text())
-    best = min(passes, key=lambda p: p["seconds"])
+    # The mean of the pass before and the pass after the separate jobs: drift weighs on both sides
+    # alike (the faster of the two would favour the pass).
+    one = {key: sum(p[key] for p in passes) / len(passes) for key in ("seconds", "wall_seconds")}
     total = {key: sum(s[key] for s in separate.values()) for key in ("seconds", "wall_seconds")}
     report = {
         "models": names,
@@ -69,12 +71,12 @@ def run_models_bench(spec: JobSpec, bench_dir: Path) -> dict[str, Any] | None:
         "batch_size": spec.runtime.batch_size,
         "precision": spec.runtime.precision,
         "data": spec.data.path,
-        "one_pass": best,
+        "one_pass": one,
         "one_pass_rounds": passes,
         "separate_jobs": separate,
         "separate_total": total,
-        "ratio_separate_over_one_pass": round(total["seconds"] / best["seconds"], 3),
-        "ratio_wall": round(total["wall_seconds"] / min(p["wall_seconds"] for p in passes), 3),
+        "ratio_separate_over_one_pass": round(total["seconds"] / one["seconds"], 3),
+        "ratio_wall": round(total["wall_seconds"] / one["wall_seconds"], 3),
         "folders": models_file["models"],
     }
     (bench_dir / "bench_models.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -85,8 +87,8 @@ def run_models_bench(spec: JobSpec, bench_dir: Path) -> dict[str, Any] | None:
 def format_models_bench(report: dict[str, Any]) -> str:
     lines = [f"{len(report['models'])} models, {report['world_size']} rank(s) on {report['device']}, "
              f"batch {report['batch_size']}, {report['precision']}",
-             f"  one pass          {report['one_pass']['seconds']:8.2f} s  "
-             f"(wall {report['one_pass']['wall_seconds']:.2f} s)"]
+             f"  one pass (mean)   {report['one_pass']['seconds']:8.2f} s  "
+             f"(wall {report['one_pass']['wall_seconds']:.2f} s, the side-by-side table included)"]
     for name, timing in report["separate_jobs"].items():
         lines.append(f"  alone {Path(name).name:<11} {timing['seconds']:8.2f} s  "
                      f"(wall {timing['wall_seconds']:.2f} s)")
