@@ -243,7 +243,9 @@ def run_bench(spec: JobSpec, stages: list[str], limit: int | None, baseline_limi
     threads, workers = plan_cpu(state, spec.runtime.num_workers)
     torch.set_num_threads(threads)
     memory = keep_host_memory(device, spec.runtime.keep_host_memory)
-    items = load_items(spec.data)
+    # One item past the limit tells whether the input is larger, without holding all of it (a
+    # WebDataset's images would all be read into memory).
+    items = load_items(spec.data, None if limit is None else limit + 1)
     total = len(items) if limit is None else min(limit, len(items))
     if "job" in stages and total < len(items) and items.paths is None:
         # Checked before any stage runs: the job stage of a limited bench reads a file list.
