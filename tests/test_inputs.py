@@ -368,3 +368,14 @@ def test_a_parquet_file_without_the_first_files_columns_is_refused_when_listing(
     with pytest.raises(InputError, match=r"train-00001.parquet has no column label \(the first file, "
                                          r"train-00000.parquet, has it\)"):
         load_items(data(folder))
+
+
+def test_a_file_list_that_is_not_utf8_is_a_clear_error(tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"a.png\nb.png\ncaf\xe9.png\n")  # Latin-1
+    with pytest.raises(InputError, match=r"list.txt: not UTF-8 text \(invalid continuation byte\); save the "
+                                         r"list as UTF-8"):
+        load_items(data(listing))
+    listing.write_bytes("a.png\ncafé.png\na.png\n".encode())
+    with pytest.raises(InputError, match=r"'a.png' is listed twice \(again on line 3\)"):
+        load_items(data(listing))

@@ -149,6 +149,15 @@ def _line_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
+def _utf8_lines(handle, path: Path) -> Iterator[str]:
+    """The lines of a text file opened as UTF-8; bytes that are not UTF-8 are an InputError."""
+    try:
+        yield from handle
+    except UnicodeDecodeError as error:
+        raise InputError(f"data.path {path}: not UTF-8 text ({error.reason}); save the list as UTF-8"
+                         ) from None
+
+
 def file_list(list_path: Path) -> Enumeration:
     """Unlabelled images named one per line in a text file (relative to the file's folder)."""
     root = list_path.parent
@@ -156,15 +165,16 @@ def file_list(list_path: Path) -> Enumeration:
 
     def rows() -> Iterator[tuple[str, None, str | None]]:
         seen: set[int] | None = set()
-        with open(list_path) as handle:
-            for line in handle:
+        with open(list_path, encoding="utf-8") as handle:
+            for number, line in enumerate(_utf8_lines(handle, list_path), 1):
                 line = line.strip()
                 if not line or line.startswith("#"):
                     continue
                 if seen is not None:
                     digest = _line_hash(line)
                     if digest in seen:
-                        raise InputError(f"data.path {list_path}: {line!r} is listed twice")
+                        raise InputError(f"data.path {list_path}: {line!r} is listed twice (again on line "
+                                         f"{number})")
                     seen.add(digest)
                     if len(seen) > DUPLICATE_CHECK_LIMIT:
                         seen = None
