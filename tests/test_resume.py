@@ -53,6 +53,7 @@ def test_sigkill_of_a_rank_then_resume_with_another_world_size(job_args, tmp_pat
     saved = blocked.read_bytes()
     blocked.unlink()
     os.mkfifo(blocked)
+    folder_times = blocked.parent.stat()
 
     out = tmp_path / "out"
     command = job_command([*args, "--output.dir", str(out)], processes=2)
@@ -90,6 +91,8 @@ def test_sigkill_of_a_rank_then_resume_with_another_world_size(job_args, tmp_pat
 
     blocked.unlink()
     blocked.write_bytes(saved)
+    # The input is the listed one again: the same files, the folder's mtime as it was listed.
+    os.utime(blocked.parent, ns=(folder_times.st_atime_ns, folder_times.st_mtime_ns))
     result = run_job([*args, "--output.dir", str(out)], processes=3)
     assert "resuming: 10 of 11 items already committed" in result.stderr
     rows = read_rows(out)

@@ -47,6 +47,7 @@ from .large_photos import measure as measure_large_photos
 from .listing import Items, load_items
 from .loader import make_loader
 from .model import load_model, prepare_inference
+from .ownership import remove_output
 from .predict import PRECISIONS, Predictor, autocast
 
 log = logging.getLogger("batch_classify.bench")
@@ -336,8 +337,8 @@ def _stage_job(spec: JobSpec, items: Items, total: int, bench_dir: Path, state) 
         listing = _limited_list(items, total, bench_dir, state)
         job_spec = replace(job_spec, data=replace(spec.data, path=str(listing), kind="file_list",
                                                   labels=None))
-    if state.is_main_process and (bench_dir / "job").exists():
-        shutil.rmtree(bench_dir / "job")  # a fresh job each time, never a resume
+    if state.is_main_process:
+        remove_output(bench_dir / "job")  # a fresh job each time, never a resume
     state.wait_for_everyone()
     run(job_spec, leave_process_group=False)
     if not state.is_main_process:

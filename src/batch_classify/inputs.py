@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 
 from .config import DataConfig
 from .errors import UserError
+from .input_state import StateRecorder
 from .labels import WNID, parse_imagenet_label, wnid_to_index
 from .tars import SHARD_SUFFIXES, is_pattern
 
@@ -73,32 +75,92 @@ def _is_image(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not name.startswith(".")
 
 
-def walk_images(root: Path) -> Iterator[str]:
+def walk_images(root: Path, state: StateRecorder | None = None,
+                notes: list[str] | None = None) -> Iterator[str]:
     """Image files under root, relative, in sorted path order, from one stat-free scandir pass.
 
     Each directory's entries are sorted on their own (a directory sorts before its own
     contents exactly as in a sort of the full paths), so memory is bounded by the largest
-    directory, not the tree.
-    """
+    directory, not the tree; the walk keeps a stack, not recursion, so depth is unbounded.
 
-    def walk(rel: str) -> Iterator[str]:
-        entries = []
-        with os.scandir(root / rel if rel else root) as found:
+    Symlinks are followed, and every file is listed once: a folder reached a second time (a
+    symlink to a folder already walked, or a loop back to a parent) is skipped; a symlinked
+    file whose target is itself listed under ``root`` is skipped (its target has the row); a
+    symlinked file pointing outside ``root`` is listed, once however many links name it. A
+    broken link keeps its row (the read names the missing target). Each folder's state goes
+    to ``state`` for the resume check; skipped links are counted in ``notes``.
+    """
+    visited: set[tuple[int, int]] = set()
+    outside: set[int] | None = set()
+    skipped = {"folders": 0, "files": 0}
+    real_root = os.path.realpath(root)
+
+    def scan(rel: str) -> Iterator[tuple[str, bool, bool]] | None:
+        folder = os.path.join(root, rel) if rel else os.fspath(root)
+        status = os.stat(folder)
+        identity = (status.st_dev, status.st_ino)
+        if identity in visited:
+            skipped["folders"] += 1
+            return None
+        visited.add(identity)
+        read_ns = time.time_ns()
+        entries, count = [], 0
+        with os.scandir(folder) as found:
             for entry in found:
+                count += 1
                 if entry.name.startswith("."):
                     continue
                 is_dir = entry.is_dir(follow_symlinks=True)
                 if is_dir or _is_image(entry.name):
-                    entries.append((entry.name + "/" if is_dir else entry.name, is_dir))
+                    entries.append((entry.name + "/" if is_dir else entry.name, is_dir,
+                                    entry.is_symlink()))
+        if state is not None:
+            state.folder(os.path.realpath(folder), status, count, read_ns)
         entries.sort()
-        for key, is_dir in entries:
-            child = f"{rel}/{key.rstrip('/')}" if rel else key.rstrip("/")
-            if is_dir:
-                yield from walk(child)
-            else:
-                yield child
+        return iter(entries)
 
-    yield from walk("")
+    def listed_elsewhere(path: str) -> bool:
+        """Whether a symlinked file's row belongs to its target (inside root) or to an earlier
+        link to the same outside file."""
+        nonlocal outside
+        target = os.path.realpath(path)
+        if not os.path.exists(target):
+            return False
+        inside = os.path.relpath(target, real_root)
+        if not inside.startswith(".."):
+            parts = inside.split(os.sep)
+            return _is_image(parts[-1]) and not any(part.startswith(".") for part in parts)
+        if outside is None:
+            return False
+        digest = _line_hash(target)
+        if digest in outside:
+            return True
+        outside.add(digest)
+        if len(outside) > DUPLICATE_CHECK_LIMIT:
+            outside = None
+        return False
+
+    first = scan("")
+    stack = [("", first)] if first is not None else []
+    while stack:
+        rel, entries = stack[-1]
+        entry = next(entries, None)
+        if entry is None:
+            stack.pop()
+            continue
+        key, is_dir, is_link = entry
+        child = f"{rel}/{key.rstrip('/')}" if rel else key.rstrip("/")
+        if is_dir:
+            below = scan(child)
+            if below is not None:
+                stack.append((child, below))
+        elif is_link and listed_elsewhere(os.path.join(root, child)):
+            skipped["files"] += 1
+        else:
+            yield child
+    if notes is not None and (skipped["folders"] or skipped["files"]):
+        notes.append(f"symlinks followed: {skipped['folders']} folder(s) reached twice and "
+                     f"{skipped['files']} linked file(s) listed elsewhere were skipped (one row per file)")
 
 
 def _chunked(rows: Iterator[tuple[str, int | None, str | None]]) -> Iterator[FileRows]:
@@ -114,7 +176,7 @@ def _chunked(rows: Iterator[tuple[str, int | None, str | None]]) -> Iterator[Fil
         yield chunk
 
 
-def image_folder(root: Path) -> Enumeration:
+def image_folder(root: Path, state: StateRecorder | None = None) -> Enumeration:
     """One subfolder per class: wnid folders map to ImageNet-1k, other names to sorted order."""
     class_dirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not class_dirs:
@@ -130,19 +192,23 @@ def image_folder(root: Path) -> Enumeration:
         position = {name: i for i, name in enumerate(class_dirs)}
         classes, note = tuple(class_dirs), "class folders mapped in sorted order"
 
+    notes = [note]
+
     def rows() -> Iterator[tuple[str, int | None, None]]:
-        for rel in walk_images(root):
+        for rel in walk_images(root, state, notes):
             if "/" not in rel:
                 raise InputError(f"data.path {root}: image(s) such as {rel!r} lie outside the class "
                                  "subfolders; use data.kind: images for unlabelled folders")
             yield rel, position[rel.split("/", 1)[0]], None
 
-    return Enumeration("imagefolder", str(root), classes, [note], rows=_chunked(rows()))
+    return Enumeration("imagefolder", str(root), classes, notes, rows=_chunked(rows()))
 
 
-def image_files(root: Path) -> Enumeration:
+def image_files(root: Path, state: StateRecorder | None = None) -> Enumeration:
     """Unlabelled images: a folder searched recursively."""
-    return Enumeration("images", str(root), rows=_chunked((rel, None, None) for rel in walk_images(root)))
+    notes: list[str] = []
+    return Enumeration("images", str(root), notes=notes,
+                       rows=_chunked((rel, None, None) for rel in walk_images(root, state, notes)))
 
 
 def _line_hash(text: str) -> int:
@@ -210,12 +276,15 @@ def _read_label_rows(labels_path: Path) -> list[tuple[str, str]]:
     return [(row[0].strip(), row[1].strip()) for row in rows]
 
 
-def labelled_folder(root: Path, labels_path: Path) -> Enumeration:
+def labelled_folder(root: Path, labels_path: Path, state: StateRecorder | None = None) -> Enumeration:
     """A flat folder plus a labels CSV. The CSV defines the items: a listed file that is
     missing becomes an error row at run time rather than vanishing. (Held in memory: a labels
     file is ImageNet-val sized; collections without labels stream.)"""
     rows = _read_label_rows(labels_path)
-    on_disk = list(walk_images(root))
+    notes = ["labels from " + labels_path.name]
+    on_disk = list(walk_images(root, state, notes))
+    if state is not None:
+        state.content(os.path.realpath(labels_path))
     on_disk_set = set(on_disk)
     by_stem: dict[str, str] = {}
     for rel in on_disk:
@@ -231,7 +300,6 @@ def labelled_folder(root: Path, labels_path: Path) -> Enumeration:
     names = {rel for rel, _, _ in listed}
     if len(names) != len(listed):
         raise InputError(f"data.labels {labels_path}: {len(listed) - len(names)} file(s) are listed twice")
-    notes = ["labels from " + labels_path.name]
     unlisted = len(on_disk_set - names)
     if unlisted:
         note = f"{unlisted} image file(s) in {root} are not in the labels file and are skipped"
@@ -492,8 +560,9 @@ def detect_kind(cfg: DataConfig) -> str:
     return "images"
 
 
-def enumerate_input(cfg: DataConfig) -> Enumeration:
-    """Resolve ``data.*`` into the stream (or shards) the listing is written from."""
+def enumerate_input(cfg: DataConfig, state: StateRecorder | None = None) -> Enumeration:
+    """Resolve ``data.*`` into the stream (or shards) the listing is written from; the folders
+    walked and the files read go to ``state``."""
     kind = cfg.kind if cfg.kind != "auto" else detect_kind(cfg)
     path = Path(cfg.path)
     if kind in {"imagefolder", "images", "file_list"} and not path.exists():
@@ -502,12 +571,14 @@ def enumerate_input(cfg: DataConfig) -> Enumeration:
         raise InputError(f"data.labels is for a flat folder of images (data.kind: images), "
                          f"not for data.kind: {kind}")
     if kind == "imagefolder":
-        return image_folder(path)
+        return image_folder(path, state)
     if kind == "images":
         if not path.is_dir():
             raise InputError(f"data.path {path} is not a folder (data.kind: images)")
-        return labelled_folder(path, Path(cfg.labels)) if cfg.labels else image_files(path)
+        return labelled_folder(path, Path(cfg.labels), state) if cfg.labels else image_files(path, state)
     if kind == "file_list":
+        if state is not None:
+            state.file(os.path.realpath(path))
         return file_list(path)
     if kind == "webdataset":
         return webdataset(cfg)

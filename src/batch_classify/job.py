@@ -37,7 +37,8 @@ from .listing import Listing, read_listing, share_listing
 from .loader import UnitTasks, make_loader
 from .manifest import FORMAT_VERSION, OutputLock, prepare_output, read_manifest, write_json
 from .model import Inference, LoadedModel, describe_model, load_model, prepare_inference
-from .plan import committed_summary, prepare_listing
+from .ownership import claim
+from .plan import check_output_location, committed_summary, prepare_listing
 from .predict import Predictor
 from .preemption import Preempted, StopFlag
 from .preprocess import MultiTransform
@@ -279,6 +280,10 @@ def run(spec: JobSpec, leave_process_group: bool = True) -> dict[str, Any] | Non
                      namespace=namespace)
     lock = OutputLock(spec.output.dir) if state.is_main_process else contextlib.nullcontext()
     try:
+        if state.is_main_process:  # before anything is written: not into the data or a stranger's files
+            check_output_location(spec)
+            folders = [model_folder(name) for name in spec.models] if len(spec.models) > 1 else []
+            claim(spec.output.dir, folders)
         with lock:
             return _run_rank(spec, state, stop, board)
     except Preempted:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -28,7 +29,9 @@ import pyarrow.parquet as pq
 
 from .config import DataConfig
 from .errors import describe_error
+from .input_state import STATE_FILE, StateRecorder, check_state
 from .inputs import Enumeration, InputError, enumerate_input, hf_load, map_label
+from .ownership import remove_listing
 from .writer import add_digests, id_hash
 
 log = logging.getLogger(__name__)
@@ -37,7 +40,8 @@ INPUT_DIR = "input"
 UNITS_FILE = "units.parquet"
 ROWS_FILE = "listing.parquet"
 INFO_FILE = "listing.json"
-LISTING_FORMAT = 1
+LISTING_FORMAT = 2
+"""2: roots absolute and resolved; the input's state recorded in state.parquet."""
 
 MAX_AUTO_UNIT = 10_000
 """Items per unit at most, by default: 1e9 images make ~1e5 unit files."""
@@ -91,13 +95,22 @@ def _error_rows(ids: list[str], error: str) -> Iterator[Record]:
         yield Record(item_id, None, None, error)
 
 
+def local_path(path: str) -> str:
+    """A local path (or glob or brace pattern) absolute, with symlinks resolved; a dataset name
+    as it is."""
+    from .tars import is_pattern
+
+    if os.path.exists(path) or is_pattern(path) or path.startswith((".", "~")):
+        return os.path.realpath(os.path.expanduser(path))
+    return path
+
+
 def listing_data(cfg: DataConfig) -> dict[str, Any]:
-    """The data.* keys that define the listing, with local paths made absolute."""
+    """The data.* keys that define the listing, with local paths absolute and resolved."""
     values = {key: getattr(cfg, key) for key in LISTING_KEYS}
-    if os.path.exists(cfg.path):
-        values["path"] = os.path.abspath(cfg.path)
+    values["path"] = local_path(cfg.path)
     if cfg.labels:
-        values["labels"] = os.path.abspath(cfg.labels)
+        values["labels"] = os.path.realpath(cfg.labels)
     return values
 
 
@@ -308,10 +321,20 @@ class Listing:
 # ---------------------------------------------------------------- writing
 
 
-def _write_rows(enumeration: Enumeration, folder: Path) -> tuple[int, int, str]:
-    """Stream the enumerated files into listing.parquet; return (items, labelled, digest)."""
+def _sequence_digest(parts) -> str:
+    """A digest of a sequence of strings, order included (which item is in which unit)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for part in parts:
+        digest.update(part.encode("utf-8", "surrogatepass") + b"\n")
+    return digest.hexdigest()
+
+
+def _write_rows(enumeration: Enumeration, folder: Path) -> tuple[int, int, str, str]:
+    """Stream the enumerated files into listing.parquet; return (items, labelled, the
+    order-independent digest of the (id, label) pairs, and the digest of their sequence)."""
     n = n_labelled = 0
     digests = []
+    sequence = hashlib.blake2b(digest_size=8)
     temporary = folder / f".{ROWS_FILE}.tmp"
     with pq.ParquetWriter(temporary, ROWS_SCHEMA) as writer:
         for chunk in enumeration.rows:
@@ -320,10 +343,11 @@ def _write_rows(enumeration: Enumeration, folder: Path) -> tuple[int, int, str]:
                                row_group_size=ROW_GROUP)
             n += len(chunk.ids)
             n_labelled += sum(label is not None for label in chunk.labels)
-            total = sum(id_hash(f"{item_id}\t{label}") for item_id, label in zip(chunk.ids, chunk.labels))
-            digests.append(f"{total % 2**64:016x}")
+            pairs = [f"{item_id}\t{label}" for item_id, label in zip(chunk.ids, chunk.labels)]
+            digests.append(f"{sum(map(id_hash, pairs)) % 2**64:016x}")
+            sequence.update("\n".join(pairs).encode("utf-8", "surrogatepass") + b"\n")
     os.replace(temporary, folder / ROWS_FILE)
-    return n, n_labelled, add_digests(digests)
+    return n, n_labelled, add_digests(digests), sequence.hexdigest()
 
 
 def _row_units(n_items: int, unit_size: int) -> dict[str, list]:
@@ -361,42 +385,51 @@ def write_listing(cfg: DataConfig, output: Path, unit_size: int = 0, batch_size:
     """List the input (main rank only) into ``output/input``; return the listing. Units hold
     ``unit_size`` items, else an automatic size in whole batches of ``batch_size``."""
     folder = Path(output) / INPUT_DIR
-    if folder.exists():
-        shutil.rmtree(folder)
+    remove_listing(folder)
     folder.mkdir(parents=True)
-    enumeration = enumerate_input(cfg)
+    state = StateRecorder()
+    enumeration = enumerate_input(cfg, state)
     kind = enumeration.kind
+    if os.path.exists(enumeration.root):  # ids are relative to it, from any working directory
+        enumeration.root = os.path.realpath(enumeration.root)
+    for shard in enumeration.shards or ():
+        if shard["path"]:  # a tar or a Parquet file: its size and mtime
+            state.file(os.path.join(enumeration.root, shard["path"]))
+    if kind == "hf" and os.path.isdir(enumeration.root):  # a save_to_disk folder: its few files
+        for parent, _, names in os.walk(enumeration.root):
+            for name in sorted(names):
+                state.file(os.path.join(parent, name))
     if enumeration.rows is not None:
-        n_items, n_labelled, digest = _write_rows(enumeration, folder)
+        n_items, n_labelled, items_digest, fingerprint = _write_rows(enumeration, folder)
         if n_items == 0:
             raise InputError(f"data.path {cfg.path}: no image files found (data.kind: {kind})")
         size = unit_size or auto_unit_size(n_items, batch_size)
         units = _row_units(n_items, size)
-        fingerprint = digest
     elif kind == "parquet":
         n_items = sum(sum(s["row_groups"]) for s in enumeration.shards)
         size = unit_size or auto_unit_size(n_items, batch_size)
         units = _parquet_units(enumeration.shards, size)
         n_labelled = None if enumeration.reader["label"] else 0
-        fingerprint = add_digests(f"{id_hash(part):016x}" for part in enumeration.fingerprint_parts)
     elif kind == "hf":
         n_items = enumeration.shards[0]["rows"]
         size = unit_size or auto_unit_size(n_items, batch_size)
         units = _row_units(n_items, size)
         n_labelled = None if enumeration.reader["label"] else 0
-        fingerprint = add_digests(f"{id_hash(part):016x}" for part in enumeration.fingerprint_parts)
     else:  # webdataset: a unit per tar, sizes known once read
         n_items, size = None, None
         n_labelled = None
         units = {"path": [s["path"] for s in enumeration.shards], "start": [None] * len(enumeration.shards),
                  "stop": [None] * len(enumeration.shards), "offset": [None] * len(enumeration.shards),
                  "n_items": [None] * len(enumeration.shards)}
-        fingerprint = add_digests(f"{id_hash(part):016x}" for part in enumeration.fingerprint_parts)
+    if enumeration.rows is None:
+        items_digest = add_digests(f"{id_hash(part):016x}" for part in enumeration.fingerprint_parts)
+        fingerprint = _sequence_digest(enumeration.fingerprint_parts)
     n_units = len(units["path"])
     if n_units == 0:
         raise InputError(f"data.path {cfg.path}: the input holds no items")
     table = pa.table({"unit": list(range(n_units)), **units}, schema=UNITS_SCHEMA)
     pq.write_table(table, folder / UNITS_FILE)
+    state.write(folder / STATE_FILE)
     info = {
         "format": LISTING_FORMAT,
         "kind": kind,
@@ -409,6 +442,7 @@ def write_listing(cfg: DataConfig, output: Path, unit_size: int = 0, batch_size:
         "unit_size": size,
         "unit_size_configured": unit_size,
         "fingerprint": fingerprint,
+        "items_digest": items_digest,
         "reader": enumeration.reader,
         "data": listing_data(cfg),
     }
@@ -416,6 +450,35 @@ def write_listing(cfg: DataConfig, output: Path, unit_size: int = 0, batch_size:
     temporary.write_text(json.dumps(info, indent=2) + "\n")
     os.replace(temporary, folder / INFO_FILE)
     return Listing(folder, info, table)
+
+
+SHARD_KINDS = {"webdataset", "parquet", "hf"}
+
+
+def input_changes(listing: Listing, cfg: DataConfig) -> str | None:
+    """What differs between the input now and the input ``listing`` was made from, or None.
+
+    One stat per folder walked and per file read (and a hash of each labels file); shard
+    kinds are also named again (their files' names, sizes and footers, as listing read them),
+    so a tar or Parquet file added to or removed from the input is found too."""
+    state = listing.folder / STATE_FILE
+    if not state.exists():
+        return f"{state} is missing: the listing cannot be checked against the input"
+    change = check_state(state)
+    if change is not None:
+        return change.describe()
+    if listing.kind in SHARD_KINDS:
+        now = enumerate_input(cfg)
+        parts = now.fingerprint_parts
+        if _sequence_digest(parts) != listing.info["fingerprint"]:
+            before = dict.fromkeys(listing.unit_paths)
+            after = dict.fromkeys(shard["path"] for shard in now.shards)
+            added = [path for path in after if path not in before]
+            removed = [path for path in before if path not in after]
+            found = ([f"{len(added)} file(s) added, e.g. {added[0]}"] if added else []) + (
+                [f"{len(removed)} file(s) gone, e.g. {removed[0]}"] if removed else [])
+            return "; ".join(found) or "its files' sizes, row counts or order differ from the listing's"
+    return None
 
 
 def read_listing(output: str | Path) -> Listing | None:
@@ -433,8 +496,7 @@ def share_listing(source_output: str | Path, target_output: str | Path) -> None:
     source, target = Path(source_output) / INPUT_DIR, Path(target_output) / INPUT_DIR
     if (target / INFO_FILE).exists() and (target / INFO_FILE).read_text() == (source / INFO_FILE).read_text():
         return
-    if target.exists():
-        shutil.rmtree(target)
+    remove_listing(target)
     target.mkdir(parents=True)
     for name in (*(p.name for p in source.iterdir() if p.name != INFO_FILE), INFO_FILE):
         try:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .ownership import claim, remove_predictions
 from .writer import PREDICTIONS_DIR
 
 MANIFEST = "manifest.json"
@@ -83,7 +83,7 @@ def prepare_output(output_dir: str | Path, manifest: dict[str, Any], overwrite: 
                 + "; ".join(differences)
                 + "). Choose another output.dir, or set output.overwrite true to discard them."
             )
-        shutil.rmtree(output / PREDICTIONS_DIR, ignore_errors=True)
+        remove_predictions(output / PREDICTIONS_DIR)
         for name in ("metrics.json", "timing.json", "comparison.json"):
             (output / name).unlink(missing_ok=True)
     elif (output / PREDICTIONS_DIR).exists() and any((output / PREDICTIONS_DIR).iterdir()):
@@ -92,8 +92,8 @@ def prepare_output(output_dir: str | Path, manifest: dict[str, Any], overwrite: 
                 f"output.dir {output} has predictions but no {MANIFEST}; refusing to mix them in. "
                 "Choose another output.dir, or set output.overwrite true."
             )
-        shutil.rmtree(output / PREDICTIONS_DIR)
-    output.mkdir(parents=True, exist_ok=True)
+        remove_predictions(output / PREDICTIONS_DIR)
+    claim(output)
     (output / PREDICTIONS_DIR).mkdir(exist_ok=True)
     write_json(output / MANIFEST, manifest)
     return manifest

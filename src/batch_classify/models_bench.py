@@ -10,7 +10,6 @@ writes; not start-up) and the wall clock around each run (with model loading and
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -19,12 +18,13 @@ from typing import Any
 from .config import JobSpec
 from .distributed import init_state
 from .job import run
+from .ownership import remove_output
 from .side_by_side import MODELS_FILE
 
 
 def _fresh(spec: JobSpec, folder: Path, state) -> JobSpec:
-    if state.is_main_process and folder.exists():
-        shutil.rmtree(folder)
+    if state.is_main_process:
+        remove_output(folder)
     state.wait_for_everyone()
     return replace(spec, output=replace(spec.output, dir=str(folder), overwrite=True))
 

@@ -8,6 +8,7 @@ says how much is committed and what is left.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,9 +17,19 @@ from typing import Any
 from .config import ConfigError, JobSpec, parse_args
 from .distributed import CPU_BATCH_SIZE, GPU_BATCH_SIZE
 from .errors import UserError
-from .listing import INPUT_DIR, LISTING_FORMAT, Listing, listing_data, read_listing, write_listing
+from .listing import (
+    INPUT_DIR,
+    LISTING_FORMAT,
+    Listing,
+    input_changes,
+    listing_data,
+    read_listing,
+    write_listing,
+)
 from .listing import matches as listing_matches
 from .manifest import MANIFEST, OutputLock, OutputMismatch, read_manifest
+from .ownership import check_location, claim
+from .tars import is_pattern, shard_root
 from .writer import committed_units
 
 log = logging.getLogger("batch_classify")
@@ -57,12 +68,37 @@ def listing_batch_size(spec: JobSpec) -> int:
     return CPU_BATCH_SIZE if spec.runtime.device == "cpu" else GPU_BATCH_SIZE
 
 
+class InputChanged(UserError, RuntimeError):
+    """The input is no longer the one the output folder's listing was made from."""
+
+
+def check_output_location(spec: JobSpec) -> None:
+    """Refuse an output.dir inside, equal to or above the input, before anything is written."""
+    data = spec.data
+    root = data.path if os.path.exists(data.path) else (
+        str(shard_root(data.path)) if is_pattern(data.path) else None)
+    check_location(spec.output.dir, root,
+                   [data.labels, data.class_subset, data.real_labels,
+                    *(name for name in spec.models if os.path.exists(name))])
+
+
 def prepare_listing(spec: JobSpec, output: Path) -> tuple[Listing, bool]:
-    """Main rank: the folder's listing where it is this job's, else a new one (refused where it
-    would orphan another job's committed predictions). Returns (listing, listed now)."""
+    """Main rank: the folder's listing where it is this job's and its input is unchanged, else
+    a new one (refused where it would orphan another job's committed predictions). Returns
+    (listing, listed now)."""
+    claim(output)
     existing = read_listing(output)
     if existing is not None and listing_matches(existing, spec.data, spec.output.unit_size):
-        return existing, False
+        change = input_changes(existing, spec.data)
+        if change is None:
+            return existing, False
+        if committed_units(output) and not spec.output.overwrite:
+            raise InputChanged(
+                f"data.path {spec.data.path} changed since it was listed into {output / INPUT_DIR}: "
+                f"{change}. The predictions committed there belong to the input as it was: choose a "
+                "new output.dir to classify the input as it is now, or set output.overwrite true to "
+                "list it again (this folder's predictions are then discarded if its items differ)")
+        log.warning("data.path changed since it was listed (%s): listing it again", change)
     old = read_manifest(output)
     if old is not None and committed_units(output) and not spec.output.overwrite:
         raise OutputMismatch(
@@ -93,8 +129,11 @@ def plan(spec: JobSpec) -> str:
     """List (or reuse the listing), then describe the job's units and the output folder."""
     output = Path(spec.output.dir)
     started = time.monotonic()
+    check_output_location(spec)
+    claim(output)
     listing, listed_now = read_listing(output), False
-    if listing is None or not listing_matches(listing, spec.data, spec.output.unit_size):
+    if (listing is None or not listing_matches(listing, spec.data, spec.output.unit_size)
+            or input_changes(listing, spec.data) is not None):
         with OutputLock(output):  # writing a listing: not beside a running job
             listing, listed_now = prepare_listing(spec, output)
     # Reading a listing needs no lock: plan reports on a running job's progress too.

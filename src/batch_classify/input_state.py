@@ -1,0 +1,197 @@
+"""What the listed input looked like when it was listed, and a cheap check that it still does.
+
+A listing is only valid for the input it listed. Listing records, next to the units, the
+state of everything the listing was made from: each folder it walked (its mtime and entry
+count), each shard or list file (size and mtime), each labels file (a hash of its bytes).
+A resume checks that state before it trusts the listing: one ``stat`` per folder or file,
+no walk of the images. A folder whose mtime falls within ``RACY_NS`` of the moment it was
+read may have changed within the filesystem's timestamp granularity without a new mtime,
+so for those alone the entries are counted again (git's "racily clean" rule).
+
+Rows stream to ``input/state.parquet`` in chunks; memory is bounded by a chunk, not by the
+number of folders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+STATE_FILE = "state.parquet"
+RACY_NS = 2_000_000_000
+"""A folder modified less than this before it was read is re-counted on every check."""
+CHUNK = 16_384
+SHOW = 3
+
+SCHEMA = pa.schema([("kind", pa.string()), ("path", pa.string()), ("mtime_ns", pa.int64()),
+                    ("size", pa.int64()), ("entries", pa.int64()), ("read_ns", pa.int64()),
+                    ("digest", pa.string())])
+"""kind: ``folder`` (mtime_ns, entries, read_ns), ``file`` (mtime_ns, size) or ``content``
+(size, digest: sha256 of the bytes). Paths are absolute and resolved."""
+
+
+def content_digest(path: str | os.PathLike) -> str:
+    """sha256 of a (small) file's bytes, as hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def count_entries(path: str | os.PathLike) -> int:
+    with os.scandir(path) as entries:
+        return sum(1 for _ in entries)
+
+
+class StateRecorder:
+    """Collects the state rows while the input is enumerated; ``write`` streams them out."""
+
+    def __init__(self) -> None:
+        self._chunks: list[pa.Table] = []
+        self._rows: dict[str, list] = {name: [] for name in SCHEMA.names}
+        self._writer: pq.ParquetWriter | None = None
+        self._target: Path | None = None
+        self.n_rows = 0
+
+    def _add(self, kind: str, path: str, mtime_ns: int | None = None, size: int | None = None,
+             entries: int | None = None, read_ns: int | None = None, digest: str | None = None) -> None:
+        for name, value in zip(SCHEMA.names, (kind, path, mtime_ns, size, entries, read_ns, digest)):
+            self._rows[name].append(value)
+        self.n_rows += 1
+        if len(self._rows["kind"]) >= CHUNK:
+            self._flush()
+
+    def folder(self, path: str | os.PathLike, status: os.stat_result, entries: int, read_ns: int) -> None:
+        """A folder that was read: its stat taken before the read, its entry count, and when."""
+        self._add("folder", os.fspath(path), status.st_mtime_ns, None, entries, read_ns)
+
+    def file(self, path: str | os.PathLike, status: os.stat_result | None = None) -> None:
+        """A file whose size and mtime the listing depends on (a shard, a list of paths)."""
+        status = status or os.stat(path)
+        self._add("file", os.fspath(path), status.st_mtime_ns, status.st_size)
+
+    def content(self, path: str | os.PathLike) -> None:
+        """A small file whose bytes the listing depends on (a labels CSV)."""
+        self._add("content", os.fspath(path), None, os.stat(path).st_size, None, None,
+                  content_digest(path))
+
+    def _flush(self) -> None:
+        if not self._rows["kind"]:
+            return
+        table = pa.table(self._rows, schema=SCHEMA)
+        self._rows = {name: [] for name in SCHEMA.names}
+        if self._target is None:  # not written yet: keep the chunk (small inputs never get here)
+            self._chunks.append(table)
+            return
+        self._writer.write_table(table)
+
+    def write(self, path: Path) -> None:
+        """Write every row to ``path`` (atomically: a temporary name, then a rename)."""
+        temporary = path.with_name(f".{path.name}.tmp")
+        self._target = path
+        with pq.ParquetWriter(temporary, SCHEMA) as writer:
+            self._writer = writer
+            for table in self._chunks:
+                writer.write_table(table)
+            self._chunks = []
+            self._flush()
+            writer.write_table(pa.table({name: [] for name in SCHEMA.names}, schema=SCHEMA))
+        self._writer = None
+        os.replace(temporary, path)
+
+
+@dataclass
+class Change:
+    """What differs between the listed input and the input now, and how many such changes."""
+
+    found: list[str]
+    n: int
+
+    def describe(self) -> str:
+        more = f" (and {self.n - len(self.found)} more)" if self.n > len(self.found) else ""
+        return "; ".join(self.found) + more
+
+
+def _batches(path: Path) -> Iterator[dict[str, list]]:
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=CHUNK):
+        yield batch.to_pydict()
+
+
+def _folder_change(path: str, mtime_ns: int, entries: int, read_ns: int) -> str | None:
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return f"folder {path} no longer exists"
+    except OSError as error:
+        return f"folder {path} cannot be read ({error.strerror})"
+    if status.st_mtime_ns != mtime_ns:
+        return f"folder {path} was modified after it was listed (files added, removed or renamed)"
+    if read_ns - mtime_ns < RACY_NS:
+        now = count_entries(path)
+        if now != entries:
+            return f"folder {path} holds {now} entries, {entries} when listed"
+    return None
+
+
+def _file_change(path: str, mtime_ns: int, size: int) -> str | None:
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return f"{path} no longer exists"
+    except OSError as error:
+        return f"{path} cannot be read ({error.strerror})"
+    if status.st_size != size:
+        return f"{path} is {status.st_size} bytes, {size} when listed"
+    if status.st_mtime_ns != mtime_ns:
+        return f"{path} was modified after it was listed"
+    return None
+
+
+def _content_change(path: str, size: int, digest: str) -> str | None:
+    try:
+        if os.stat(path).st_size == size and content_digest(path) == digest:
+            return None
+    except FileNotFoundError:
+        return f"{path} no longer exists"
+    except OSError as error:
+        return f"{path} cannot be read ({error.strerror})"
+    return f"{path} was edited after it was listed"
+
+
+def check_state(path: Path) -> Change | None:
+    """The changes since the state at ``path`` was recorded, or None where there are none."""
+    found: list[str] = []
+    n = 0
+    for rows in _batches(path):
+        for kind, name, mtime_ns, size, entries, read_ns, digest in zip(*(rows[c] for c in SCHEMA.names)):
+            if kind == "folder":
+                change = _folder_change(name, mtime_ns, entries, read_ns)
+            elif kind == "file":
+                change = _file_change(name, mtime_ns, size)
+            else:
+                change = _content_change(name, size, digest)
+            if change is not None:
+                n += 1
+                if len(found) < SHOW:
+                    found.append(change)
+    return Change(found, n) if n else None
+
+
+def listed_files(path: Path) -> list[str]:
+    """The files (shards) recorded at ``path``, in order: what a re-expansion must name again."""
+    names: list[str] = []
+    for rows in _batches(path):
+        names.extend(name for kind, name in zip(rows["kind"], rows["path"]) if kind == "file")
+    return names
+
+
+def now_ns() -> int:
+    return time.time_ns()
