@@ -1,22 +1,29 @@
 """Verify: prove an output folder complete against its listing, one unit at a time.
 
 Every unit committed, every unit's row count equal to the listing's where the listing knows
-it, no id twice within a unit, each file's footer consistent with its rows; with
-``recount``, every unit's ids are enumerated again from the input (tars re-read without
-decoding) and must match the committed ids exactly (count and order-independent digest).
+it, no id twice within a unit, each file's footer consistent with its rows. With
+``recount`` the input is listed again from the filesystem, not from the stored listing
+(folders walked, tars and Parquet files named again, tars re-read without decoding): it
+must cut into the same units, and every unit's ids must match the committed ids exactly
+(count and order-independent digest), so an image added, removed or renamed since shows.
 Memory is bounded by one unit.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .config import DataConfig
 from .errors import UserError, describe_error
-from .listing import read_listing
+from .listing import Listing, read_listing, write_listing
 from .manifest import read_manifest
 from .writer import PREDICTIONS_DIR, committed_units, ids_digest, read_unit_stats, unit_of, unit_path
 
@@ -90,6 +97,36 @@ def verify(output_dir: str | Path, recount: bool = False) -> Verification:
     if folder.is_dir():
         result.partial_files = sorted(p.name for p in folder.iterdir() if unit_of(p) is None)
     result.unexpected_files = [unit_path(output, u).name for u in sorted(committed) if u >= listing.n_units]
+    with contextlib.ExitStack() as stack:
+        fresh = stack.enter_context(_listed_again(output, listing)) if recount else None
+        if fresh is not None:
+            result.recount_mismatches.extend(_layout_changes(listing, fresh))
+        _check_units(output, listing, committed, result, fresh)
+    return result
+
+
+@contextlib.contextmanager
+def _listed_again(output: Path, listing: Listing) -> Iterator[Listing]:
+    """The input listed afresh from the filesystem (the stored listing's data.* and unit size),
+    in a temporary folder inside the output folder (a listing of a large input is large)."""
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    cfg = DataConfig(**{key: value for key, value in listing.info["data"].items() if key in known})
+    with tempfile.TemporaryDirectory(prefix=".recount-", dir=output) as folder:
+        yield write_listing(cfg, Path(folder), listing.info["unit_size"] or 0)
+
+
+def _layout_changes(listing: Listing, fresh: Listing) -> list[str]:
+    """Where the input listed now is cut into other units than the stored listing."""
+    if fresh.n_units != listing.n_units or fresh.n_items != listing.n_items:
+        items = (f", {fresh.n_items} items (listed: {listing.n_items})"
+                 if fresh.n_items is not None else "")
+        return [f"the input now makes {fresh.n_units} units (listed: {listing.n_units}){items}"]
+    return [f"unit {unit}: {fresh.describe_unit(unit)} now, {listing.describe_unit(unit)} when listed"
+            for unit in range(listing.n_units) if fresh.describe_unit(unit) != listing.describe_unit(unit)]
+
+
+def _check_units(output: Path, listing: Listing, committed: set[int], result: Verification,
+                 fresh: Listing | None) -> None:
     for unit in range(listing.n_units):
         if unit not in committed:
             result.missing_units.append(f"unit {unit} ({listing.describe_unit(unit)})")
@@ -113,10 +150,10 @@ def verify(output_dir: str | Path, recount: bool = False) -> Verification:
                                            f"{expected} listed")
         if stats is not None and (stats["n"] != len(ids) or stats["ids_digest"] != digest):
             result.count_mismatches.append(f"unit {unit}: its footer does not match its rows")
-        if recount:
-            again = [record.id for record in listing.records(unit, read_images=False)]
+        if fresh is not None:
+            again = ([record.id for record in fresh.records(unit, read_images=False)]
+                     if unit < fresh.n_units else [])
             if len(again) != len(ids) or ids_digest(again) != digest:
                 result.recount_mismatches.append(
                     f"unit {unit} ({listing.describe_unit(unit)}): {len(ids)} rows committed, "
                     f"{len(again)} items in the input now")
-    return result
