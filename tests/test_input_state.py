@@ -158,12 +158,14 @@ def test_deeply_nested_folders_are_walked_without_recursion(tmp_path):
     for _ in range(1200):  # deeper than Python's recursion limit
         path = path / "d"
         path.mkdir()
-    jpeg(path / "x.jpg")
-    jpeg(deep / "top.jpg")
-    listing = write_listing(DataConfig(path=str(deep), kind="images"), tmp_path / "out")
-    ids = [r.id for u in range(listing.n_units) for r in listing.records(u)]
-    assert ids == ["d/" * 1200 + "x.jpg", "top.jpg"]
-    (path / "x.jpg").unlink()
-    while path != deep:  # shutil.rmtree recurses on Python 3.11: remove it bottom-up
-        path.rmdir()
-        path = path.parent
+    try:
+        jpeg(path / "x.jpg")
+        jpeg(deep / "top.jpg")
+        listing = write_listing(DataConfig(path=str(deep), kind="images"), tmp_path / "out")
+        ids = [r.id for u in range(listing.n_units) for r in listing.records(u)]
+        assert ids == ["d/" * 1200 + "x.jpg", "top.jpg"]
+    finally:
+        (path / "x.jpg").unlink(missing_ok=True)
+        while path != deep:  # shutil.rmtree recurses on Python 3.11: remove it bottom-up
+            path.rmdir()
+            path = path.parent

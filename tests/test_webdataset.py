@@ -17,8 +17,12 @@ from fixtures_wds import flawed_tars, make_wds
 from test_preemption import Background
 
 from batch_classify.cli import main as cli_main
+from batch_classify.inputs import InputError
 from batch_classify.labels import imagenet_classes
+from batch_classify.listing import read_listing
+from batch_classify.loader import UnitTasks
 from batch_classify.preemption import PREEMPTED_EXIT_STATUS
+from batch_classify.shard import UnitQueue
 from batch_classify.verify import verify
 
 WNIDS = imagenet_classes()[0]
@@ -184,20 +188,21 @@ def test_a_tar_gone_after_listing_stops_the_job_with_one_line_and_a_rerun_retrie
     args = ["--model.name", str(tiny_models["beit"]), "--data.path", str(root), "--output.dir", str(out)]
     assert cli_main(["plan", *args]) == 0
     moved = tmp_path / "elsewhere.tar"
-    tars[1].rename(moved)  # a mount gone, a shard being copied: the filesystem, not the data
+    tars[1].rename(moved)  # a mount gone, a shard being copied: not a reason to list again
     failed = run_job(args, processes=2, expect_ok=False)
     assert failed.returncode != 0
-    reason = (f"unit 1 of the input (00001.tar) cannot be read: FileNotFoundError: [Errno 2] No such "
-              f"file or directory: '{tars[1]}'. Finished units are committed; run the same command "
-              "again once it is readable")
     said = [line for line in failed.stderr.splitlines() if line.startswith("batch-classify: ")]
-    assert f"batch-classify: {reason}" in said, failed.stderr  # the rank that read it
-    # its peer says why it stops too, in one line: no traceback from either rank
-    assert all(line == f"batch-classify: {reason}" or line.startswith(
-        "batch-classify: another rank of the job failed or stopped: rank ") and line.endswith(reason)
-        for line in said), said
+    assert said and all(f"{tars[1]} no longer exists" in line and "mount it and run again" in line
+                        for line in said), failed.stderr  # one line from each rank
     assert "src/batch_classify/" not in failed.stderr, failed.stderr
-    assert sorted({key.split("/")[0] for key in read_rows(out)}) == ["00000.tar"]  # committed, kept
+    assert not list((out / "predictions").glob("unit-*.parquet"))  # found before anything ran
+    # Gone after the start check, while the job runs: the rank that reads it stops the job
+    # with one line naming the unit, and a rerun retries it.
+    listing = read_listing(out)
+    tasks = UnitTasks(UnitQueue(np.array([1])), listing, 4)
+    with pytest.raises(InputError, match=r"unit 1 of the input \(00001.tar\) cannot be read: "
+                       r"FileNotFoundError.*run the same command again once it is readable"):
+        list(tasks)
     moved.rename(tars[1])
     run_job(args)
     rows = read_rows(out)

@@ -28,6 +28,8 @@ STATE_FILE = "state.parquet"
 RACY_NS = 2_000_000_000
 """A folder modified less than this before it was read is re-counted on every check."""
 CHUNK = 16_384
+MISSING = "\0missing\0"
+"""Marks a change that is a path gone or unreadable (stripped before it is shown)."""
 SHOW = 3
 
 SCHEMA = pa.schema([("kind", pa.string()), ("path", pa.string()), ("mtime_ns", pa.int64()),
@@ -114,6 +116,9 @@ class Change:
 
     found: list[str]
     n: int
+    missing: bool = False
+    """Some listed file or folder is gone or unreadable: a fault of the filesystem as often as
+    a change of the data (a mount missing), so never a reason to list again on its own."""
 
     def describe(self) -> str:
         more = f" (and {self.n - len(self.found)} more)" if self.n > len(self.found) else ""
@@ -129,9 +134,9 @@ def _folder_change(path: str, mtime_ns: int, entries: int, read_ns: int) -> str 
     try:
         status = os.stat(path)
     except FileNotFoundError:
-        return f"folder {path} no longer exists"
+        return MISSING + f"folder {path} no longer exists"
     except OSError as error:
-        return f"folder {path} cannot be read ({error.strerror})"
+        return MISSING + f"folder {path} cannot be read ({error.strerror})"
     if status.st_mtime_ns != mtime_ns:
         return f"folder {path} was modified after it was listed (files added, removed or renamed)"
     if read_ns - mtime_ns < RACY_NS:
@@ -145,9 +150,9 @@ def _file_change(path: str, mtime_ns: int, size: int) -> str | None:
     try:
         status = os.stat(path)
     except FileNotFoundError:
-        return f"{path} no longer exists"
+        return MISSING + f"{path} no longer exists"
     except OSError as error:
-        return f"{path} cannot be read ({error.strerror})"
+        return MISSING + f"{path} cannot be read ({error.strerror})"
     if status.st_size != size:
         return f"{path} is {status.st_size} bytes, {size} when listed"
     if status.st_mtime_ns != mtime_ns:
@@ -160,16 +165,16 @@ def _content_change(path: str, size: int, digest: str) -> str | None:
         if os.stat(path).st_size == size and content_digest(path) == digest:
             return None
     except FileNotFoundError:
-        return f"{path} no longer exists"
+        return MISSING + f"{path} no longer exists"
     except OSError as error:
-        return f"{path} cannot be read ({error.strerror})"
+        return MISSING + f"{path} cannot be read ({error.strerror})"
     return f"{path} was edited after it was listed"
 
 
 def check_state(path: Path) -> Change | None:
     """The changes since the state at ``path`` was recorded, or None where there are none."""
     found: list[str] = []
-    n = 0
+    n, missing = 0, False
     for rows in _batches(path):
         for kind, name, mtime_ns, size, entries, read_ns, digest in zip(*(rows[c] for c in SCHEMA.names)):
             if kind == "folder":
@@ -180,9 +185,10 @@ def check_state(path: Path) -> Change | None:
                 change = _content_change(name, size, digest)
             if change is not None:
                 n += 1
+                missing = missing or change.startswith(MISSING)
                 if len(found) < SHOW:
-                    found.append(change)
-    return Change(found, n) if n else None
+                    found.append(change.removeprefix(MISSING))
+    return Change(found, n, missing) if n else None
 
 
 def listed_files(path: Path) -> list[str]:

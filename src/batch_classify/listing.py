@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from .config import DataConfig
 from .errors import describe_error
-from .input_state import STATE_FILE, StateRecorder, check_state
+from .input_state import STATE_FILE, Change, StateRecorder, check_state
 from .inputs import Enumeration, InputError, enumerate_input, hf_load, map_label
 from .ownership import remove_listing
 from .writer import add_digests, id_hash
@@ -455,7 +455,7 @@ def write_listing(cfg: DataConfig, output: Path, unit_size: int = 0, batch_size:
 SHARD_KINDS = {"webdataset", "parquet", "hf"}
 
 
-def input_changes(listing: Listing, cfg: DataConfig) -> str | None:
+def input_changes(listing: Listing, cfg: DataConfig) -> Change | None:
     """What differs between the input now and the input ``listing`` was made from, or None.
 
     One stat per folder walked and per file read (and a hash of each labels file); shard
@@ -463,10 +463,10 @@ def input_changes(listing: Listing, cfg: DataConfig) -> str | None:
     so a tar or Parquet file added to or removed from the input is found too."""
     state = listing.folder / STATE_FILE
     if not state.exists():
-        return f"{state} is missing: the listing cannot be checked against the input"
+        return Change([f"{state} is missing: the listing cannot be checked against the input"], 1)
     change = check_state(state)
     if change is not None:
-        return change.describe()
+        return change
     if listing.kind in SHARD_KINDS:
         now = enumerate_input(cfg)
         parts = now.fingerprint_parts
@@ -477,7 +477,8 @@ def input_changes(listing: Listing, cfg: DataConfig) -> str | None:
             removed = [path for path in before if path not in after]
             found = ([f"{len(added)} file(s) added, e.g. {added[0]}"] if added else []) + (
                 [f"{len(removed)} file(s) gone, e.g. {removed[0]}"] if removed else [])
-            return "; ".join(found) or "its files' sizes, row counts or order differ from the listing's"
+            return Change(found or ["its files' sizes, row counts or order differ from the listing's"],
+                          max(1, len(found)), missing=bool(removed))
     return None
 
 

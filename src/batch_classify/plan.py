@@ -92,13 +92,16 @@ def prepare_listing(spec: JobSpec, output: Path) -> tuple[Listing, bool]:
         change = input_changes(existing, spec.data)
         if change is None:
             return existing, False
-        if committed_units(output) and not spec.output.overwrite:
+        if not spec.output.overwrite and (change.missing or committed_units(output)):
             raise InputChanged(
                 f"data.path {spec.data.path} changed since it was listed into {output / INPUT_DIR}: "
-                f"{change}. The predictions committed there belong to the input as it was: choose a "
-                "new output.dir to classify the input as it is now, or set output.overwrite true to "
-                "list it again (this folder's predictions are then discarded if its items differ)")
-        log.warning("data.path changed since it was listed (%s): listing it again", change)
+                f"{change.describe()}. " + (
+                    "If a filesystem is missing, mount it and run again; if the data changed, "
+                    if change.missing else "The predictions committed there belong to the input as "
+                    "it was: ") + "choose a new output.dir to classify the input as it is now, or set "
+                "output.overwrite true to list it again (this folder's predictions are then discarded "
+                "if its items differ)")
+        log.warning("data.path changed since it was listed (%s): listing it again", change.describe())
     old = read_manifest(output)
     if old is not None and committed_units(output) and not spec.output.overwrite:
         raise OutputMismatch(
