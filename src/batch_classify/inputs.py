@@ -271,9 +271,11 @@ def _read_label_rows(labels_path: Path) -> list[tuple[int, str, str]]:
         raise InputError(f"{key} is empty")
     header = [cell.strip().lower() for cell in rows[0][1]]
     kaggle = header[:2] == ["imageid", "predictionstring"]
-    first_label = rows[0][1][1].strip() if len(rows[0][1]) >= 2 else ""
-    if not kaggle and (len(rows[0][1]) < 2 or WNID.match(first_label) or first_label.lstrip("-").isdigit()):
-        rows.insert(0, (0, []))  # no header: the first row is data
+    first_name, first_label = (cell.strip() for cell in (rows[0][1] + ["", ""])[:2])
+    header = (len(rows[0][1]) >= 2 and first_label and not WNID.match(first_label)
+              and not first_label.lstrip("-").isdigit() and not _is_image(first_name))
+    if not kaggle and not header:
+        rows.insert(0, (0, []))  # the first row is data
     labelled = []
     for number, cells in rows[1:]:
         where = f"{key}, row {number}"
@@ -709,9 +711,15 @@ def detect_kind(cfg: DataConfig) -> str:
     path = Path(cfg.path)
     if not path.exists():
         if is_pattern(cfg.path):
-            if _tar_name(cfg.path):
+            from .tars import ShardSpecError, brace_names
+
+            try:  # what the first name is, as `{a,b}.tar` and `{a.parquet,*.parquet}` end differently
+                name = next(brace_names(cfg.path, f"data.path {cfg.path!r}")[1], cfg.path)
+            except ShardSpecError as error:
+                raise InputError(str(error)) from None
+            if _tar_name(name):
                 return "webdataset"
-            if cfg.path.lower().endswith(".parquet"):
+            if name.lower().endswith(".parquet"):
                 return "parquet"
             raise InputError(f"data.path {cfg.path}: a pattern that names neither .tar nor .parquet "
                              "files; set data.kind")
