@@ -10,7 +10,6 @@ module yields to the output folder and cuts it into units.
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import os
 import re
@@ -142,10 +141,6 @@ def image_folder(root: Path) -> Enumeration:
 def image_files(root: Path) -> Enumeration:
     """Unlabelled images: a folder searched recursively."""
     return Enumeration("images", str(root), rows=_chunked((rel, None, None) for rel in walk_images(root)))
-
-
-def _line_hash(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
 def _utf8_lines(handle, path: Path, key: str = "data.path", noun: str = "list") -> Iterator[str]:
@@ -514,7 +509,8 @@ def parquet(cfg: DataConfig) -> Enumeration:
 class _Repeats:
     """Whether a key was seen before, from a set of 64-bit hashes of the first
     DUPLICATE_CHECK_LIMIT keys (then the set is dropped: memory stays bounded). A hit is only
-    a candidate: the caller confirms it by a second pass, which also finds where it was first."""
+    a candidate: the caller confirms it by a second pass, which also finds where it was first.
+    The hashes are Python's own (SipHash, seeded per process): the set lives in one process."""
 
     def __init__(self) -> None:
         self.hashes: set[int] | None = set()
@@ -524,15 +520,23 @@ class _Repeats:
         return self.hashes is not None
 
     def candidate(self, key: str) -> bool:
+        return self.first_candidate([key]) is not None
+
+    def first_candidate(self, keys: list[str]) -> int | None:
+        """The index of the first of `keys` that may have been seen before (the keys before it
+        are recorded; call again with the rest), else None with all of them recorded."""
         if self.hashes is None:
-            return False
-        digest = _line_hash(key)
-        if digest in self.hashes:
-            return True
-        self.hashes.add(digest)
+            return None
+        digests = list(map(hash, keys))
+        if self.hashes.isdisjoint(digests) and len(set(digests)) == len(digests):
+            self.hashes.update(digests)  # the common case, without a Python step per key
+            found = None
+        else:
+            found = next(i for i, digest in enumerate(digests)
+                         if digest in self.hashes or self.hashes.add(digest))
         if len(self.hashes) >= DUPLICATE_CHECK_LIMIT:
             self.hashes = None
-        return False
+        return found
 
 
 def _check_parquet_ids(files: list[Path], root: Path, column: str) -> list[str]:
@@ -543,61 +547,97 @@ def _check_parquet_ids(files: list[Path], root: Path, column: str) -> list[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    def ids(file: Path, group: int) -> Any:
+    def ids(handle: Any, groups: list[int]) -> list[Any]:
+        """The id column of each row group (None where it cannot be read), a batch of groups
+        read at once (hub files have 100-row groups)."""
         try:
-            return pq.ParquetFile(file).read_row_group(group, columns=[column]).column(0)
+            table = handle.read_row_groups(groups, columns=[column])
         except (OSError, pa.ArrowException):
-            return None
+            if len(groups) > 1:
+                return [values for group in groups for values in ids(handle, [group])]
+            return [None]
+        values, start = [], 0
+        for group in groups:
+            count = handle.metadata.row_group(group).num_rows
+            values.append(table.column(0).slice(start, count))
+            start += count
+        return values
 
-    def id_rows() -> Iterator[tuple[str, int, int, Any]]:
-        """(rel, row group, row index in the file, id) of the rows to check for repeats."""
+    def batches(metadata: Any, groups: range) -> Iterator[list[int]]:
+        batch, rows = [], 0
+        for group in groups:
+            batch.append(group)
+            rows += metadata.row_group(group).num_rows
+            if rows >= CHUNK_ROWS:
+                yield batch
+                batch, rows = [], 0
+        if batch:
+            yield batch
+
+    def id_groups() -> Iterator[tuple[str, int, int, Any]]:
+        """(rel, row group, its first row's index in the file, its ids or None where they cannot
+        be read) of the row groups to check for repeats."""
         seen = 0
         for file in files:
-            metadata = pq.ParquetFile(file).metadata
+            handle = pq.ParquetFile(file)
             rel = Path(os.path.relpath(file, root)).as_posix()
             row = 0
-            for group in range(metadata.num_row_groups):
+            for batch in batches(handle.metadata, range(handle.metadata.num_row_groups)):
                 if seen >= DUPLICATE_CHECK_LIMIT:
+                    stopped.append(True)
                     return
-                count = metadata.row_group(group).num_rows
-                values = ids(file, group)
-                for offset, value in enumerate(values.to_pylist() if values is not None else []):
-                    yield rel, group, row + offset, value
-                row += count
-                seen += count
+                for group, values in zip(batch, ids(handle, batch)):
+                    yield rel, group, row, values
+                    count = handle.metadata.row_group(group).num_rows
+                    row += count
+                    seen += count
 
     def null(rel: str, group: int, row: int) -> InputError:
         return InputError(f"data.id_column {column!r}: row {row} of {rel} (row group {group}) has no id "
                           "(null); fill the column, or drop data.id_column to number the rows instead")
 
-    repeats, checked = _Repeats(), 0
-    for rel, group, row, value in id_rows():
-        if value is None:
-            raise null(rel, group, row)
-        key = str(value)
-        if repeats.candidate(key):
-            first = next((r for r in id_rows() if r[3] is not None and str(r[3]) == key
-                          and (r[0], r[2]) != (rel, row)), None)
-            if first is not None:
+    def first_null(values: Any) -> int:
+        return next(i for i, value in enumerate(values.to_pylist()) if value is None)
+
+    def where(key: str) -> tuple[str, int]:
+        for rel, _, start, values in id_groups():
+            for offset, value in enumerate(values.to_pylist() if values is not None else []):
+                if value is not None and str(value) == key:
+                    return rel, start + offset
+        raise AssertionError("unreachable: the id was read before")
+
+    repeats, stopped = _Repeats(), []
+    for rel, group, start, values in id_groups():
+        if values is None:
+            continue
+        if values.null_count:
+            raise null(rel, group, start + first_null(values))
+        keys = [str(value) for value in values.to_pylist()]
+        offset = 0
+        while (hit := repeats.first_candidate(keys[offset:])) is not None:
+            offset += hit
+            first = where(keys[offset])
+            if first != (rel, start + offset):
                 raise InputError(
-                    f"data.id_column {column!r}: id {key!r} is on row {first[2]} of {first[0]} and "
-                    f"again on row {row} of {rel}; ids must be unique: choose another column, or "
-                    "drop data.id_column to number the rows instead")
-        checked += 1
-    if checked < DUPLICATE_CHECK_LIMIT:
+                    f"data.id_column {column!r}: id {keys[offset]!r} is on row {first[1]} of {first[0]} "
+                    f"and again on row {start + offset} of {rel}; ids must be unique: choose another "
+                    "column, or drop data.id_column to number the rows instead")
+            offset += 1  # two ids with one hash: not a repeat
+    if repeats.checking and not stopped:
         return []
     for file in files:  # past the checked rows: the footers' null counts
-        metadata = pq.ParquetFile(file).metadata
+        handle = pq.ParquetFile(file)
+        metadata = handle.metadata
         chunk = next((i for i in range(metadata.num_columns)
                       if metadata.schema.column(i).path.split(".")[0] == column), None)
         start = 0
         for group in range(metadata.num_row_groups):
             statistics = metadata.row_group(group).column(chunk).statistics if chunk is not None else None
             if statistics is None or not statistics.has_null_count or statistics.null_count:
-                values = ids(file, group)
+                values = ids(handle, [group])[0]
                 if values is not None and values.null_count:
-                    row = start + next(i for i, v in enumerate(values.to_pylist()) if v is None)
-                    raise null(Path(os.path.relpath(file, root)).as_posix(), group, row)
+                    rel = Path(os.path.relpath(file, root)).as_posix()
+                    raise null(rel, group, start + first_null(values))
             start += metadata.row_group(group).num_rows
     return [f"repeated ids checked over the first {DUPLICATE_CHECK_LIMIT} rows only; nulls in all"]
 
