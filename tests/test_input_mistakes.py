@@ -122,10 +122,13 @@ def test_a_labels_csv_naming_one_file_twice_is_refused(tmp_path, first, second):
 
 def test_labels_csv_spellings_of_one_file_each_find_it(tmp_path):
     folder = images(tmp_path / "val", "a.JPEG", "b.JPEG", "c.JPEG", "d.JPEG")
+    images(tmp_path / "other", "e.JPEG")
     labels = tmp_path / "labels.csv"
-    labels.write_bytes(f"\ufeff./a.JPEG,1\nb,2\n{folder / 'c.JPEG'},3\nsub/../d.JPEG,4\n".encode())
+    labels.write_bytes(f"\ufeff./a.JPEG,1\nb,2\n{folder / 'c.JPEG'},3\nsub/../d.JPEG,4\n"
+                       f"{tmp_path}/other/../other/e.JPEG,5\n".encode())
     items = load_items(data(folder, labels=str(labels)))
-    assert items.ids == ["a.JPEG", "b.JPEG", "c.JPEG", "d.JPEG"] and items.labels == [1, 2, 3, 4]
+    assert items.ids == ["a.JPEG", "b.JPEG", "c.JPEG", "d.JPEG", str(tmp_path / "other" / "e.JPEG")]
+    assert items.labels == [1, 2, 3, 4, 5] and items.open(4) == str(tmp_path / "other" / "e.JPEG")
     assert not any("not in the labels file" in note for note in items.notes)
 
 
@@ -242,8 +245,11 @@ def _mistakes(tmp_path):
     files = {
         "one.csv": "x.JPEG,1\ny.JPEG\n", "kaggle.csv": "ImageId,PredictionString\nx,n01440764 1 2 3 4\ny,\n",
         "empty-name.csv": "x.JPEG,1\n,2\n", "range.csv": "x.JPEG,1000\n", "header-only.csv": "file,label\n",
-        "empty-label.csv": "x.JPEG,\n", "list.txt": "flat/x.JPEG\n",
+        "empty-label.csv": "x.JPEG,\n", "list.txt": "flat/x.JPEG\n", "stem.csv": "z,1\n",
+        "huge.csv": "x.JPEG," + "1" * 200_000 + "\n",
     }
+    (flat / "z.png").write_bytes(png())
+    (flat / "z.jpg").write_bytes(png())
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     (tmp_path / "latin.csv").write_bytes(b"x.JPEG,1\ncaf\xe9.JPEG,2\n")
@@ -270,6 +276,9 @@ def _mistakes(tmp_path):
         (labels("latin.csv"), "latin.csv: not UTF-8 text (invalid continuation byte); save the CSV as UTF-8"),
         (labels("binary.csv"), "binary.csv: not UTF-8 text"),
         (labels("none.csv"), "none.csv does not exist"),
+        (labels("stem.csv"), "stem.csv, row 1: 'z' could be 'z.jpg' or another file with that stem; name the "
+                             "file with its suffix"),
+        (labels("huge.csv"), "huge.csv, row 1: not a readable CSV (field larger than field limit"),
         (data(flat, labels=str(flat)), f"data.labels {flat} is a folder, not a CSV file"),
         (data(tmp_path / "nul.txt"), "nul.txt, line 2: a NUL byte"),
         (data(flat, kind="file_list"), f"data.path {flat} is a folder, not a text file of image paths "

@@ -194,8 +194,8 @@ class _Spellings:
         if key.startswith(self.real_root.rstrip(os.sep) + os.sep):
             return Path(key[len(self.real_root.rstrip(os.sep)) + 1:]).as_posix()
         if not os.path.isabs(name) and ".." not in Path(name).parts:  # under a symlinked subfolder
-            return os.path.normpath(name)
-        return key
+            return Path(os.path.normpath(name)).as_posix()
+        return os.path.normpath(os.path.join(self.root, name))
 
 
 def file_list(list_path: Path) -> Enumeration:
@@ -300,8 +300,11 @@ def labelled_folder(root: Path, labels_path: Path) -> Enumeration:
     on_disk = list(walk_images(root))
     on_disk_set = set(on_disk)
     by_stem: dict[str, str] = {}
+    stems_of_several: set[str] = set()
     for rel in on_disk:
-        by_stem.setdefault(os.path.splitext(rel)[0], rel)
+        stem = os.path.splitext(rel)[0]
+        if by_stem.setdefault(stem, rel) != rel:
+            stems_of_several.add(stem)
     spellings = _Spellings(root)
     listed: list[tuple[str, int | None, None]] = []
     first_row: dict[str, tuple[int, str]] = {}
@@ -309,8 +312,11 @@ def labelled_folder(root: Path, labels_path: Path) -> Enumeration:
         where = f"data.labels {labels_path}, row {number}"
         rel = spellings.relative(name)
         if rel not in on_disk_set:
+            if rel in stems_of_several:
+                raise InputError(f"{where}: {name!r} could be {by_stem[rel]!r} or another file with that "
+                                 "stem; name the file with its suffix")
             rel = by_stem.get(rel, rel)
-        earlier = first_row.setdefault(rel, (number, name))
+        earlier = first_row.setdefault(spellings.key(rel), (number, name))
         if earlier[0] != number:
             same = "is listed twice" if earlier[1] == name else f"names the same file as {earlier[1]!r}"
             raise InputError(f"{where}: {name!r} {same} (first on row {earlier[0]}); list each file once")
@@ -319,7 +325,7 @@ def labelled_folder(root: Path, labels_path: Path) -> Enumeration:
         except ValueError as error:
             raise InputError(str(error)) from None
     notes = ["labels from " + labels_path.name]
-    unlisted = len(on_disk_set - first_row.keys())
+    unlisted = len(on_disk_set - {rel for rel, _, _ in listed})
     if unlisted:
         note = f"{unlisted} image file(s) in {root} are not in the labels file and are skipped"
         log.warning(note)
