@@ -10,6 +10,7 @@ module yields to the output folder and cuts it into units.
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import os
 import re
@@ -141,6 +142,11 @@ def image_folder(root: Path) -> Enumeration:
 def image_files(root: Path) -> Enumeration:
     """Unlabelled images: a folder searched recursively."""
     return Enumeration("images", str(root), rows=_chunked((rel, None, None) for rel in walk_images(root)))
+
+
+def _line_hash(text: str) -> int:
+    """A 64-bit hash that is the same in every process."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
 def _utf8_lines(handle, path: Path, key: str = "data.path", noun: str = "list") -> Iterator[str]:
