@@ -246,7 +246,7 @@ def _mistakes(tmp_path):
         "one.csv": "x.JPEG,1\ny.JPEG\n", "kaggle.csv": "ImageId,PredictionString\nx,n01440764 1 2 3 4\ny,\n",
         "empty-name.csv": "x.JPEG,1\n,2\n", "range.csv": "x.JPEG,1000\n", "header-only.csv": "file,label\n",
         "empty-label.csv": "x.JPEG,\n", "list.txt": "flat/x.JPEG\n", "stem.csv": "z,1\n",
-        "huge.csv": "x.JPEG," + "1" * 200_000 + "\n",
+        "huge.csv": "x.JPEG," + "1" * 200_000 + "\n", "tabs.csv": "x.JPEG\t1\n",
     }
     (flat / "z.png").write_bytes(png())
     (flat / "z.jpg").write_bytes(png())
@@ -279,6 +279,14 @@ def _mistakes(tmp_path):
         (labels("stem.csv"), "stem.csv, row 1: 'z' could be 'z.jpg' or another file with that stem; name the "
                              "file with its suffix"),
         (labels("huge.csv"), "huge.csv, row 1: not a readable CSV (field larger than field limit"),
+        (labels("tabs.csv"), "tabs.csv, row 1: one column ('x.JPEG\\t1'); each row needs filename,label; the "
+                             "columns must be separated by commas, not tabs"),
+        (data(flat, id_column="key"), "data.id_column applies to data.kind parquet or hf, not to data.kind "
+                                      "images (detected from data.path)"),
+        (data(tmp_path / "list.txt", kind="file_list", label_key="cls"),
+         "data.label_key applies to data.kind webdataset, not to data.kind file_list"),
+        (data(tmp_path / "nulls", split="validation"), "data.split applies to data.kind hf, not to data.kind "
+                                                       "parquet"),
         (data(flat, labels=str(flat)), f"data.labels {flat} is a folder, not a CSV file"),
         (data(tmp_path / "nul.txt"), "nul.txt, line 2: a NUL byte"),
         (data(flat, kind="file_list"), f"data.path {flat} is a folder, not a text file of image paths "
@@ -315,7 +323,7 @@ def test_plan_says_each_mistake_in_one_line_and_exits_2(tmp_path, capsys):
     for number, (config, expected) in enumerate(_mistakes(tmp_path)):
         argv = ["--data.path", config.path, "--data.kind", config.kind, "--model.name", "x",
                 "--output.dir", str(tmp_path / f"out{number}")]
-        for key in ("labels", "id_column"):
+        for key in ("labels", "id_column", "label_key", "split"):
             if getattr(config, key):
                 argv += [f"--data.{key}", getattr(config, key)]
         assert plan_main(argv) == 2, argv

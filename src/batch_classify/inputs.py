@@ -281,8 +281,9 @@ def _read_label_rows(labels_path: Path) -> list[tuple[int, str, str]]:
     for number, cells in rows[1:]:
         where = f"{key}, row {number}"
         if len(cells) < 2:
+            tabs = "; the columns must be separated by commas, not tabs" if "\t" in cells[0] else ""
             raise InputError(f"{where}: one column ({cells[0].strip()!r}); each row needs "
-                             + ("ImageId,PredictionString" if kaggle else "filename,label"))
+                             + ("ImageId,PredictionString" if kaggle else "filename,label") + tabs)
         name = cells[0].strip()
         if not name:
             raise InputError(f"{where}: the filename cell is empty")
@@ -821,8 +822,19 @@ def detect_kind(cfg: DataConfig) -> str:
     return "images"
 
 
-def _check_kind_fits(kind: str, path: Path) -> None:
-    """A file where a folder kind is set: one line naming the kind that fits the file."""
+KIND_KEYS = {"split": ("hf",), "image_column": ("parquet", "hf"), "label_column": ("parquet", "hf"),
+             "id_column": ("parquet", "hf"), "label_key": ("webdataset",), "image_suffixes": ("webdataset",)}
+"""The data.* keys that only some kinds read: set for another kind, they would be ignored."""
+
+
+def _check_kind_fits(kind: str, path: Path, cfg: DataConfig) -> None:
+    """A key the kind would ignore, or a file where a folder kind is set: one line naming the
+    fix."""
+    for key, kinds in KIND_KEYS.items():
+        if getattr(cfg, key) is not None and kind not in kinds:
+            detected = " (detected from data.path)" if cfg.kind == "auto" else ""
+            raise InputError(f"data.{key} applies to data.kind {' or '.join(kinds)}, not to data.kind "
+                             f"{kind}{detected} ({path}); remove it, or set data.kind")
     if kind not in {"imagefolder", "images"} or not path.exists() or path.is_dir():
         return
     name = path.name.lower()
@@ -844,7 +856,7 @@ def enumerate_input(cfg: DataConfig) -> Enumeration:
     if cfg.labels is not None and kind != "images":
         raise InputError(f"data.labels is for a flat folder of images (data.kind: images), "
                          f"not for data.kind: {kind}")
-    _check_kind_fits(kind, path)
+    _check_kind_fits(kind, path, cfg)
     if kind == "imagefolder":
         return image_folder(path)
     if kind == "images":
