@@ -26,13 +26,15 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
+import string
 import tarfile
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from braceexpand import UnbalancedBracesError, braceexpand
+from braceexpand import UnbalancedBracesError
 
 from batch_classify.labels import parse_imagenet_label
 
@@ -313,43 +315,121 @@ def _shard_error(rel: str, kind: str, message: str) -> ShardSample:
 
 # Naming shards ------------------------------------------------------------------------------
 
-def expand_shards(spec: str, root: str | os.PathLike | None = None) -> list[Path]:
-    """The tar files that `spec` names: one file, a folder (recursively: *.tar, *.tar.gz, *.tgz,
-    hidden names skipped, symlinked folders not followed, sorted by relative path), a glob
-    (sorted), or a brace pattern (in the order written; may contain globs). A relative spec is
-    taken relative to `root` (default: the current directory). Raises ShardSpecError."""
+MAX_PATTERN_NAMES = 1_000_000
+"""Names a brace pattern may expand to, counted before any is built. Listing holds 1-2 KB
+per shard on the main rank (its path, its unit row, its fingerprint part: 0.8 KB of Python
+objects and 2.4 KB of peak RSS per tar, measured listing 100,000 tars), so a million shards
+is 1-2 GB there and ten million would be 10-20 GB; 1e9 images in tars of 10,000 are 1e5."""
+
+
+def expand_shards(spec: str, root: str | os.PathLike | None = None,
+                  suffixes: tuple[str, ...] = SHARD_SUFFIXES, notes: list[str] | None = None,
+                  what: str = "shard spec", skip_prefixes: tuple[str, ...] = (".",),
+                  parts_order: bool = False) -> list[Path]:
+    """The files that `spec` names: one file, a folder (recursively: names ending in
+    `suffixes`, names starting with `skip_prefixes` skipped, symlinked folders not followed,
+    sorted by relative path), a glob (sorted), or a brace pattern (in the order written; may
+    contain globs; counted first, over MAX_PATTERN_NAMES is refused). A file named twice (two
+    spellings, overlapping patterns, a symlink beside its target) is kept once, at its first
+    name, and `notes` says so. A relative spec is taken relative to `root` (default: the
+    current directory). `parts_order` sorts by path components ('a/x' before 'a-b'), as
+    sorting Paths does. Raises ShardSpecError naming `what`."""
     path = _resolve(spec, root)
+    files = _Files(spec, what)
+    order = (lambda text: tuple(text.split("/"))) if parts_order else (lambda text: text)
     if path.is_dir():
-        found = sorted(_scan_folder(path), key=lambda item: item[0])
+        found = sorted(_scan_folder(path, suffixes, skip_prefixes), key=lambda item: order(item[0]))
         if not found:
-            raise ShardSpecError(f"shard spec {spec!r}: folder {str(path)!r} holds no "
-                                 f"{', '.join(SHARD_SUFFIXES)} files")
-        return [tar for _, tar in found]
+            raise ShardSpecError(f"{what} {spec!r}: folder {str(path)!r} holds no "
+                                 f"{', '.join(suffixes)} files")
+        real_root = os.path.realpath(path)
+        for rel, file, is_link in found:
+            files.add(file, os.path.realpath(file) if is_link else os.path.join(real_root, rel))
+        return files.done(notes)
     if path.is_file():
         return [path]
     if not is_pattern(str(path)):
-        raise ShardSpecError(f"shard spec {spec!r}: {str(path)!r} does not exist")
-    try:
-        expanded = list(dict.fromkeys(braceexpand(str(path))))
-    except UnbalancedBracesError as error:
-        raise ShardSpecError(f"shard spec {spec!r}: {error}") from None
-    tars: list[Path] = []
-    missing: list[str] = []
-    listings: dict[str, set[str]] = {}
-    for name in expanded:
+        raise ShardSpecError(f"{what} {spec!r}: {str(path)!r} does not exist")
+    count, names = brace_names(str(path), f"{what} {spec!r}")
+    missing, first_missing = 0, ""
+    for name in names:
         if glob.has_magic(name):
-            tars.extend(Path(match) for match in sorted(glob.glob(name, recursive=True)))
-        elif _exists(name, listings):
-            tars.append(Path(name))
+            matches = glob.glob(name, recursive=True)
+            for match in sorted(matches, key=lambda text: order(text.replace(os.sep, "/"))):
+                files.add(Path(match))
+        elif files.exists(name):
+            files.add(Path(name))
         else:
-            missing.append(name)
+            missing += 1
+            first_missing = first_missing or name
     if missing:
-        raise ShardSpecError(f"shard spec {spec!r}: {len(missing)} of the {len(expanded)} files it names "
-                             f"do not exist, e.g. {missing[0]!r}")
-    tars = list(dict.fromkeys(tars))
-    if not tars:
-        raise ShardSpecError(f"shard spec {spec!r} matches no files")
-    return tars
+        raise ShardSpecError(f"{what} {spec!r}: {missing} of the {count} files it names do not exist, "
+                             f"e.g. {first_missing!r}")
+    if not files.kept:
+        raise ShardSpecError(f"{what} {spec!r} matches no files")
+    return files.done(notes)
+
+
+class _Files:
+    """The files named so far, each once: a file is known by its folder's real path plus its
+    name (a folder resolved once, not a stat per file), or by its own real path where the
+    folder listing says it is a symlink."""
+
+    def __init__(self, spec: str, what: str):
+        self.spec, self.what = spec, what
+        self.kept: list[Path] = []
+        self.first_name: dict[str, str] = {}
+        self.repeats, self.example = 0, ""
+        self.listings: dict[str, tuple[set[str], set[str]]] = {}
+        self.real_folders: dict[str, str] = {}
+
+    def listing(self, folder: str) -> tuple[set[str], set[str]]:
+        """(names, names of symlinks) in `folder`, from one scandir: no stat storm for a
+        whole brace range on a parallel filesystem."""
+        if folder not in self.listings:
+            names: set[str] = set()
+            links: set[str] = set()
+            try:
+                with os.scandir(folder) as entries:
+                    for entry in entries:
+                        names.add(entry.name)
+                        if entry.is_symlink():
+                            links.add(entry.name)
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+            self.listings[folder] = (names, links)
+        return self.listings[folder]
+
+    def exists(self, name: str) -> bool:
+        folder, basename = os.path.split(name)
+        return basename in self.listing(folder or ".")[0]
+
+    def identity(self, file: Path) -> str:
+        folder, basename = os.path.split(str(file))
+        folder = folder or "."
+        if basename in self.listing(folder)[1]:
+            return os.path.realpath(file)
+        real = self.real_folders.get(folder)
+        if real is None:
+            real = self.real_folders[folder] = os.path.realpath(folder)
+        return os.path.join(real, basename)
+
+    def add(self, file: Path, identity: str | None = None) -> None:
+        identity = identity or self.identity(file)
+        first = self.first_name.get(identity)
+        if first is None:
+            self.first_name[identity] = str(file)
+            self.kept.append(file)
+            return
+        self.repeats += 1
+        if not self.example:
+            self.example = f"{str(file)!r} twice" if first == str(file) else f"{str(file)!r} is {first!r}"
+
+    def done(self, notes: list[str] | None) -> list[Path]:
+        if self.repeats and notes is not None:
+            notes.append(f"{self.what} {self.spec!r} names {self.repeats} file(s) a second time ("
+                         f"{self.example}); each is read once")
+        return self.kept
 
 
 def shard_root(spec: str, root: str | os.PathLike | None = None) -> Path:
@@ -376,31 +456,206 @@ def is_pattern(text: str) -> bool:
     return any(char in text for char in "*?[{")
 
 
-def _scan_folder(folder: Path) -> Iterator[tuple[str, Path]]:
-    """(relative posix path, path) of every shard file under `folder`, by scandir without stat."""
+def _scan_folder(folder: Path, suffixes: tuple[str, ...] = SHARD_SUFFIXES,
+                 skip_prefixes: tuple[str, ...] = (".",)) -> Iterator[tuple[str, Path, bool]]:
+    """(relative posix path, path, whether it is a symlink) of every file under `folder` whose
+    name ends in `suffixes`, by scandir without stat (symlinked folders are not followed)."""
     pending = [(folder, "")]
     while pending:
         directory, prefix = pending.pop()
         with os.scandir(directory) as entries:
             for entry in entries:
-                if entry.name.startswith("."):
+                if entry.name.startswith(skip_prefixes):
                     continue
                 relative = prefix + entry.name
                 if entry.is_dir(follow_symlinks=False):
                     pending.append((Path(entry.path), relative + "/"))
-                elif entry.name.lower().endswith(SHARD_SUFFIXES) and entry.is_file():
-                    yield relative, Path(entry.path)
+                elif entry.name.lower().endswith(suffixes) and entry.is_file():
+                    yield relative, Path(entry.path), entry.is_symlink()
 
 
-def _exists(name: str, listings: dict[str, set[str]]) -> bool:
-    """Whether file `name` exists, by listing its folder once: one scandir for a whole brace
-    range instead of a stat per shard (stat storms hurt parallel filesystems)."""
-    folder, _, basename = name.rpartition(os.sep)
-    folder = folder or ("." if not name.startswith(os.sep) else os.sep)
-    if folder not in listings:
+# Brace patterns: braceexpand's grammar (bash's, with its documented limits), parsed into a
+# tree so that the names are counted before any is built, then generated one at a time
+# (braceexpand itself turns every range into a tuple first: 1e8 names is a MemoryError).
+
+_INT_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.-?(\d+))?$")
+_CHAR_RANGE = re.compile(r"^([A-Za-z])\.\.([A-Za-z])(?:\.\.-?(\d+))?$")
+_ALPHABET = string.ascii_uppercase + string.ascii_lowercase
+_ESCAPED = re.compile(r"\\(.)")
+
+
+@dataclass(frozen=True)
+class _IntRange:
+    values: range
+    format: str
+
+
+# A parsed pattern is a tuple of parts, each a literal str, an _IntRange, or a list of
+# alternatives (each itself a parsed pattern).
+_Parts = tuple
+
+
+def brace_names(pattern: str, what: str, limit: int = MAX_PATTERN_NAMES) -> tuple[int, Iterator[str]]:
+    """(how many names, the names in order) of a brace pattern, exactly as braceexpand gives
+    them; over `limit` names (or unparseable) is a ShardSpecError naming `what` and the count."""
+    try:
+        parts = _parse_pattern(pattern)
+        count = _count(parts)
+        escapes = "\\" in pattern
+        if not escapes:  # folding would change where braceexpand unescapes (once per level)
+            parts = _fixed(parts)
+    except UnbalancedBracesError as error:
+        raise ShardSpecError(f"{what}: {error}") from None
+    except RecursionError:
+        raise ShardSpecError(f"{what}: braces nested too deeply to expand") from None
+    if count > limit:
+        raise ShardSpecError(f"{what}: the brace pattern names {count:,} files, over the limit of "
+                             f"{limit:,}; name a folder or a glob instead, or split the input into "
+                             "several jobs")
+
+    def names() -> Iterator[str]:
         try:
-            with os.scandir(folder) as entries:
-                listings[folder] = {entry.name for entry in entries}
-        except (FileNotFoundError, NotADirectoryError):
-            listings[folder] = set()
-    return basename in listings[folder]
+            yield from _expand_level(parts, escapes)
+        except RecursionError:
+            raise ShardSpecError(f"{what}: braces nested too deeply to expand") from None
+
+    return count, names()
+
+
+def _parse_pattern(pattern: str) -> _Parts:
+    start = position = depth = 0
+    parts: list = []
+    while position < len(pattern):
+        char = pattern[position]
+        if char == "\\":
+            position += 2
+            continue
+        if char == "{":
+            if depth == 0 and position > start:
+                parts.append(pattern[start:position])
+                start = position
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                expression = pattern[start + 1:position]
+                item = _parse_expression(expression)
+                if item is None:  # not a range or a list: literal braces around it
+                    parts.extend(["{", [_parse_pattern(expression)], "}"])
+                else:
+                    parts.append(item)
+                start = position + 1
+        position += 1
+    if depth != 0:
+        raise UnbalancedBracesError(f"Unbalanced braces: '{pattern}'")
+    if start < position:
+        parts.append(pattern[start:])
+    return tuple(parts)
+
+
+def _parse_expression(expression: str):
+    found = _INT_RANGE.match(expression)
+    if found:
+        first, last, step = found.groups()
+        padded = any(s.startswith(("0", "-0")) for s in (first, last) if s not in ("0", "-0"))
+        width = max(len(first), len(last)) if padded else 0
+        step_size = (int(step) or 1) if step else 1
+        low, high = int(first), int(last)
+        values = range(low, high + 1, step_size) if low < high else range(low, high - 1, -step_size)
+        return _IntRange(values, f"%0{width}d")
+    found = _CHAR_RANGE.match(expression)
+    if found:
+        first, last, step = found.groups()
+        step_size = (int(step) or 1) if step else 1
+        low, high = _ALPHABET.index(first), _ALPHABET.index(last)
+        if low < high:
+            chars = _ALPHABET[low:high + 1:step_size]
+        else:
+            chars = _ALPHABET[low:(high or -len(_ALPHABET)) - 1:-step_size]
+        return [(char,) for char in chars]
+    return _parse_sequence(expression)
+
+
+def _parse_sequence(sequence: str) -> list[_Parts] | None:
+    start = position = depth = 0
+    alternatives: list[_Parts] = []
+    while position < len(sequence):
+        char = sequence[position]
+        if char == "\\":
+            position += 2
+            continue
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            alternatives.append(_parse_pattern(sequence[start:position]))
+            start = position + 1
+        position += 1
+    if depth != 0 or not alternatives:
+        return None
+    alternatives.append(_parse_pattern(sequence[start:]))
+    return alternatives
+
+
+def _count(parts: _Parts) -> int:
+    total = 1
+    for part in parts:
+        if isinstance(part, _IntRange):
+            total *= len(part.values)
+        elif isinstance(part, list):
+            total *= sum(_count(alternative) for alternative in part)
+    return total
+
+
+def _fixed(parts: _Parts) -> _Parts:
+    """The parts with every single-choice part made a literal, literals merged and nested
+    lists of alternatives flattened, so that generating a name recurses once per real
+    choice, not once per brace."""
+    merged: list = []
+
+    def put(piece) -> None:
+        if isinstance(piece, str) and merged and isinstance(merged[-1], str):
+            merged[-1] += piece
+        else:
+            merged.append(piece)
+
+    for part in parts:
+        if isinstance(part, list) and len(part) == 1:
+            for piece in _fixed(part[0]):
+                put(piece)
+        elif isinstance(part, list):
+            alternatives: list[_Parts] = []
+            for alternative in map(_fixed, part):
+                if len(alternative) == 1 and isinstance(alternative[0], list):
+                    alternatives.extend(alternative[0])
+                else:
+                    alternatives.append(alternative)
+            put(alternatives)
+        elif isinstance(part, _IntRange) and len(part.values) == 1:
+            put(part.format % part.values[0])
+        else:
+            put(part)
+    return tuple(merged)
+
+
+def _expand_level(parts: _Parts, escapes: bool) -> Iterator[str]:
+    """The names of one level of the pattern; braceexpand unescapes each level's names."""
+    for name in _expand(parts, escapes):
+        yield _ESCAPED.sub(r"\1", name) if escapes else name
+
+
+def _expand(parts: _Parts, escapes: bool, index: int = 0) -> Iterator[str]:
+    if index == len(parts):
+        yield ""
+        return
+    part = parts[index]
+    if isinstance(part, str):
+        heads: Iterator[str] = iter((part,))
+    elif isinstance(part, _IntRange):
+        heads = (part.format % value for value in part.values)
+    else:
+        heads = (name for alternative in part for name in _expand_level(alternative, escapes))
+    for head in heads:
+        for tail in _expand(parts, escapes, index + 1):
+            yield head + tail
