@@ -175,9 +175,9 @@ def test_a_parquet_file_matched_twice_is_read_once(tmp_path):
 
 def test_a_brace_pattern_naming_one_tar_twice_runs_it_once(tmp_path, tiny_models):
     """The reproduction: the tar ran twice and aggregate blamed 'different runs'."""
-    write_tar(tmp_path / "d" / "a.tar", [("k1.png", png()), ("k2.png", png((0, 90, 200)))])
+    write_tar(tmp_path / "data" / "d" / "a.tar", [("k1.png", png()), ("k2.png", png((0, 90, 200)))])
     out = tmp_path / "out"
-    spec = f"{tmp_path}/{{d,d/../d}}/a.tar"
+    spec = f"{tmp_path}/data/{{d,d/../d}}/a.tar"
     run_job(["--model.name", str(tiny_models["efficientnet"]), "--data.path", spec,
              "--output.dir", str(out)])
     rows = read_rows(out)  # fails on an id written twice
@@ -319,10 +319,11 @@ def test_each_mistake_is_one_input_error_naming_where_and_the_fix(tmp_path):
         assert "\n" not in message, message
 
 
-def test_plan_says_each_mistake_in_one_line_and_exits_2(tmp_path, capsys):
+def test_plan_says_each_mistake_in_one_line_and_exits_2(tmp_path, tmp_path_factory, capsys):
+    outputs = tmp_path_factory.mktemp("outputs")  # beside the data: never inside a pattern's folder
     for number, (config, expected) in enumerate(_mistakes(tmp_path)):
         argv = ["--data.path", config.path, "--data.kind", config.kind, "--model.name", "x",
-                "--output.dir", str(tmp_path / f"out{number}")]
+                "--output.dir", str(outputs / f"out{number}")]
         for key in ("labels", "id_column", "label_key", "split"):
             if getattr(config, key):
                 argv += [f"--data.{key}", getattr(config, key)]
@@ -332,14 +333,15 @@ def test_plan_says_each_mistake_in_one_line_and_exits_2(tmp_path, capsys):
         assert len(error.splitlines()) == 1 and "Traceback" not in error
 
 
-def test_the_reproductions_through_the_command_line(tmp_path):
+def test_the_reproductions_through_the_command_line(tmp_path, tmp_path_factory):
+    outputs = tmp_path_factory.mktemp("outputs")
     images(tmp_path / "flat", "x.JPEG")
     listing = tmp_path / "list.txt"
     listing.write_text(f"flat/x.JPEG\n./flat/x.JPEG\n{tmp_path / 'flat' / 'x.JPEG'}\n")
     for path, expected in [(str(listing), "line 2 './flat/x.JPEG' and line 1 'flat/x.JPEG' name the same"),
                            (f"{tmp_path}/{{0..99999999}}.tar", "names 100,000,000 files")]:
         result = subprocess.run([sys.executable, "-m", "batch_classify.cli", "plan", "--data.path", path,
-                                 "--output.dir", str(tmp_path / "out"), "--model.name", "x"],
+                                 "--output.dir", str(outputs / "out"), "--model.name", "x"],
                                 capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert result.returncode == 2, result.stderr
         assert result.stderr.count("\n") == 1 and expected in result.stderr, result.stderr
