@@ -28,8 +28,6 @@ STATE_FILE = "state.parquet"
 RACY_NS = 2_000_000_000
 """A folder modified less than this before it was read is re-counted on every check."""
 CHUNK = 16_384
-MISSING = "\0missing\0"
-"""Marks a change that is a path gone or unreadable (stripped before it is shown)."""
 SHOW = 3
 
 SCHEMA = pa.schema([("kind", pa.string()), ("path", pa.string()), ("mtime_ns", pa.int64()),
@@ -130,14 +128,21 @@ def _batches(path: Path) -> Iterator[dict[str, list]]:
         yield batch.to_pydict()
 
 
-def _folder_change(path: str, mtime_ns: int, entries: int, read_ns: int) -> str | None:
+class _Gone(Exception):
+    """A listed path that is gone or unreadable; its message says which."""
+
+
+def _stat(path: str, what: str) -> os.stat_result:
     try:
-        status = os.stat(path)
+        return os.stat(path)
     except FileNotFoundError:
-        return MISSING + f"folder {path} no longer exists"
+        raise _Gone(f"{what}{path} no longer exists") from None
     except OSError as error:
-        return MISSING + f"folder {path} cannot be read ({error.strerror})"
-    if status.st_mtime_ns != mtime_ns:
+        raise _Gone(f"{what}{path} cannot be read ({error.strerror})") from None
+
+
+def _folder_change(path: str, mtime_ns: int, entries: int, read_ns: int) -> str | None:
+    if _stat(path, "folder ").st_mtime_ns != mtime_ns:
         return f"folder {path} was modified after it was listed (files added, removed or renamed)"
     if read_ns - mtime_ns < RACY_NS:
         now = count_entries(path)
@@ -147,12 +152,7 @@ def _folder_change(path: str, mtime_ns: int, entries: int, read_ns: int) -> str 
 
 
 def _file_change(path: str, mtime_ns: int, size: int) -> str | None:
-    try:
-        status = os.stat(path)
-    except FileNotFoundError:
-        return MISSING + f"{path} no longer exists"
-    except OSError as error:
-        return MISSING + f"{path} cannot be read ({error.strerror})"
+    status = _stat(path, "")
     if status.st_size != size:
         return f"{path} is {status.st_size} bytes, {size} when listed"
     if status.st_mtime_ns != mtime_ns:
@@ -161,13 +161,8 @@ def _file_change(path: str, mtime_ns: int, size: int) -> str | None:
 
 
 def _content_change(path: str, size: int, digest: str) -> str | None:
-    try:
-        if os.stat(path).st_size == size and content_digest(path) == digest:
-            return None
-    except FileNotFoundError:
-        return MISSING + f"{path} no longer exists"
-    except OSError as error:
-        return MISSING + f"{path} cannot be read ({error.strerror})"
+    if _stat(path, "").st_size == size and content_digest(path) == digest:
+        return None
     return f"{path} was edited after it was listed"
 
 
@@ -177,17 +172,19 @@ def check_state(path: Path) -> Change | None:
     n, missing = 0, False
     for rows in _batches(path):
         for kind, name, mtime_ns, size, entries, read_ns, digest in zip(*(rows[c] for c in SCHEMA.names)):
-            if kind == "folder":
-                change = _folder_change(name, mtime_ns, entries, read_ns)
-            elif kind == "file":
-                change = _file_change(name, mtime_ns, size)
-            else:
-                change = _content_change(name, size, digest)
+            try:
+                if kind == "folder":
+                    change = _folder_change(name, mtime_ns, entries, read_ns)
+                elif kind == "file":
+                    change = _file_change(name, mtime_ns, size)
+                else:
+                    change = _content_change(name, size, digest)
+            except _Gone as gone:
+                change, missing = str(gone), True
             if change is not None:
                 n += 1
-                missing = missing or change.startswith(MISSING)
                 if len(found) < SHOW:
-                    found.append(change.removeprefix(MISSING))
+                    found.append(change)
     return Change(found, n, missing) if n else None
 
 
