@@ -1,7 +1,8 @@
 """Verify: prove an output folder complete against its listing, one unit at a time.
 
-Every unit committed, every unit's row count equal to the listing's where the listing knows
-it, no id twice within a unit, each file's footer consistent with its rows; with
+Every unit committed, each committed file whole and this job's (its footer as the job checks
+it on resume, then every page of it read), every unit's row count equal to the listing's where
+the listing knows it, no id twice within a unit, each file's footer consistent with its rows; with
 ``recount``, every unit's ids are enumerated again from the input (tars re-read without
 decoding) and must match the committed ids exactly (count and order-independent digest).
 Memory is bounded by one unit.
@@ -15,10 +16,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .committed import DAMAGED_DIR, Identity, describe_damage, read_footers
 from .errors import UserError, describe_error
 from .listing import read_listing
 from .manifest import read_manifest
-from .writer import PREDICTIONS_DIR, committed_units, ids_digest, read_unit_stats, unit_of, unit_path
+from .writer import PREDICTIONS_DIR, committed_units, ids_digest, unit_of, unit_path
 
 SHOW = 20
 
@@ -40,7 +42,7 @@ class Verification:
     partial_files: list[str] = field(default_factory=list)
     recount_mismatches: list[str] = field(default_factory=list)
     unreadable_files: list[str] = field(default_factory=list)
-    """Committed unit files that cannot be read (damaged since): the job counts them as done."""
+    """Committed unit files that are damaged or another job's, each with what is wrong and the fix."""
     recounted: bool = False
 
     @property
@@ -57,8 +59,7 @@ class Verification:
                               ("ids written twice within a unit", self.duplicated_ids),
                               ("files that are no unit of this job", self.unexpected_files),
                               ("units whose ids differ from the input now", self.recount_mismatches),
-                              ("unit files that cannot be read (remove them, then run the job again)",
-                               self.unreadable_files),
+                              ("unit files that are damaged or another job's", self.unreadable_files),
                               ("partial files (ignored, removed by the next run)", self.partial_files)):
             if values:
                 shown = "; ".join(map(str, values[:limit]))
@@ -71,7 +72,13 @@ class Verification:
 
 
 def _file_ids(path: Path) -> list[str]:
-    return pq.read_table(path, columns=["id"]).column("id").to_pylist()
+    """The file's ids, every column of it decoded on the way (page checksums verified where the
+    file has them): a damaged page anywhere fails here, not in a later reader."""
+    ids: list[str] = []
+    with pq.ParquetFile(path, page_checksum_verification=True) as parquet:
+        for batch in parquet.iter_batches(batch_size=65_536):
+            ids.extend(batch.column("id").to_pylist())
+    return ids
 
 
 def verify(output_dir: str | Path, recount: bool = False) -> Verification:
@@ -88,18 +95,25 @@ def verify(output_dir: str | Path, recount: bool = False) -> Verification:
     committed = committed_units(output)
     folder = output / PREDICTIONS_DIR
     if folder.is_dir():
-        result.partial_files = sorted(p.name for p in folder.iterdir() if unit_of(p) is None)
+        result.partial_files = sorted(p.name for p in folder.iterdir()
+                                      if unit_of(p) is None and p.name != DAMAGED_DIR)
     result.unexpected_files = [unit_path(output, u).name for u in sorted(committed) if u >= listing.n_units]
+    ours = [(unit, unit_path(output, unit)) for unit in sorted(committed) if unit < listing.n_units]
+    footers = {footer.unit: footer for footer in read_footers(ours, Identity.of(manifest), strict=True)}
     for unit in range(listing.n_units):
         if unit not in committed:
             result.missing_units.append(f"unit {unit} ({listing.describe_unit(unit)})")
             continue
-        path = unit_path(output, unit)
+        footer = footers[unit]
+        path, stats = footer.path, footer.stats
+        if footer.problem is not None:
+            result.unreadable_files.append(describe_damage(unit, path, footer.problem))
+            continue
         try:
             ids = _file_ids(path)
-            stats = read_unit_stats(path)
         except (OSError, pa.ArrowException) as error:
-            result.unreadable_files.append(f"{path.name}: {describe_error(error)}")
+            problem = f"its rows cannot be read ({describe_error(error)})"
+            result.unreadable_files.append(describe_damage(unit, path, problem, repaired_by_job=False))
             continue
         result.n_rows += len(ids)
         digest = ids_digest(ids)
@@ -112,7 +126,9 @@ def verify(output_dir: str | Path, recount: bool = False) -> Verification:
             result.count_mismatches.append(f"unit {unit} ({listing.describe_unit(unit)}): {len(ids)} rows, "
                                            f"{expected} listed")
         if stats is not None and (stats["n"] != len(ids) or stats["ids_digest"] != digest):
-            result.count_mismatches.append(f"unit {unit}: its footer does not match its rows")
+            result.count_mismatches.append(describe_damage(
+                unit, path, "its footer's counts or id digest do not match its rows (changed since written)",
+                repaired_by_job=False))
         if recount:
             again = [record.id for record in listing.records(unit, read_images=False)]
             if len(again) != len(ids) or ids_digest(again) != digest:
