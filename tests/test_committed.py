@@ -18,9 +18,10 @@ from conftest import make_corpus, read_rows, run_job
 from batch_classify.aggregate import AggregateError, aggregate
 from batch_classify.cli import main as cli_main
 from batch_classify.committed import DAMAGED_DIR, Identity, check_committed, read_footer, rows_problem
+from batch_classify.config import parse_args
 from batch_classify.job import current_metrics
 from batch_classify.manifest import write_json
-from batch_classify.units import merge_stats
+from batch_classify.plan import plan
 from batch_classify.verify import verify
 from batch_classify.writer import read_unit_stats, unit_path, write_unit
 
@@ -225,12 +226,12 @@ def test_stored_metrics_count_only_while_they_match_the_footers(tmp_path):
     folder = write_folder(tmp_path / "out")
     metrics = aggregate(folder)
     checked = check_committed(folder, 3, IDENTITY)
-    assert current_metrics(folder, merge_stats(checked.stats())) == json.loads(
+    assert current_metrics(folder, checked.totals) == json.loads(
         (folder / "metrics.json").read_text())
     write_json(folder / "metrics.json", {**metrics, "top1": 0.0})  # older than a redone unit, say
-    assert current_metrics(folder, merge_stats(checked.stats())) is None
+    assert current_metrics(folder, checked.totals) is None
     (folder / "metrics.json").write_text('{"n": 3')  # cut short
-    assert current_metrics(folder, merge_stats(checked.stats())) is None
+    assert current_metrics(folder, checked.totals) is None
 
 
 @pytest.mark.parametrize(("damage", "problem"), DAMAGE[:6] + DAMAGE[8:13],
@@ -299,6 +300,10 @@ def test_a_rerun_repairs_damaged_unit_files(job_args, tmp_path, capsys):
     assert "INCOMPLETE" in said and "Traceback" not in said
     with pytest.raises(AggregateError, match=r"unit-000001.parquet: cut short.*redo unit 1.*\(3 more such"):
         aggregate(out)
+    planned = plan(parse_args(args))  # counts as the rerun will, moving nothing
+    assert "1 of 6 units committed, 5 pending" in planned
+    assert "5 unit file(s) damaged or of another job (first: unit-000001.parquet: cut short" in planned
+    assert unit_path(out, 1).exists()
 
     result = run_job([*args], processes=2)
     assert "resuming: 2 of 11 items already committed (1 of 6 units)" in result.stderr

@@ -171,7 +171,7 @@ def check_ids_within_units(output: Path, files: list[tuple[int, Path]], stats: l
 def check_footers(output: Path, manifest: dict[str, Any], files: list[tuple[int, Path]]) -> list[Footer]:
     """Every unit file whole and this job's, from its footer alone (a unit file's number against
     its name is check_units' to say); refuses the folder naming the first that is not."""
-    footers = read_footers(files, Identity.of(manifest), strict=False, check_unit=False)
+    footers = list(read_footers(files, Identity.of(manifest), strict=False, check_unit=False))
     damaged = [footer for footer in footers if footer.problem is not None]
     if damaged:
         first = damaged[0]

@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import UserError, describe_error
+from .units import merge_stats
 from .writer import PREDICTIONS_DIR, SCHEMA, UNIT_STATS_KEY, committed_units, unit_path
 
 log = logging.getLogger("batch_classify")
@@ -64,7 +65,7 @@ class Identity:
         return cls(manifest.get("dataset", {}).get("fingerprint"), manifest.get("model"))
 
 
-@dataclass
+@dataclass(slots=True)
 class Footer:
     """One committed file's footer as checked: ``problem`` says why it does not count."""
 
@@ -197,8 +198,8 @@ def read_footer(path: Path, unit: int | None, identity: Identity = Identity(), s
 
 
 def read_footers(files: Iterable[tuple[int, Path]], identity: Identity = Identity(),
-                 strict: bool = True, check_unit: bool = True) -> list[Footer]:
-    """read_footer of each (unit, path), in the order given."""
+                 strict: bool = True, check_unit: bool = True) -> Iterator[Footer]:
+    """read_footer of each (unit, path), yielded in the order given."""
     files = list(files)
 
     def one(item: tuple[int, Path]) -> Footer:
@@ -207,9 +208,10 @@ def read_footers(files: Iterable[tuple[int, Path]], identity: Identity = Identit
         return footer
 
     if len(files) < 2 * CHECK_THREADS:
-        return [one(item) for item in files]
+        yield from map(one, files)
+        return
     with ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="footer-check") as pool:
-        return list(pool.map(one, files, chunksize=64))
+        yield from pool.map(one, files)
 
 
 def rows_problem(path: Path) -> str | None:
@@ -250,17 +252,17 @@ def move_aside(path: Path) -> Path:
 
 @dataclass
 class Committed:
-    """The units whose committed file counts, with their footers; and the files moved aside."""
+    """The units whose committed file counts and their footers' counts summed (no footer is
+    kept: at 1e5 units they would weigh some 100 MB); and the files moved aside."""
 
-    footers: dict[int, Footer] = field(default_factory=dict)
+    units: set[int] = field(default_factory=set)
+    totals: dict[str, Any] | None = None
     moved: list[tuple[Footer, Path]] = field(default_factory=list)
 
-    @property
-    def units(self) -> set[int]:
-        return set(self.footers)
-
-    def stats(self) -> list[dict[str, Any]]:
-        return [self.footers[unit].stats for unit in sorted(self.footers)]
+    def add(self, footer: Footer) -> None:
+        self.units.add(footer.unit)
+        parts = [footer.stats] if self.totals is None else [self.totals, footer.stats]
+        self.totals = merge_stats(parts)
 
 
 def examine_committed(output_dir: str | Path, n_units: int,
@@ -273,7 +275,7 @@ def examine_committed(output_dir: str | Path, n_units: int,
         if footer.problem is None and footer.unit >= n_units:
             footer.problem = f"this job has units 0 to {n_units - 1} only: a file of another job"
         if footer.problem is None:
-            result.footers[footer.unit] = footer
+            result.add(footer)
         else:
             rejected.append(footer)
     return result, rejected

@@ -38,21 +38,23 @@ class CompareError(RuntimeError):
 
 @dataclass
 class Side:
-    """One output folder: its manifest, unit files (checked footers) and row count, and the
-    model's class names as its rows are read."""
+    """One output folder: its manifest, unit files with their row counts and footer id keys, and
+    the model's class names as its rows are read."""
 
     folder: Path
     manifest: dict[str, Any]
-    footers: dict[int, Footer]
-    n: int
+    files: dict[int, Path]
+    rows: dict[int, int]
+    keys: dict[int, tuple[int, str]]
+    """(rows, id digest) of each unit whose footer carries them."""
     suffix: str
     named: dict[int, tuple[int, str]] = field(default_factory=dict)
     """Top-1 index -> (unit, name the model gave it there): the last row of the highest unit
     read wins, whatever order the units are read in. Bounded by the classes."""
 
     @property
-    def files(self) -> dict[int, Path]:
-        return {unit: footer.path for unit, footer in self.footers.items()}
+    def n(self) -> int:
+        return sum(self.rows.values())
 
     @property
     def names(self) -> dict[int, str]:
@@ -65,7 +67,7 @@ class Side:
 
     def batches(self, unit: int) -> Iterator[pa.RecordBatch]:
         """(id, target, top-1 or null, decoded) of one unit file, in record batches."""
-        for batch in iter_batches(self.footers[unit].path, JOIN_COLUMNS):
+        for batch in iter_batches(self.files[unit], JOIN_COLUMNS):
             top1, decoded = top1_and_decoded(batch)
             for index, name in top1_names(batch, top1, decoded, skip_empty=True).items():
                 if self.named.get(index, (-1, None))[0] <= unit:
@@ -78,11 +80,6 @@ class Side:
     def unit_table(self, unit: int) -> pa.Table:
         return pa.Table.from_batches(list(self.batches(unit)), schema=self.schema)
 
-    def id_key(self, unit: int) -> tuple[int, str] | None:
-        """(rows, id digest) of a unit from its footer; None for files that carry no digest."""
-        stats = self.footers[unit].stats
-        return None if stats is None else (stats["n"], stats["ids_digest"])
-
 
 def _side(output_dir: str | Path, suffix: str) -> Side:
     folder = Path(output_dir)
@@ -93,14 +90,20 @@ def _side(output_dir: str | Path, suffix: str) -> Side:
         raise CompareError(f"{folder} is not a batch-classify output folder "
                            f"(no {' or '.join(missing)} in it)")
     manifest = read_manifest(folder)
-    footers = read_footers(unit_files(folder), Identity.of(manifest), strict=False)
-    damaged = [footer for footer in footers if footer.problem is not None]
+    side = Side(folder, manifest, {}, {}, {}, suffix)
+    damaged: list[Footer] = []
+    for footer in read_footers(unit_files(folder), Identity.of(manifest), strict=False, check_unit=False):
+        if footer.problem is not None:
+            damaged.append(footer)
+            continue
+        side.files[footer.unit], side.rows[footer.unit] = footer.path, footer.num_rows
+        if footer.stats is not None:
+            side.keys[footer.unit] = (footer.stats["n"], footer.stats["ids_digest"])
     if damaged:
         more = f" ({len(damaged) - 1} more such file(s))" if len(damaged) > 1 else ""
         first = damaged[0]
         raise CompareError(f"{folder}: {describe_damage(first.unit, first.path, first.problem)}{more}")
-    return Side(folder, manifest, {footer.unit: footer for footer in footers},
-                sum(footer.num_rows for footer in footers), suffix)
+    return side
 
 
 def paired_units(a: Side, b: Side) -> list[tuple[int, int]]:
@@ -110,9 +113,8 @@ def paired_units(a: Side, b: Side) -> list[tuple[int, int]]:
     in other units.) A digest that two units of one side share pairs neither."""
     def by_key(side: Side) -> dict[tuple[int, str], int | None]:
         keys: dict[tuple[int, str], int | None] = {}
-        for unit in side.footers:
-            key = side.id_key(unit)
-            if key is not None and key[0] > 0:
+        for unit, key in side.keys.items():
+            if key[0] > 0:
                 keys[key] = None if key in keys else unit
         return keys
 
@@ -218,7 +220,7 @@ def join_by_bucket(a: Side, b: Side, units_a: list[int], units_b: list[int], tal
                 for _ in side.batches(unit):
                     pass
         return
-    rows = max(sum(side.footers[u].num_rows for u in units) for side, units in ((a, units_a), (b, units_b)))
+    rows = max(sum(side.rows[u] for u in units) for side, units in ((a, units_a), (b, units_b)))
     buckets = max(1, math.ceil(rows / BUCKET_ROWS))
     with tempfile.TemporaryDirectory(prefix="batch-classify-compare-") as temporary:
         folder_a, folder_b = Path(temporary) / "a", Path(temporary) / "b"
@@ -232,7 +234,7 @@ def _join_all(a: Side, b: Side, tally: Tally) -> None:
     pairs = paired_units(a, b)
     joined_a, joined_b = {u for u, _ in pairs}, {u for _, u in pairs}
     join_by_unit(a, b, pairs, tally)
-    join_by_bucket(a, b, sorted(set(a.footers) - joined_a), sorted(set(b.footers) - joined_b), tally)
+    join_by_bucket(a, b, sorted(set(a.files) - joined_a), sorted(set(b.files) - joined_b), tally)
 
 
 def _class_namer(manifest: dict[str, Any], a: Side, b: Side):

@@ -45,7 +45,7 @@ from .preprocess import MultiTransform
 from .progress import ErrorLog, Progress
 from .shard import PENDING_FILE, UnitQueue
 from .side_by_side import MODELS_FILE, side_by_side
-from .units import merge_stats, metrics_from_stats
+from .units import metrics_from_stats
 from .writer import UnitWriter
 
 log = logging.getLogger("batch_classify")
@@ -370,7 +370,7 @@ def _prepare_outputs(spec: JobSpec, output: Path,
         # aside and its unit run again, so a rerun repairs a damaged folder.
         checked = check_committed(job.output, listing.n_units, Identity.of(manifest))
         committed = checked.units
-        job.committed = merge_stats(checked.stats())
+        job.committed = checked.totals
         pending_units.update(u for u in range(listing.n_units) if u not in committed)
         done_everywhere &= committed
     if len(jobs) > 1:
