@@ -38,6 +38,9 @@ COUNT_KEYS = ("unit", "n", "n_errors", "n_labelled", "n_scored", "top1_hits", "t
 STATS_KEYS = (*COUNT_KEYS, "errors_by_type", "top5_available", "ids_digest")
 """What every footer the job has written carries (n_distinct came later: optional)."""
 
+CHECK_WINDOW = 1024
+"""Footers read ahead of the one being used, at most."""
+
 WARN_EACH = 20
 """Files moved aside that are named one by one in the log; more are counted in one line."""
 
@@ -92,6 +95,20 @@ def _schema_problem(schema: pa.Schema) -> str | None:
         if not _same_type(found, wanted.type):
             return f"not a predictions file: column {wanted.name} is {found}, not {wanted.type}"
     return None
+
+
+_SOUND_SCHEMAS: list[pq.ParquetSchema] = []
+"""Parquet schemas already found sound: the files of one folder share one or two, and comparing
+with them costs a fraction of building the Arrow schema again."""
+
+
+def _schema_problem_cached(schema: pq.ParquetSchema) -> str | None:
+    if any(schema.equals(sound) for sound in _SOUND_SCHEMAS):
+        return None
+    problem = _schema_problem(schema.to_arrow_schema())
+    if problem is None and len(_SOUND_SCHEMAS) < 8:
+        _SOUND_SCHEMAS.append(schema)
+    return problem
 
 
 def _model_name(model: Any) -> str:
@@ -177,7 +194,7 @@ def read_footer(path: Path, unit: int | None, identity: Identity = Identity(), s
                 return footer
             metadata = pq.read_metadata(source)
         footer.num_rows = metadata.num_rows
-        footer.problem = _schema_problem(metadata.schema.to_arrow_schema())
+        footer.problem = _schema_problem_cached(metadata.schema)
         if footer.problem is not None:
             return footer
         key_values = metadata.metadata or {}
@@ -211,7 +228,8 @@ def read_footers(files: Iterable[tuple[int, Path]], identity: Identity = Identit
         yield from map(one, files)
         return
     with ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="footer-check") as pool:
-        yield from pool.map(one, files)
+        for start in range(0, len(files), CHECK_WINDOW):  # bounded: not a future per unit at once
+            yield from pool.map(one, files[start:start + CHECK_WINDOW])
 
 
 def rows_problem(path: Path) -> str | None:
