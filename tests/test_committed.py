@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_corpus, read_rows, run_job
 
+from batch_classify import committed
 from batch_classify.aggregate import AggregateError, aggregate
 from batch_classify.cli import main as cli_main
 from batch_classify.committed import DAMAGED_DIR, Identity, check_committed, read_footer, rows_problem
@@ -193,7 +194,10 @@ def test_a_damaged_page_behind_a_sound_footer_is_found_by_reading_the_rows(tmp_p
     assert "CRC checksum verification failed" in rows_problem(path)
 
 
-def test_resume_moves_what_does_not_count_aside(tmp_path, caplog):
+@pytest.mark.parametrize("threads", [100, 2], ids=["in_turn", "thread_pool"])
+def test_resume_moves_what_does_not_count_aside(tmp_path, caplog, monkeypatch, threads):
+    monkeypatch.setattr(committed, "CHECK_THREADS", threads)
+    monkeypatch.setattr(committed, "CHECK_WINDOW", 2)  # footers read in windows of 2
     folder = write_folder(tmp_path / "out", n_units=4)
     damage_truncated(unit_path(folder, 1), folder)
     damage_other_dataset(unit_path(folder, 3), folder)
