@@ -395,15 +395,19 @@ def two_runs() -> tuple[list[list[dict]], list[list[dict]]]:
     return a_units, b_units
 
 
-def test_compare_same_units_joins_unit_by_unit(tmp_path: Path, two_runs, monkeypatch):
+def test_compare_joins_unit_by_unit_where_the_ids_match(tmp_path: Path, two_runs, monkeypatch):
     a_units, b_units = two_runs
     a, b = write_output(tmp_path / "a", a_units), write_output(tmp_path / "b", b_units)
+    by_bucket = []
+    original = compare_module.join_by_bucket
 
-    def no_buckets(*_args):
-        raise AssertionError("equal unit layouts must be joined unit by unit")
+    def spy(a_side, b_side, units_a, units_b, tally):
+        by_bucket.append((units_a, units_b))
+        return original(a_side, b_side, units_a, units_b, tally)
 
-    monkeypatch.setattr(compare_module, "join_by_bucket", no_buckets)
+    monkeypatch.setattr(compare_module, "join_by_bucket", spy)
     result = compare(a, b)
+    assert by_bucket == [([1, 4], [1, 4])]  # B's units 1 and 4 hold other ids: only they are hashed
     expected = brute_compare(a_units, b_units)
     check_against_brute_force(result, expected)
     assert result["n_only_a"] > 0 and result["n_only_b"] == 1
@@ -420,9 +424,9 @@ def test_compare_different_units_joins_by_bucket(tmp_path: Path, two_runs, monke
     partitioned = []
     original = compare_module._partition
 
-    def spy(side, folder, buckets):
+    def spy(side, units, folder, buckets):
         partitioned.append(buckets)
-        return original(side, folder, buckets)
+        return original(side, units, folder, buckets)
 
     monkeypatch.setattr(compare_module, "BUCKET_ROWS", 40)
     monkeypatch.setattr(compare_module, "_partition", spy)
@@ -433,7 +437,7 @@ def test_compare_different_units_joins_by_bucket(tmp_path: Path, two_runs, monke
     # The same rows in the same units give the same comparison by either path.
     same_layout = write_output(tmp_path / "b2", b_units)
     by_unit = compare(a, same_layout)
-    monkeypatch.setattr(compare_module, "same_units", lambda *_: False)
+    monkeypatch.setattr(compare_module, "paired_units", lambda *_: [])
     assert compare(a, same_layout) == by_unit
     by_unit["b"]["dir"] = by_bucket["b"]["dir"]
     assert by_unit == by_bucket
@@ -456,5 +460,5 @@ def test_compare_names_classes_as_before(tmp_path: Path, monkeypatch):
     by_unit = compare(a, b)
     assert [(c["class_index"], c["name"], c["n_differ"]) for c in by_unit["classes"]] == [
         (5, "yak-b", 12), (3, "class 3", 3)]
-    monkeypatch.setattr(compare_module, "same_units", lambda *_: False)
+    monkeypatch.setattr(compare_module, "paired_units", lambda *_: [])
     assert compare(a, b) == by_unit

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .committed import Footer, Identity, describe_damage, first_unreadable, read_footers
 from .errors import UserError
 from .manifest import read_manifest, write_json
 from .report import write_report
@@ -167,20 +168,48 @@ def check_ids_within_units(output: Path, files: list[tuple[int, Path]], stats: l
             f"({path.name}); delete that file and run the job again to rewrite the unit")
 
 
+def check_footers(output: Path, manifest: dict[str, Any], files: list[tuple[int, Path]]) -> list[Footer]:
+    """Every unit file whole and this job's, from its footer alone (a unit file's number against
+    its name is check_units' to say); refuses the folder naming the first that is not."""
+    footers = list(read_footers(files, Identity.of(manifest), strict=False, check_unit=False))
+    damaged = [footer for footer in footers if footer.problem is not None]
+    if damaged:
+        first = damaged[0]
+        more = (f" ({len(damaged) - 1} more such file(s): {_names([f.path.name for f in damaged[1:]])})"
+                if len(damaged) > 1 else "")
+        raise AggregateError(f"{output}: {describe_damage(first.unit, first.path, first.problem)}{more}")
+    return footers
+
+
 def aggregate(output_dir: str | Path) -> dict[str, Any]:
     """Score the output folder, write metrics.json, return the metrics.
 
-    Refuses outputs with a missing or doubled unit, an id twice within a unit, or whose item count
-    differs from the manifest. Totals come from the unit files' footers, so memory does not grow
-    with the rows. Also writes the report (per_class.csv, confusions.csv, report.md, plots,
-    contact sheet).
+    Refuses outputs with a damaged or foreign unit file, a missing or doubled unit, an id twice
+    within a unit, or whose item count differs from the manifest. Totals come from the unit files'
+    footers, so memory does not grow with the rows. Also writes the report (per_class.csv,
+    confusions.csv, report.md, plots, contact sheet).
     """
     output = Path(output_dir)
     manifest = read_manifest(output)
     if manifest is None:
         raise AggregateError(f"{output} has no manifest.json: not a batch-classify output folder")
     files = unit_files(output)
-    stats = [file_stats(path) for _, path in files]
+    footers = check_footers(output, manifest, files)
+    try:
+        return _score(output, manifest, files, footers)
+    except (OSError, pa.ArrowException) as error:
+        # A footer can be sound and a page behind it not: name the file the failed read came
+        # from (found again only now, so a sound folder is read once).
+        found = first_unreadable(files)
+        if found is None:
+            raise  # no unit file is at fault (a report file that cannot be written, say)
+        raise AggregateError(f"{output}: {describe_damage(*found, repaired_by_job=False)}") from error
+
+
+def _score(output: Path, manifest: dict[str, Any], files: list[tuple[int, Path]],
+           footers: list[Footer]) -> dict[str, Any]:
+    stats = [footer.stats if footer.stats is not None else file_stats(path)
+             for footer, (_, path) in zip(footers, files)]
     check_units(output, manifest, files, stats)
     check_ids_within_units(output, files, stats)
     metrics = metrics_from_stats(merge_stats(stats))

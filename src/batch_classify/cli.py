@@ -51,7 +51,8 @@ def _aggregate(argv: list[str]) -> int:
     from .aggregate import AggregateError, aggregate, format_table
 
     return _on_folders("aggregate", "Recompute metrics.json from the Parquet files.", ["output_dir"],
-                       argv, lambda folder: (format_table(aggregate(folder)), 0), (AggregateError,))
+                       argv, lambda folder: (format_table(aggregate(folder)), 0), (AggregateError,),
+                       error_status=2)
 
 
 def _compare(argv: list[str]) -> int:

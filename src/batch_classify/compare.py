@@ -14,19 +14,20 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
+from .committed import Footer, Identity, describe_damage, first_unreadable, read_footers
 from .labels import imagenet_classes
 from .manifest import MANIFEST, read_manifest
 from .report import model_is_imagenet, shorten
-from .units import expected_units, int_column, iter_batches, top1_and_decoded, top1_names, unit_files
+from .units import int_column, iter_batches, top1_and_decoded, top1_names, unit_files
 from .writer import PREDICTIONS_DIR
 
 TOP_CLASSES = 10
 
 
 BUCKET_ROWS = 1_000_000
-"""Rows per hash bucket when the two folders' units differ and the join goes through temporary files."""
+"""Rows per hash bucket when units of the two folders hold different ids and the join goes
+through temporary files."""
 
 JOIN_COLUMNS = ["id", "target", "topk_ids", "topk_labels", "error"]
 
@@ -37,35 +38,47 @@ class CompareError(RuntimeError):
 
 @dataclass
 class Side:
-    """One output folder: its manifest, unit files and row count, and the model's class names as
-    its rows are read."""
+    """One output folder: its manifest, unit files with their row counts and footer id keys, and
+    the model's class names as its rows are read."""
 
     folder: Path
     manifest: dict[str, Any]
     files: dict[int, Path]
-    n: int
+    rows: dict[int, int]
+    keys: dict[int, tuple[int, str]]
+    """(rows, id digest) of each unit whose footer carries them."""
     suffix: str
-    names: dict[int, str] = field(default_factory=dict)
-    """Top-1 index -> the name the model gave it (the last row's), bounded by the classes."""
+    named: dict[int, tuple[int, str]] = field(default_factory=dict)
+    """Top-1 index -> (unit, name the model gave it there): the last row of the highest unit
+    read wins, whatever order the units are read in. Bounded by the classes."""
+
+    @property
+    def n(self) -> int:
+        return sum(self.rows.values())
+
+    @property
+    def names(self) -> dict[int, str]:
+        return {index: name for index, (_, name) in self.named.items()}
 
     @property
     def schema(self) -> pa.Schema:
         return pa.schema([("id", pa.string()), (f"target_{self.suffix}", pa.int64()),
                           (f"top1_{self.suffix}", pa.int64()), (f"decoded_{self.suffix}", pa.bool_())])
 
-    def batches(self, path: Path) -> Iterator[pa.RecordBatch]:
+    def batches(self, unit: int) -> Iterator[pa.RecordBatch]:
         """(id, target, top-1 or null, decoded) of one unit file, in record batches."""
-        for batch in iter_batches(path, JOIN_COLUMNS):
+        for batch in iter_batches(self.files[unit], JOIN_COLUMNS):
             top1, decoded = top1_and_decoded(batch)
-            self.names.update(top1_names(batch, top1, decoded, skip_empty=True))
+            for index, name in top1_names(batch, top1, decoded, skip_empty=True).items():
+                if self.named.get(index, (-1, None))[0] <= unit:
+                    self.named[index] = (unit, name)
             top1_or_null = pa.array(top1, mask=~decoded)
             yield pa.RecordBatch.from_arrays(
                 [batch.column("id"), batch.column("target"), top1_or_null, pa.array(decoded)],
                 schema=self.schema)
 
     def unit_table(self, unit: int) -> pa.Table:
-        path = self.files.get(unit)
-        return pa.Table.from_batches(list(self.batches(path)) if path else [], schema=self.schema)
+        return pa.Table.from_batches(list(self.batches(unit)), schema=self.schema)
 
 
 def _side(output_dir: str | Path, suffix: str) -> Side:
@@ -76,17 +89,38 @@ def _side(output_dir: str | Path, suffix: str) -> Side:
     if missing:
         raise CompareError(f"{folder} is not a batch-classify output folder "
                            f"(no {' or '.join(missing)} in it)")
-    files = dict(unit_files(folder))
-    n = sum(pq.read_metadata(path).num_rows for path in files.values())
-    return Side(folder, read_manifest(folder), files, n, suffix)
+    manifest = read_manifest(folder)
+    side = Side(folder, manifest, {}, {}, {}, suffix)
+    damaged: list[Footer] = []
+    for footer in read_footers(unit_files(folder), Identity.of(manifest), strict=False, check_unit=False):
+        if footer.problem is not None:
+            damaged.append(footer)
+            continue
+        side.files[footer.unit], side.rows[footer.unit] = footer.path, footer.num_rows
+        if footer.stats is not None:
+            side.keys[footer.unit] = (footer.stats["n"], footer.stats["ids_digest"])
+    if damaged:
+        more = f" ({len(damaged) - 1} more such file(s))" if len(damaged) > 1 else ""
+        first = damaged[0]
+        raise CompareError(f"{folder}: {describe_damage(first.unit, first.path, first.problem)}{more}")
+    return side
 
 
-def same_units(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether unit u of one folder holds exactly the ids of unit u of the other."""
-    fingerprint = a["dataset"].get("fingerprint")
-    return (fingerprint is not None and fingerprint == b["dataset"].get("fingerprint")
-            and expected_units(a) is not None and expected_units(a) == expected_units(b)
-            and a.get("job", {}).get("unit_size") == b.get("job", {}).get("unit_size"))
+def paired_units(a: Side, b: Side) -> list[tuple[int, int]]:
+    """Pairs (unit of A, unit of B) that hold exactly the same ids, by their footers' row counts
+    and order-independent id digests: only such pairs can be joined file by file. (A fingerprint
+    and unit size in common do not prove it: a labels CSV in another order lists the same items
+    in other units.) A digest that two units of one side share pairs neither."""
+    def by_key(side: Side) -> dict[tuple[int, str], int | None]:
+        keys: dict[tuple[int, str], int | None] = {}
+        for unit, key in side.keys.items():
+            if key[0] > 0:
+                keys[key] = None if key in keys else unit
+        return keys
+
+    keys_a, keys_b = by_key(a), by_key(b)
+    return sorted((unit, keys_b[key]) for key, unit in keys_a.items()
+                  if unit is not None and keys_b.get(key) is not None)
 
 
 @dataclass
@@ -141,10 +175,10 @@ def _join(left: pa.Table, right: pa.Table) -> pa.Table:
     return left.join(right, keys="id", join_type="inner")
 
 
-def join_by_unit(a: Side, b: Side, tally: Tally) -> None:
-    """Both folders cut the same items into the same units: join file pair by file pair."""
-    for unit in sorted(set(a.files) | set(b.files)):
-        tally.add(_join(a.unit_table(unit), b.unit_table(unit)))
+def join_by_unit(a: Side, b: Side, pairs: list[tuple[int, int]], tally: Tally) -> None:
+    """Units that hold the same ids on both sides: join file pair by file pair."""
+    for unit_a, unit_b in pairs:
+        tally.add(_join(a.unit_table(unit_a), b.unit_table(unit_b)))
 
 
 def _bucket_of(ids: pa.Array, buckets: int) -> np.ndarray:
@@ -153,13 +187,13 @@ def _bucket_of(ids: pa.Array, buckets: int) -> np.ndarray:
     return (hashes % buckets).astype(np.int32)
 
 
-def _partition(side: Side, folder: Path, buckets: int) -> None:
-    """Write the side's rows into ``buckets`` Parquet partitions by a hash of the id."""
+def _partition(side: Side, units: list[int], folder: Path, buckets: int) -> None:
+    """Write the rows of the side's ``units`` into ``buckets`` Parquet partitions by a hash of the id."""
     schema = side.schema.append(pa.field("bucket", pa.int32()))
 
     def with_bucket() -> Iterator[pa.RecordBatch]:
-        for _, path in sorted(side.files.items()):  # unit order: the class names' last row wins
-            for batch in side.batches(path):
+        for unit in units:
+            for batch in side.batches(unit):
                 yield batch.append_column("bucket", pa.array(_bucket_of(batch.column("id"), buckets)))
 
     ds.write_dataset(with_bucket(), folder, schema=schema, format="parquet",
@@ -175,16 +209,32 @@ def _bucket(side: Side, folder: Path, bucket: int) -> pa.Table:
     return ds.dataset(path, format="parquet", schema=side.schema).to_table()
 
 
-def join_by_bucket(a: Side, b: Side, tally: Tally) -> None:
-    """Different unit layouts: hash-partition both sides to temporary Parquet files (in $TMPDIR),
-    about BUCKET_ROWS rows a bucket, then join bucket by bucket."""
-    buckets = max(1, math.ceil(max(a.n, b.n) / BUCKET_ROWS))
+def join_by_bucket(a: Side, b: Side, units_a: list[int], units_b: list[int], tally: Tally) -> None:
+    """Units whose ids differ between the folders: hash-partition both sides' rows to temporary
+    Parquet files (in $TMPDIR), about BUCKET_ROWS rows a bucket, then join bucket by bucket.
+    Where one side has no such unit, no id of the other's can match: its rows are only read
+    (for the class names)."""
+    if not units_a or not units_b:
+        for side, units in ((a, units_a), (b, units_b)):
+            for unit in units:
+                for _ in side.batches(unit):
+                    pass
+        return
+    rows = max(sum(side.rows[u] for u in units) for side, units in ((a, units_a), (b, units_b)))
+    buckets = max(1, math.ceil(rows / BUCKET_ROWS))
     with tempfile.TemporaryDirectory(prefix="batch-classify-compare-") as temporary:
         folder_a, folder_b = Path(temporary) / "a", Path(temporary) / "b"
-        _partition(a, folder_a, buckets)
-        _partition(b, folder_b, buckets)
+        _partition(a, units_a, folder_a, buckets)
+        _partition(b, units_b, folder_b, buckets)
         for bucket in range(buckets):
             tally.add(_join(_bucket(a, folder_a, bucket), _bucket(b, folder_b, bucket)))
+
+
+def _join_all(a: Side, b: Side, tally: Tally) -> None:
+    pairs = paired_units(a, b)
+    joined_a, joined_b = {u for u, _ in pairs}, {u for _, u in pairs}
+    join_by_unit(a, b, pairs, tally)
+    join_by_bucket(a, b, sorted(set(a.files) - joined_a), sorted(set(b.files) - joined_b), tally)
 
 
 def _class_namer(manifest: dict[str, Any], a: Side, b: Side):
@@ -207,10 +257,15 @@ def compare(dir_a: str | Path, dir_b: str | Path) -> dict[str, Any]:
     rows both scored. Memory is bounded by a unit file (or a hash bucket), not the rows."""
     a, b = _side(dir_a, "a"), _side(dir_b, "b")
     tally = Tally()
-    if same_units(a.manifest, b.manifest):
-        join_by_unit(a, b, tally)
-    else:
-        join_by_bucket(a, b, tally)
+    try:
+        _join_all(a, b, tally)
+    except (OSError, pa.ArrowException) as error:
+        for side in (a, b):
+            found = first_unreadable(sorted(side.files.items()))
+            if found is not None:
+                damage = describe_damage(*found, repaired_by_job=False)
+                raise CompareError(f"{side.folder}: {damage}") from error
+        raise  # no unit file is at fault (a full $TMPDIR, say)
     manifest_a, manifest_b = a.manifest, b.manifest
     result: dict[str, Any] = {
         "a": {"dir": str(dir_a), "model": manifest_a.get("model", {}).get("name"), "n": a.n},

@@ -19,6 +19,7 @@ import torch
 
 from . import __version__
 from .aggregate import METRICS, TIMING, AggregateError, aggregate, format_table, real_labels_path
+from .committed import Identity, check_committed
 from .config import ConfigError, JobSpec, parse_args
 from .decode import Batch, TaskDataset, describe_error
 from .distributed import (
@@ -45,7 +46,8 @@ from .preprocess import MultiTransform
 from .progress import ErrorLog, Progress
 from .shard import PENDING_FILE, UnitQueue
 from .side_by_side import MODELS_FILE, side_by_side
-from .writer import UnitWriter, committed_units
+from .units import metrics_from_stats
+from .writer import UnitWriter
 
 log = logging.getLogger("batch_classify")
 
@@ -101,6 +103,8 @@ class ModelJob:
     loaded: LoadedModel | None = None
     inference: Inference | None = None
     metadata: dict[str, Any] | None = None
+    committed: dict[str, Any] | None = None
+    """Counts summed over the footers of its committed units, as checked on this resume."""
 
 
 @dataclass
@@ -364,11 +368,15 @@ def _prepare_outputs(spec: JobSpec, output: Path,
         if listing.labelled is False:
             unavailable = None
         manifest = build_manifest(job.spec, listing, job.identity, unavailable)
-        prepare_output(job.output, manifest, spec.output.overwrite)
+        manifest = prepare_output(job.output, manifest, spec.output.overwrite)
         if job.output != output:
             share_listing(output, job.output)
         (job.output / "config.yaml").write_text(job.spec.to_yaml())
-        committed = committed_units(job.output)
+        # Only files whose footer shows them whole and this job's count: any other is moved
+        # aside and its unit run again, so a rerun repairs a damaged folder.
+        checked = check_committed(job.output, listing.n_units, Identity.of(manifest))
+        committed = checked.units
+        job.committed = checked.totals
         pending_units.update(u for u in range(listing.n_units) if u not in committed)
         done_everywhere &= committed
     if len(jobs) > 1:
@@ -437,7 +445,7 @@ def _run_rank(spec: JobSpec, state, stop: StopFlag, board: JobBoard) -> dict[str
     for index, job in enumerate(jobs):
         if len(pending):
             _write_timing(job, timings, index, state, device)
-        metrics = current_metrics(job.output) if not len(pending) else None
+        metrics = current_metrics(job.output, job.committed) if not len(pending) else None
         if metrics is None:
             metrics = aggregate(job.output)
         print(format_table(metrics), flush=True)
@@ -478,16 +486,27 @@ def namespace_key(board: JobBoard, name: str) -> str:
     return board.namespace + name
 
 
-def current_metrics(output: Path) -> dict[str, Any] | None:
+SCORED_KEYS = ("n", "n_errors", "errors_by_type", "n_labelled", "n_scored", "top1", "top5")
+
+
+def current_metrics(output: Path, committed: dict[str, Any] | None) -> dict[str, Any] | None:
     """metrics.json where it already scores every unit of this job (a rerun of a finished job
-    prints it instead of scanning the predictions again), else None."""
+    prints it instead of scanning the predictions again), else None. ``committed``: the counts
+    summed over the checked footers; metrics.json must give the same figures, or it predates a
+    unit that was redone (or was edited) and is recomputed."""
     path = output / METRICS
-    if not path.exists():
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):  # absent, or damaged too: aggregate writes it again
         return None
-    metrics = json.loads(path.read_text())
     manifest = read_manifest(output)
-    if metrics.get("dataset", {}).get("n_units") != manifest["dataset"]["n_units"] or (
-            metrics.get("model") != manifest["model"]):
+    if not isinstance(metrics, dict) or metrics.get("dataset", {}).get("n_units") != \
+            manifest["dataset"]["n_units"] or metrics.get("model") != manifest["model"]:
+        return None
+    if committed is None:
+        return None
+    expected = metrics_from_stats(committed)
+    if any(metrics.get(key) != expected[key] for key in SCORED_KEYS):
         return None
     return metrics
 

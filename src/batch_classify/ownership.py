@@ -33,6 +33,9 @@ _TEMPORARY = re.compile(r"^\..+\.tmp(-\d+)?$")
 """Files a writer was killed while writing: ``.<name>.tmp`` or ``.<name>.tmp-<pid>``."""
 OWN_INPUT = frozenset({"listing.json", "units.parquet", "listing.parquet", "state.parquet"})
 _OWN_PREDICTION = re.compile(r"^unit-\d+\.parquet$")
+DAMAGED_DIR = "_damaged"
+"""Inside predictions/: where a resume moves unit files that are damaged or another job's (never
+deleted); the leading underscore keeps pyarrow's and pandas' dataset discovery out of it."""
 
 
 class OutputLocationError(UserError, ValueError):
@@ -130,7 +133,7 @@ def remove_predictions(predictions_dir: Path) -> None:
     """Remove a predictions folder, only where every entry is a unit file or a partial one."""
     _remove_owned(predictions_dir,
                   lambda name: bool(_OWN_PREDICTION.match(name) or _TEMPORARY.match(name)
-                                    or name.startswith(".unit-") or name == "damaged"),
+                                    or name.startswith(".unit-") or name == DAMAGED_DIR),
                   "predictions")
 
 

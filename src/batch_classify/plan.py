@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .committed import DAMAGED_DIR, Identity, examine_committed
 from .config import ConfigError, JobSpec, parse_args
 from .distributed import CPU_BATCH_SIZE, GPU_BATCH_SIZE
 from .errors import UserError
@@ -139,8 +140,10 @@ def plan(spec: JobSpec) -> str:
             or input_changes(listing, spec.data) is not None):
         with OutputLock(output):  # writing a listing: not beside a running job
             listing, listed_now = prepare_listing(spec, output)
-    # Reading a listing needs no lock: plan reports on a running job's progress too.
-    committed = {u for u in committed_units(output) if u < listing.n_units}
+    # Reading a listing needs no lock: plan reports on a running job's progress too. Committed
+    # files are counted as a resume counts them (footers checked), and none is moved.
+    checked, rejected = examine_committed(output, listing.n_units, Identity.of(read_manifest(output)))
+    committed = checked.units
     seconds = time.monotonic() - started
     info = listing.info
     if listing.n_items is not None:
@@ -151,6 +154,11 @@ def plan(spec: JobSpec) -> str:
     labelled = {None: "known once read", 0: "none: labelling mode"}.get(info["n_labelled"],
                                                                         info["n_labelled"])
     has_manifest = (output / MANIFEST).exists()
+    damaged = []
+    if rejected:
+        damaged.append(("damaged", f"{len(rejected)} unit file(s) damaged or of another job (first: "
+                                   f"{rejected[0].path.name}: {rejected[0].problem}); the next run moves "
+                                   f"them to {output / 'predictions' / DAMAGED_DIR} and redoes their units"))
     rows = [
         ("input", f"{spec.data.path} ({listing.kind}; ids relative to {listing.root})"),
         ("listing", f"{'written' if listed_now else 'reused'}: {output / INPUT_DIR} ({seconds:.1f} s)"),
@@ -161,6 +169,7 @@ def plan(spec: JobSpec) -> str:
         ("output", f"{output}: {len(committed)} of {listing.n_units} units committed, "
                    f"{listing.n_units - len(committed)} pending"
                    + ("" if has_manifest else " (no job run yet)")),
+        *damaged,
         ("files", f"{listing.n_units} prediction files in {output / 'predictions'}, about {REPORT_FILES} "
                   f"more beside them, 3 in {output / INPUT_DIR}"),
     ]

@@ -1,8 +1,9 @@
 """Verify: prove an output folder complete against its listing, one unit at a time.
 
-Every unit committed, every unit's row count equal to the listing's where the listing knows
-it, no id twice within a unit, each file's footer consistent with its rows. With
-``recount`` the input is listed again from the filesystem, not from the stored listing
+Every unit committed, each committed file whole and this job's (its footer as the job checks
+it on resume, then every page of it read), every unit's row count equal to the listing's where
+the listing knows it, no id twice within a unit, each file's footer consistent with its rows.
+With ``recount`` the input is listed again from the filesystem, not from the stored listing
 (folders walked, tars and Parquet files named again, tars re-read without decoding): it
 must cut into the same units, and every unit's ids must match the committed ids exactly
 (count and order-independent digest), so an image added, removed or renamed since shows.
@@ -21,11 +22,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .committed import DAMAGED_DIR, Identity, describe_damage, read_footers
 from .config import DataConfig
 from .errors import UserError, describe_error
 from .listing import Listing, read_listing, write_listing
 from .manifest import read_manifest
-from .writer import PREDICTIONS_DIR, committed_units, ids_digest, read_unit_stats, unit_of, unit_path
+from .writer import PREDICTIONS_DIR, committed_units, ids_digest, unit_of, unit_path
 
 SHOW = 20
 
@@ -47,7 +49,7 @@ class Verification:
     partial_files: list[str] = field(default_factory=list)
     recount_mismatches: list[str] = field(default_factory=list)
     unreadable_files: list[str] = field(default_factory=list)
-    """Committed unit files that cannot be read (damaged since): the job counts them as done."""
+    """Committed unit files that are damaged or another job's, each with what is wrong and the fix."""
     recounted: bool = False
 
     @property
@@ -64,8 +66,7 @@ class Verification:
                               ("ids written twice within a unit", self.duplicated_ids),
                               ("files that are no unit of this job", self.unexpected_files),
                               ("units whose ids differ from the input now", self.recount_mismatches),
-                              ("unit files that cannot be read (remove them, then run the job again)",
-                               self.unreadable_files),
+                              ("unit files that are damaged or another job's", self.unreadable_files),
                               ("partial files (ignored, removed by the next run)", self.partial_files)):
             if values:
                 shown = "; ".join(map(str, values[:limit]))
@@ -78,7 +79,13 @@ class Verification:
 
 
 def _file_ids(path: Path) -> list[str]:
-    return pq.read_table(path, columns=["id"]).column("id").to_pylist()
+    """The file's ids, every column of it decoded on the way (page checksums verified where the
+    file has them): a damaged page anywhere fails here, not in a later reader."""
+    ids: list[str] = []
+    with pq.ParquetFile(path, page_checksum_verification=True) as parquet:
+        for batch in parquet.iter_batches(batch_size=65_536):
+            ids.extend(batch.column("id").to_pylist())
+    return ids
 
 
 def verify(output_dir: str | Path, recount: bool = False) -> Verification:
@@ -95,13 +102,14 @@ def verify(output_dir: str | Path, recount: bool = False) -> Verification:
     committed = committed_units(output)
     folder = output / PREDICTIONS_DIR
     if folder.is_dir():
-        result.partial_files = sorted(p.name for p in folder.iterdir() if unit_of(p) is None)
+        result.partial_files = sorted(p.name for p in folder.iterdir()
+                                      if unit_of(p) is None and p.name != DAMAGED_DIR)
     result.unexpected_files = [unit_path(output, u).name for u in sorted(committed) if u >= listing.n_units]
     with contextlib.ExitStack() as stack:
         fresh = stack.enter_context(_listed_again(output, listing)) if recount else None
         if fresh is not None:
             result.recount_mismatches.extend(_layout_changes(listing, fresh))
-        _check_units(output, listing, committed, result, fresh)
+        _check_units(output, listing, manifest, committed, result, fresh)
     return result
 
 
@@ -125,18 +133,27 @@ def _layout_changes(listing: Listing, fresh: Listing) -> list[str]:
             for unit in range(listing.n_units) if fresh.describe_unit(unit) != listing.describe_unit(unit)]
 
 
-def _check_units(output: Path, listing: Listing, committed: set[int], result: Verification,
-                 fresh: Listing | None) -> None:
+def _check_units(output: Path, listing: Listing, manifest: dict, committed: set[int],
+                 result: Verification, fresh: Listing | None) -> None:
+    ours = [(unit, unit_path(output, unit)) for unit in sorted(committed) if unit < listing.n_units]
+    # Per unit only what is compared below (a footer's parsed counts would weigh 100 MB at 1e5 units)
+    footers = {footer.unit: (footer.problem, None) if footer.problem is not None else
+               (None, (footer.stats["n"], footer.stats["ids_digest"]))
+               for footer in read_footers(ours, Identity.of(manifest), strict=True)}
     for unit in range(listing.n_units):
         if unit not in committed:
             result.missing_units.append(f"unit {unit} ({listing.describe_unit(unit)})")
             continue
         path = unit_path(output, unit)
+        problem, counted = footers[unit]
+        if problem is not None:
+            result.unreadable_files.append(describe_damage(unit, path, problem))
+            continue
         try:
             ids = _file_ids(path)
-            stats = read_unit_stats(path)
         except (OSError, pa.ArrowException) as error:
-            result.unreadable_files.append(f"{path.name}: {describe_error(error)}")
+            problem = f"its rows cannot be read ({describe_error(error)})"
+            result.unreadable_files.append(describe_damage(unit, path, problem, repaired_by_job=False))
             continue
         result.n_rows += len(ids)
         digest = ids_digest(ids)
@@ -148,8 +165,10 @@ def _check_units(output: Path, listing: Listing, committed: set[int], result: Ve
         if expected is not None and expected != len(ids):
             result.count_mismatches.append(f"unit {unit} ({listing.describe_unit(unit)}): {len(ids)} rows, "
                                            f"{expected} listed")
-        if stats is not None and (stats["n"] != len(ids) or stats["ids_digest"] != digest):
-            result.count_mismatches.append(f"unit {unit}: its footer does not match its rows")
+        if counted is not None and counted != (len(ids), digest):
+            result.count_mismatches.append(describe_damage(
+                unit, path, "its footer's counts or id digest do not match its rows (changed since written)",
+                repaired_by_job=False))
         if fresh is not None:
             again = ([record.id for record in fresh.records(unit, read_images=False)]
                      if unit < fresh.n_units else [])

@@ -123,7 +123,7 @@ def write_unit(output_dir: str | Path, unit: int, rows: dict[str, list], metadat
     table = table.replace_schema_metadata(
         {key: json.dumps(value) for key, value in {**metadata, **stats}.items()}
     )
-    pq.write_table(table, temporary)
+    pq.write_table(table, temporary, write_page_checksum=True)  # verify finds a damaged page
     with open(temporary, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(temporary, final)
