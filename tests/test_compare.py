@@ -233,9 +233,12 @@ def test_two_runs_with_labels_csvs_in_other_orders_compare_every_id(tmp_path: Pa
     run_job([*common, "--data.labels", str(tmp_path / "sorted.csv"), "--output.dir", str(a)])
     run_job([*common, "--data.labels", str(tmp_path / "reversed.csv"), "--output.dir", str(b)], processes=2)
     manifest_a, manifest_b = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
-    assert manifest_a["dataset"]["fingerprint"] == manifest_b["dataset"]["fingerprint"]
+    # The same items (one digest), listed in other orders: other units, so other fingerprints.
+    assert manifest_a["dataset"]["items_digest"] == manifest_b["dataset"]["items_digest"]
+    assert manifest_a["dataset"]["fingerprint"] != manifest_b["dataset"]["fingerprint"]
 
     result = compare(a, b)
+    assert result["same_dataset"] is True
     assert (result["n_common"], result["n_only_a"], result["n_only_b"]) == (11, 0, 0)
     assert result["n_agree"] == result["n_both_decoded"] == 11  # one model, the same images
     assert result["labelled"]["top1_a"] == result["labelled"]["top1_b"]

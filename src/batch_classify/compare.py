@@ -251,6 +251,13 @@ def _class_namer(manifest: dict[str, Any], a: Side, b: Side):
     return name
 
 
+def _same_items(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two runs listed the same items, in whatever order (the order-independent digest
+    where both manifests have it; the fingerprint, which also fixes the order, otherwise)."""
+    key = "items_digest" if a.get("items_digest") and b.get("items_digest") else "fingerprint"
+    return a.get(key) == b.get(key)
+
+
 def compare(dir_a: str | Path, dir_b: str | Path) -> dict[str, Any]:
     """Join two outputs on id: top-1 agreement, ids on one side only, per-class disagreement
     (by target where labelled, else by A's top-1) and, where labelled, each side's top-1 on the
@@ -270,7 +277,7 @@ def compare(dir_a: str | Path, dir_b: str | Path) -> dict[str, Any]:
     result: dict[str, Any] = {
         "a": {"dir": str(dir_a), "model": manifest_a.get("model", {}).get("name"), "n": a.n},
         "b": {"dir": str(dir_b), "model": manifest_b.get("model", {}).get("name"), "n": b.n},
-        "same_dataset": manifest_a["dataset"].get("fingerprint") == manifest_b["dataset"].get("fingerprint"),
+        "same_dataset": _same_items(manifest_a["dataset"], manifest_b["dataset"]),
         "n_common": tally.n_common,
         "n_only_a": a.n - tally.n_common,
         "n_only_b": b.n - tally.n_common,
@@ -318,7 +325,7 @@ def format_comparison(result: dict[str, Any]) -> str:
     lines = [f"A  {a['dir']}  model {a['model']}  ({a['n']} rows)",
              f"B  {b['dir']}  model {b['model']}  ({b['n']} rows)"]
     if not result["same_dataset"]:
-        lines.append("note: the manifests name different datasets (fingerprints differ)")
+        lines.append("note: the manifests name different datasets (their items differ)")
     lines += [
         f"ids in both       {result['n_common']}  (only in A: {result['n_only_a']}, "
         f"only in B: {result['n_only_b']})",
