@@ -54,8 +54,8 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
 
 
 _WIDE_GREY = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
-_STRIP_PIXELS = 1 << 22
-"""Pixels per strip of a wide grey image converted to 8 bits: 16 MiB of int32 at a time."""
+_STRIP_PIXELS = 1 << 20
+"""Pixels per strip of a wide grey image converted to 8 bits: a few MiB at a time."""
 
 
 def _grey8(image: Image.Image) -> Image.Image:

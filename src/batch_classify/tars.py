@@ -111,6 +111,7 @@ class ShardTooLarge(Exception):
     """A compressed tar inflates past runtime.max_decompressed_bytes."""
 
 
+XZ_MEMORY_LIMIT = 256 << 20
 _COMPRESSIONS = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"))
 
 
@@ -139,7 +140,10 @@ class _Inflated:
     def _new(self):
         if self.kind == "gzip":
             return zlib.decompressobj(16 + zlib.MAX_WBITS)
-        return bz2.BZ2Decompressor() if self.kind == "bzip2" else lzma.LZMADecompressor()
+        if self.kind == "bzip2":
+            return bz2.BZ2Decompressor()
+        # An xz header names its dictionary size (up to 4 GiB); real ones use at most 64 MiB.
+        return lzma.LZMADecompressor(memlimit=XZ_MEMORY_LIMIT)
 
     def read(self, size: int = -1) -> bytes:
         size = STREAM_CHUNK if size is None or size < 0 else size
@@ -148,11 +152,11 @@ class _Inflated:
             piece = self._step(size - got)
             parts.append(piece)
             got += len(piece)
+            if self.total + got > self.limit:  # before any more is held
+                raise ShardTooLarge(
+                    f"its decompressed data passes runtime.max_decompressed_bytes ({self.limit}); "
+                    "the rest of the tar is not read")
         self.total += got
-        if self.total > self.limit:
-            raise ShardTooLarge(
-                f"its decompressed data passes runtime.max_decompressed_bytes ({self.limit}) at "
-                f"byte {self.total - got}-{self.total}; the rest of the tar is not read")
         return b"".join(parts)
 
     def _input(self) -> bytes:
