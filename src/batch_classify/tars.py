@@ -112,6 +112,7 @@ class ShardTooLarge(Exception):
 
 
 XZ_MEMORY_LIMIT = 256 << 20
+COMPRESSED_CHUNK = 64 << 10
 _COMPRESSIONS = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"))
 
 
@@ -161,7 +162,8 @@ class _Inflated:
 
     def _input(self) -> bytes:
         if not self.pending:
-            self.pending = self.raw.read(STREAM_CHUNK)
+            # Small reads: zlib hands back the unread input as a copy after every call.
+            self.pending = self.raw.read(COMPRESSED_CHUNK)
             if not self.pending:
                 self.done = True  # cut short, or the end
         return self.pending
