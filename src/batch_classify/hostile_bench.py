@@ -1,7 +1,8 @@
 """Hostile-input benchmark: what one bad item costs the job (not a timed test).
 
 ``python -m batch_classify.hostile_bench --dir /tmp/hostile`` builds one small collection per
-attack beside a few good photos, runs the real job (2 CPU ranks, a tiny MobileNetV1) over each
+attack beside a few good photos, runs the real job (2 CPU ranks, a tiny MobileNetV1 behind
+ImageNet's 256-resize and 224-crop processor) over each
 with the default limits, and prints per input: the rows and their error types, the peak RSS
 of each rank (timing.json), the largest process's peak RSS (from the kernel, so also for a run
 that failed or hung), the wall time and how the job ended.
@@ -23,10 +24,12 @@ before/after figures. Every job runs under ``--memory-gb`` of address space per 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import io
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -143,10 +146,38 @@ def build(base: Path) -> dict[str, Path]:
 
 
 def tiny_model(folder: Path) -> Path:
-    from .scale_bench import tiny_model as build_model
+    """A tiny MobileNetV1 (random weights, ImageNet's 1001 outputs) with ImageNet's usual
+    input: the shorter side resized to 256, a 224 centre crop. The network is cheap; the
+    resize is what a real checkpoint would do to each image."""
+    import torch
+    from transformers import MobileNetV1Config, MobileNetV1ForImageClassification, MobileNetV1ImageProcessor
 
-    return build_model(folder)
+    from .random_checkpoints import _imagenet_id2label
 
+    torch.manual_seed(0)
+    config = MobileNetV1Config(image_size=224, depth_multiplier=0.25, id2label=_imagenet_id2label(True))
+    MobileNetV1ForImageClassification(config).save_pretrained(folder)
+    MobileNetV1ImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
+                              image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
+    return folder
+
+
+def _descendants(pid: int) -> list[int]:
+    found, pending = [], [pid]
+    while pending:
+        parent = pending.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            pending += children
+    return found
+
+
+_RAISED = re.compile(r"^(\[rank\d+\]: )?(batch-classify: |(?!ChildFailedError)\w+(Error|Exception): )")
+"""The line that says why a rank stopped: the job's one-line error or an exception's last line."""
 
 _WRAPPER = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
             "print('maxrss', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, code)")
@@ -177,18 +208,21 @@ def run(name: str, data: Path, base: Path, model: Path, code: Path, ranks: int, 
         stdout, stderr = process.communicate(timeout=timeout)
         ended = "ok"
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        # The launcher starts each rank in a session of its own: every descendant is stopped.
+        for pid in [process.pid, *_descendants(process.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
         ended = f"hung: killed after {timeout:.0f} s"
     seconds = time.monotonic() - started
+    (out.parent / f"{name}.stderr.log").write_text(stderr)
     largest = None
     for line in stdout.splitlines():
         if line.startswith("maxrss "):
             _, kb, status = line.split()
             largest = round(int(kb) / 1024)
             if int(status) != 0:
-                reason = next((x for x in reversed(stderr.splitlines())
-                               if "Error" in x or "batch-classify:" in x), f"exit {status}")
+                reason = next((x for x in stderr.splitlines() if _RAISED.match(x)), f"exit {status}")
                 ended = f"failed: {reason.strip()[:120]}"
     result = {"input": name, "ended": ended, "wall_s": round(seconds, 1), "largest_process_rss_mb": largest,
               "rows": None, "errors": None, "peak_rss_mb_per_rank": None}
@@ -229,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.dir.mkdir(parents=True, exist_ok=True)
     paths = build(args.dir)
-    model = args.dir / "tiny-mobilenet"
+    model = args.dir / "tiny-mobilenet-224"
     if not model.exists():
         tiny_model(model)
     results = []
