@@ -83,12 +83,14 @@ def test_labels_from_a_json_field_as_index_or_wnid(tmp_path):
     assert [(s.label, s.error) for s in read(shard, label_key="label")] == [(9, None), (None, None)]
 
 
+# A label is quoted only where it has a label's shape (an integer, a wnid); other text is
+# described by its length, never copied into the row.
 @pytest.mark.parametrize(("suffix", "payload", "shown"), [
-    ("cls", b"1000", "1000"), ("cls", b"cat", "cat"), ("cls", b"", "''"), ("cls", b"-1", "-1"),
-    ("cls", b"\xff\xfe", "xff"),
+    ("cls", b"1000", "1000"), ("cls", b"cat", "(3 characters)"), ("cls", b"", "(empty)"),
+    ("cls", b"-1", "-1"), ("cls", b"\xff\xfe", "(2 bytes) is not UTF-8"),
     ("json", b'{"label": 1000}', "1000"), ("json", b'{"label": "n99999999"}', "n99999999"),
-    ("json", b'{"label": true}', "true"), ("json", b'{"label": 2.5}', "2.5"),
-    ("json", b"{not json", "not valid JSON"), ("json", b"[1, 2]", "not an object"),
+    ("json", b'{"label": true}', "a boolean"), ("json", b'{"label": 2.5}', "a non-integer number"),
+    ("json", b"{not json", "not valid JSON"), ("json", b"[1, 2]", "an array, not an object"),
 ])
 def test_a_bad_label_is_an_error_naming_the_key_and_the_value(tmp_path, suffix, payload, shown):
     picture = jpeg(tiny_image(2))

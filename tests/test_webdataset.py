@@ -43,9 +43,39 @@ def collection(tmp_path):
     root = tmp_path / "wds"
     make_wds(root, _images(240, seed=1), per_tar=30)
     flawed_tars(root / "flawed")
-    last = make_wds(tmp_path / "later", _images(12, seed=2), per_tar=12)[0]
-    os.link(last, root / "zzz.tar")
-    return root, root / "zzz.tar", last
+    make_wds(tmp_path / "later", _images(12, seed=2), per_tar=12)[0].rename(root / "zzz.tar")
+    return root
+
+
+# A read that stalls, as on a hung network mount: the jobs the test starts import this at
+# start-up, and their read of the named tar waits while the gate file exists. (A FIFO no
+# longer blocks: it is an error row, see test_bounds.)
+STALL_HOOK = """
+import os, time
+import batch_classify.tars as tars
+
+_iter_tar = tars.iter_tar
+
+def iter_tar(path, rel, *args, **kwargs):
+    while rel == os.environ.get("STALL_TAR") and os.path.exists(os.environ["STALL_WHILE"]):
+        time.sleep(0.05)
+    yield from _iter_tar(path, rel, *args, **kwargs)
+
+tars.iter_tar = iter_tar
+"""
+
+
+def stalled_read(tmp_path, monkeypatch, tar: str) -> Path:
+    """Make the jobs' read of ``tar`` stall until the returned gate file is removed."""
+    hook = tmp_path / "stall-hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(STALL_HOOK)
+    gate = tmp_path / "stall-gate"
+    gate.touch()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("STALL_TAR", tar)
+    monkeypatch.setenv("STALL_WHILE", str(gate))
+    return gate
 
 
 def _members(tar_path: Path) -> dict[str, bytes]:
@@ -66,17 +96,17 @@ def _predictions(rows: dict[str, dict]) -> dict[str, tuple]:
                 [round(s, 5) for s in r["topk_scores"]], r["error"]) for k, r in rows.items()}
 
 
-def test_stopped_on_two_ranks_resumed_on_one_finished_on_three(collection, tiny_models, tmp_path):
-    root, fifo, blocked = collection
+def test_stopped_on_two_ranks_resumed_on_one_finished_on_three(collection, tiny_models, tmp_path,
+                                                               monkeypatch):
+    root = collection
     out = tmp_path / "out"
     args = ["--model.name", str(tiny_models["mobilenet_v1"]), "--data.path", str(root),
             "--runtime.batch_size", "4", "--output.dir", str(out)]
     n_units = 8 + 6 + 1
-    # Listed first (plan); then zzz.tar becomes a FIFO that blocks whoever reads it until the
-    # test puts the real tar back.
+    # Listed first (plan); then reading zzz.tar stalls, blocking whoever reads it until the
+    # test lets it through.
     assert cli_main(["plan", *args]) == 0
-    fifo.unlink()
-    os.mkfifo(fifo)
+    gate = stalled_read(tmp_path, monkeypatch, "zzz.tar")
 
     # 2 ranks, stopped part-way.
     job = Background(args, processes=2)
@@ -101,8 +131,7 @@ def test_stopped_on_two_ranks_resumed_on_one_finished_on_three(collection, tiny_
     assert cli_main(["verify", str(out)]) == 1  # one unit missing, and verify says so
 
     # 3 ranks finish it once the tar is readable.
-    fifo.unlink()
-    fifo.write_bytes(blocked.read_bytes())
+    gate.unlink()
     run_job(args, processes=3)
     rows = read_rows(out)  # fails on an id written twice
     assert cli_main(["verify", "--recount", str(out)]) == 0

@@ -44,6 +44,7 @@ from .distributed import configure_logging, init_state, keep_host_memory, plan_c
 from .job import resolve_runtime
 from .large_photos import DEFAULT_SIZES, parse_sizes, upscaled_photos
 from .large_photos import measure as measure_large_photos
+from .limits import Limits
 from .listing import Items, load_items
 from .loader import make_loader
 from .model import load_model, prepare_inference
@@ -125,7 +126,7 @@ def stage_pipeline(spec, items, indices, inference, device, workers, threads) ->
     Also returns up to KEEP_BATCHES of its full batches, ready on the device, for the model
     stage: real images, in the layout and dtype the job feeds the model.
     """
-    dataset = TaskDataset(inference.input_path.worker, spec.runtime.max_image_pixels)
+    dataset = TaskDataset(inference.input_path.worker, Limits.from_runtime(spec.runtime))
     loader = make_loader(dataset, task_batches(items, indices, spec.runtime.batch_size), workers, device,
                          threads)
     prepare = inference.prepare(device)

@@ -177,6 +177,21 @@ class RuntimeConfig:
     memory)."""
     max_image_pixels: int = 128_000_000
     """Images whose header claims more pixels are refused unopened (decompression bombs)."""
+    max_image_bytes: int = 256 * 2**20
+    """Bytes of one image file, WebDataset tar member or Parquet/dataset image cell (default
+    256 MiB; a 50 MP camera JPEG is ~25 MB). A bigger one is an error row, known from its size
+    before it is read (file size, tar header), so it is never read into memory."""
+    max_aspect_ratio: float = 50.0
+    """Longer side / shorter side of an image. Beyond it the image is an error row, checked
+    from the header: resizing the shorter side of a 1x20000 strip to the model's input would
+    make gigabytes. Phone and 360-degree panoramas are 2:1 to about 12:1."""
+    max_decompressed_bytes: int = 16 * 2**30
+    """Bytes a compressed tar (.tar.gz, .tgz; also bzip2, xz) may inflate to (default 16 GiB).
+    Past it the rest of the tar is one error row (a gzip bomb stops instead of inflating for
+    hours); its samples before that point are kept."""
+    max_row_group_bytes: int = 4 * 2**30
+    """Uncompressed bytes of the columns read from one Parquet row group, as its footer
+    declares them (default 4 GiB). A bigger row group is one error row per row, unread."""
     max_error_fraction: float | None = None
     """Stop the job once more than this fraction of the items seen failed (default: never)."""
     timeout_s: int = 1800
@@ -196,6 +211,10 @@ class RuntimeConfig:
                  "runtime.decode", "device decodes for the fast input path; runtime.preprocess "
                  "processor runs the checkpoint's processor on images decoded in the workers")
         _require(self.max_image_pixels >= 1, "runtime.max_image_pixels", "must be >= 1")
+        for key in ("max_image_bytes", "max_decompressed_bytes", "max_row_group_bytes"):
+            _require(getattr(self, key) >= 1, f"runtime.{key}", f"must be >= 1, got {getattr(self, key)}")
+        _require(self.max_aspect_ratio >= 1, "runtime.max_aspect_ratio",
+                 f"must be >= 1 (longer side / shorter side), got {self.max_aspect_ratio}")
         _require(
             self.max_error_fraction is None or 0.0 <= self.max_error_fraction < 1.0,
             "runtime.max_error_fraction",

@@ -34,6 +34,7 @@ from .distributed import (
 )
 from .errors import UserError
 from .labels import ModelLabels, class_subset, label_targets
+from .limits import Limits
 from .listing import Listing, read_listing, share_listing
 from .loader import UnitTasks, make_loader
 from .manifest import FORMAT_VERSION, OutputLock, prepare_output, read_manifest, write_json
@@ -183,7 +184,9 @@ def _predict_units(spec: JobSpec, work: RankWork, device: torch.device, progress
     if getattr(transform, "note", None):
         log.info("%s; each model's predictions equal its run alone with runtime.reduced_decode off",
                  transform.note)
-    dataset = TaskDataset(transform, spec.runtime.max_image_pixels)
+    limits = Limits.from_runtime(spec.runtime)
+    work.listing.limits = limits
+    dataset = TaskDataset(transform, limits)
     loader = make_loader(dataset, tasks, workers, device, threads, stopping=lambda: stop.requested)
     errors = ErrorLog(spec.runtime.log_every_s)
     predictors, all_rows, writers = [], [], []

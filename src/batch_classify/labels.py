@@ -23,20 +23,27 @@ def wnid_to_index() -> dict[str, int]:
     return {wnid: i for i, wnid in enumerate(imagenet_classes()[0])}
 
 
+INDEX = re.compile(r"^[+-]?\d{1,9}$")
+
+
 def parse_imagenet_label(value: str, where: str) -> int:
-    """An ImageNet-1k label given as an index (0-999) or a wnid; ValueError names `where`."""
+    """An ImageNet-1k label given as an index (0-999) or a wnid; ValueError names `where`.
+
+    The error quotes the label only where it has the shape of one (a wnid, a short integer):
+    anything else is described by its length, so a label cell or member never copies
+    arbitrary text into the rows and the log."""
     value = value.strip()
     if WNID.match(value):
         index = wnid_to_index().get(value)
         if index is None:
-            raise ValueError(f"{where}: {value!r} is not one of the 1000 ImageNet-1k wnids")
+            raise ValueError(f"{where}: {value} is not one of the 1000 ImageNet-1k wnids")
         return index
-    try:
-        index = int(value)
-    except ValueError:
+    if not INDEX.match(value):
+        shape = "empty" if not value else f"{len(value)} characters"
         raise ValueError(
-            f"{where}: label {value!r} is neither an ImageNet-1k index (0-999) nor a wnid"
-        ) from None
+            f"{where}: the label ({shape}) is neither an ImageNet-1k index (0-999) nor a wnid"
+        )
+    index = int(value)
     if not 0 <= index < 1000:
         raise ValueError(f"{where}: label index {index} is outside ImageNet-1k's 0-999")
     return index

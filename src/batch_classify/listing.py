@@ -31,6 +31,7 @@ from .config import DataConfig
 from .errors import describe_error
 from .input_state import STATE_FILE, Change, StateRecorder, check_state
 from .inputs import Enumeration, InputError, enumerate_input, hf_load, map_label
+from .limits import Limits, NotRegularFile, open_regular
 from .ownership import remove_listing
 from .writer import add_digests, id_hash
 
@@ -105,6 +106,13 @@ def local_path(path: str) -> str:
     return path
 
 
+def _declared_bytes(group: Any, columns: set[str]) -> int:
+    """Uncompressed bytes of the named top-level columns of a row group, as its footer
+    declares them (a struct column's leaves summed)."""
+    return sum(group.column(i).total_uncompressed_size for i in range(group.num_columns)
+               if group.column(i).path_in_schema.split(".")[0] in columns)
+
+
 def listing_data(cfg: DataConfig) -> dict[str, Any]:
     """The data.* keys that define the listing, with local paths absolute and resolved."""
     values = {key: getattr(cfg, key) for key in LISTING_KEYS}
@@ -116,6 +124,9 @@ def listing_data(cfg: DataConfig) -> dict[str, Any]:
 
 class Listing:
     """A written listing: its summary, its units, and each unit's records on demand."""
+
+    limits = Limits()
+    """What one tar member, image cell or row group may cost (the job sets runtime's)."""
 
     def __init__(self, folder: Path, info: dict[str, Any], units: pa.Table):
         self.folder = folder
@@ -215,7 +226,7 @@ class Listing:
         reader = self.info["reader"]
         rel = self.unit_paths[unit]
         for sample in iter_tar(os.path.join(self.root, rel), rel, reader["image_suffixes"],
-                               reader["label_key"], read_images=read_images):
+                               reader["label_key"], read_images=read_images, limits=self.limits):
             yield Record(sample.id, sample.label, sample.image, sample.error)
 
     def _labels(self, values: list[Any], ids: list[str]) -> Iterator[tuple[int | None, str | None]]:
@@ -244,10 +255,14 @@ class Listing:
             for item_id, (label, error) in zip(ids, self._labels(labels, ids)):
                 yield Record(item_id, label, None, error)
             return
+        limit = self.limits.max_image_bytes
         for value, item_id, (label, error) in zip(values, ids, self._labels(labels, ids)):
             payload = self._payload(value, folder)
             if payload is None and error is None:
                 error = f"MissingImage: row {item_id} has neither image bytes nor a path"
+            if isinstance(payload, bytes) and len(payload) > limit:
+                payload, error = None, (f"FileTooLarge: row {item_id}: the image cell is {len(payload)} "
+                                        f"bytes, over runtime.max_image_bytes ({limit})")
             yield Record(item_id, label, payload, error)
 
     def _parquet(self, unit: int, read_images: bool = True) -> Iterator[Record]:
@@ -264,9 +279,35 @@ class Listing:
             if extra is not None and extra not in columns:
                 columns.append(extra)
         position = int(self.units["offset"][unit])
-        handle = pq.ParquetFile(path)  # its footer read fine when listed: a failure is the filesystem's
+        try:
+            file = open_regular(path)
+        except NotRegularFile as error:  # a FIFO would block the rank for ever
+            n = int(self.units["n_items"][unit])
+            ids = ([f"{rel}@{i}" for i in range(position, position + n)] if reader["id_column"]
+                   else [str(i) for i in range(position, position + n)])
+            yield from _error_rows(ids, f"NotRegularFile: {rel}: {error}")
+            return
+        with file:
+            yield from self._row_groups(unit, pq.ParquetFile(file), rel, path, columns, position,
+                                        read_images)
+
+    def _row_groups(self, unit: int, handle: pq.ParquetFile, rel: str, path: str, columns: list[str],
+                    position: int, read_images: bool) -> Iterator[Record]:
+        reader = self.info["reader"]
+        label_column = reader["label"]["column"] if reader["label"] else None
+        limit = self.limits.max_row_group_bytes
+        # The image column counts even in a recount (read_images=False), so both find the same rows.
+        counted = {reader["image_column"], *columns}
         for group in range(int(self.units["start"][unit]), int(self.units["stop"][unit])):
             n = handle.metadata.row_group(group).num_rows
+            declared = _declared_bytes(handle.metadata.row_group(group), counted)
+            if declared > limit:  # known from the footer: the pages are never read
+                yield from _error_rows(self._fallback_ids(handle, group, rel, position, n),
+                                       f"RowGroupTooLarge: {rel} row group {group} (rows {position}-"
+                                       f"{position + n - 1}): its footer declares {declared} bytes, "
+                                       f"over runtime.max_row_group_bytes ({limit})")
+                position += n
+                continue
             try:
                 table = handle.read_row_group(group, columns=columns)
                 ids = ([str(v) for v in table.column(reader["id_column"]).to_pylist()] if reader["id_column"]

@@ -19,12 +19,21 @@ Conventions (WebDataset's, made strict):
 - Byte offsets are positions in the tar stream; for a compressed tar, in the
   decompressed stream.
 - Filesystem errors (missing file, permission, EIO) are not bad data: they propagate.
+- Bounds (``limits.Limits``): a tar that is not a regular file (a FIFO would block) is one
+  NotRegularFile record; an image member over runtime.max_image_bytes makes its sample a
+  FileTooLarge record, from its header, unread; a compressed tar is inflated a read-sized
+  piece at a time and stops with one ShardTooLarge record past
+  runtime.max_decompressed_bytes; a label member is read only up to MAX_LABEL_BYTES and a
+  JSON label nested deeper than MAX_JSON_DEPTH is a BadLabel. No error text quotes member
+  bytes: a bad label is described by its size and shape.
 """
 
 from __future__ import annotations
 
+import bz2
 import glob
 import json
+import lzma
 import os
 import re
 import string
@@ -34,9 +43,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from braceexpand import UnbalancedBracesError
 
 from batch_classify.labels import parse_imagenet_label
+from batch_classify.limits import Limits, NotRegularFile, open_regular
 
 IMAGE_SUFFIXES: tuple[str, ...] = (
     "jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "jpe", "jfif",
@@ -45,6 +56,8 @@ SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 # Labels are tiny; a bigger member would be read whole only to fail.
 MAX_LABEL_BYTES = 1 << 20
+# A label document is a flat object; deeper nesting is hostile (and would exhaust the stack).
+MAX_JSON_DEPTH = 32
 # Read size of tarfile's stream: fewer Python-level reads than its 10 KiB default.
 STREAM_CHUNK = 1 << 20
 # Errors that mean the bytes are bad (tarfile turns compression errors into ReadError).
@@ -65,23 +78,126 @@ class ShardSample:
 
 
 def iter_tar(path: str | os.PathLike, rel: str, image_suffixes: Sequence[str] = IMAGE_SUFFIXES,
-             label_key: str | None = None, read_images: bool = True) -> Iterator[ShardSample]:
+             label_key: str | None = None, read_images: bool = True,
+             limits: Limits | None = None) -> Iterator[ShardSample]:
     """Samples of one tar, in tar order; every tar yields at least one record.
 
-    Error types: NotATar, TruncatedShard, CorruptShard (a bad header or bad compressed data
-    after the start), MissingImage, DuplicateMember, NotRegularMember, SplitSample, BadLabel,
-    EmptyShard. See the module docstring for the rules.
+    Error types: NotATar, NotRegularFile, TruncatedShard, CorruptShard (a bad header or bad
+    compressed data after the start), ShardTooLarge, MissingImage, DuplicateMember,
+    NotRegularMember, FileTooLarge, SplitSample, BadLabel, EmptyShard. See the module
+    docstring for the rules.
     """
+    limits = limits or Limits()
     reader = _TarReader(rel, frozenset(s.lower().lstrip(".") for s in image_suffixes),
-                        label_key, read_images)
-    with open(path, "rb") as file:
+                        label_key, read_images, limits)
+    try:
+        file = open_regular(path)
+    except NotRegularFile as error:
+        yield _shard_error(rel, "NotRegularFile", f"{rel}: {error}")
+        return
+    with file:
+        stream = _decompressed(file, limits.max_decompressed_bytes)
         try:
-            tar = _ShardTar.open(fileobj=file, mode="r|*", bufsize=STREAM_CHUNK, encoding="utf-8")
+            tar = _ShardTar.open(fileobj=stream, mode="r|", bufsize=STREAM_CHUNK, encoding="utf-8")
+        except ShardTooLarge as error:
+            yield _shard_error(rel, "ShardTooLarge", f"{rel}: {error}")
+            return
         except _BAD_DATA as error:
             yield _shard_error(rel, "NotATar", f"{rel}: cannot be read as a tar ({error})")
             return
         with tar:
             yield from reader.samples(tar)
+
+
+class ShardTooLarge(Exception):
+    """A compressed tar inflates past runtime.max_decompressed_bytes."""
+
+
+XZ_MEMORY_LIMIT = 256 << 20
+COMPRESSED_CHUNK = 64 << 10
+_COMPRESSIONS = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"))
+
+
+def _decompressed(file, limit: int):
+    """The tar stream of ``file``: the file itself, or for a gzip, bzip2 or xz file (known by
+    its magic bytes, as tarfile's ``r|*`` does) its bounded decompression."""
+    head = file.read(6)
+    file.seek(0)
+    kind = next((name for magic, name in _COMPRESSIONS if head.startswith(magic)), None)
+    return file if kind is None else _Inflated(file, kind, limit)
+
+
+class _Inflated:
+    """A compressed tar's decompressed bytes, read-sized pieces at a time (tarfile's own
+    stream inflates a whole compressed read at once: 1 MiB of a gzip bomb is 1 GiB), at most
+    ``limit`` in all. Concatenated gzip members (pigz, bgzip) are read as one stream; a stream
+    cut short ends where its data does, as tarfile's does."""
+
+    def __init__(self, raw, kind: str, limit: int):
+        self.raw, self.kind, self.limit = raw, kind, limit
+        self.inflater = self._new()
+        self.pending = b""
+        self.total = 0
+        self.done = False
+
+    def _new(self):
+        if self.kind == "gzip":
+            return zlib.decompressobj(16 + zlib.MAX_WBITS)
+        if self.kind == "bzip2":
+            return bz2.BZ2Decompressor()
+        # An xz header names its dictionary size (up to 4 GiB); real ones use at most 64 MiB.
+        return lzma.LZMADecompressor(memlimit=XZ_MEMORY_LIMIT)
+
+    def read(self, size: int = -1) -> bytes:
+        size = STREAM_CHUNK if size is None or size < 0 else size
+        parts, got = [], 0
+        while got < size and not self.done:
+            piece = self._step(size - got)
+            parts.append(piece)
+            got += len(piece)
+            if self.total + got > self.limit:  # before any more is held
+                raise ShardTooLarge(
+                    f"its decompressed data passes runtime.max_decompressed_bytes ({self.limit}); "
+                    "the rest of the tar is not read")
+        self.total += got
+        return b"".join(parts)
+
+    def _input(self) -> bytes:
+        if not self.pending:
+            # Small reads: zlib hands back the unread input as a copy after every call.
+            self.pending = self.raw.read(COMPRESSED_CHUNK)
+            if not self.pending:
+                self.done = True  # cut short, or the end
+        return self.pending
+
+    def _step(self, want: int) -> bytes:
+        inflater = self.inflater
+        if inflater.eof:  # another gzip member may follow; anything else after it is ignored
+            rest = inflater.unused_data or self.raw.read(STREAM_CHUNK)
+            if len(rest) < 2:
+                rest += self.raw.read(STREAM_CHUNK)
+            if self.kind == "gzip" and rest.startswith(b"\x1f\x8b"):
+                self.inflater, self.pending = self._new(), rest
+            else:
+                self.done = True
+            return b""
+        try:
+            if self.kind == "gzip":
+                data = self._input()
+                if self.done:
+                    return b""
+                out = inflater.decompress(data, want)
+                self.pending = inflater.unconsumed_tail
+                return out
+            if inflater.needs_input:
+                data = self._input()
+                if self.done:
+                    return b""
+                self.pending = b""
+                return inflater.decompress(data, want)
+            return inflater.decompress(b"", want)
+        except (zlib.error, lzma.LZMAError, OSError, EOFError) as error:  # bz2 raises OSError
+            raise tarfile.ReadError(f"invalid compressed data ({error})") from None
 
 
 class _Header(tarfile.TarInfo):
@@ -124,8 +240,9 @@ class _Sample:
 
 class _TarReader:
     def __init__(self, rel: str, image_suffixes: frozenset[str], label_key: str | None,
-                 read_images: bool):
+                 read_images: bool, limits: Limits):
         self.rel = rel
+        self.limits = limits
         self.image_suffixes = image_suffixes
         self.label_key = label_key
         self.label_suffix = "json" if label_key is not None else "cls"
@@ -139,6 +256,9 @@ class _TarReader:
         while True:
             try:
                 member = tar.next()
+            except ShardTooLarge as error:
+                yield self._too_large(sample, error)
+                return
             except _BAD_DATA as error:
                 yield self._damage(tar, sample, last, error)
                 return
@@ -161,6 +281,9 @@ class _TarReader:
                 seen_keys.add(key)
             try:
                 self._add(tar, sample, member, suffix)
+            except ShardTooLarge as error:
+                yield self._too_large(sample, error)
+                return
             except _BAD_DATA as error:
                 yield self._damage(tar, sample, last, error)
                 return
@@ -187,7 +310,12 @@ class _TarReader:
             return  # an error record: its bytes are not needed
         if sample.image_name is None and self._is_image(suffix):
             sample.image_name = member.name
-            if self.read_images:
+            limit = self.limits.max_image_bytes
+            if member.size > limit:  # a sparse member may claim terabytes in a tiny tar
+                sample.problem = ("FileTooLarge", (
+                    f"{self.rel}: sample {sample.key!r}: member {member.name!r} at byte {member.offset} "
+                    f"is {member.size} bytes, over runtime.max_image_bytes ({limit})"))
+            elif self.read_images:
                 sample.image = _read_member(tar, member)
         elif suffix == self.label_suffix:
             sample.label_name = member.name
@@ -226,20 +354,25 @@ class _TarReader:
         try:
             text = sample.label_bytes.decode("utf-8")
         except UnicodeDecodeError:
-            raise ValueError(f"{where}: label {sample.label_bytes[:40]!r} is not UTF-8 text") from None
+            raise ValueError(f"{where}: the label ({len(sample.label_bytes)} bytes) is not UTF-8 "
+                             "text") from None
         if self.label_key is None:
             return parse_imagenet_label(text, where)
         where += f" field {self.label_key!r}"
-        try:
-            document = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: not valid JSON ({error})") from None
+        document = parse_json_label(text, where)
         if not isinstance(document, dict):
-            raise ValueError(f"{where}: the JSON is a {type(document).__name__}, not an object")
+            raise ValueError(f"{where}: the JSON is {_json_kind(document)}, not an object")
         value = document.get(self.label_key)
         if value is None:
             return None
-        return parse_imagenet_label(value if isinstance(value, str) else json.dumps(value), where)
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"{where}: the value is {_json_kind(value)}, not an ImageNet-1k "
+                             "index (0-999) or wnid")
+        return parse_imagenet_label(str(value), where)
+
+    def _too_large(self, pending: _Sample | None, error: ShardTooLarge) -> ShardSample:
+        lost = f"; sample {pending.key!r} may be incomplete and is not yielded" if pending else ""
+        return _shard_error(self.rel, "ShardTooLarge", f"{self.rel}: {error}{lost}")
 
     def _damage(self, tar: _ShardTar, pending: _Sample | None, last: tarfile.TarInfo | None,
                 error: Exception | None) -> ShardSample:
@@ -253,6 +386,53 @@ class _TarReader:
             kind, what = "TruncatedShard", f"the data ends at byte {end}, {_where(last, end)}"
         lost = f"; sample {pending.key!r} may be incomplete and is not yielded" if pending else ""
         return _shard_error(self.rel, kind, f"{self.rel}: {what}{lost}")
+
+
+def parse_json_label(text: str, where: str) -> object:
+    """A label document, refused (ValueError naming ``where``) past MAX_JSON_DEPTH levels of
+    nesting, counted before parsing: the parser recurses once per level."""
+    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    if data.size:
+        # Brackets inside strings do not nest: blank out every string first.
+        quoted = np.cumsum((data == ord('"')) & ~_escaped(data)) % 2 == 1
+        step = (np.isin(data, (ord("["), ord("{"))).astype(np.int64)
+                - np.isin(data, (ord("]"), ord("}"))))
+        step[quoted] = 0
+        depth = int(np.cumsum(step).max())
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"{where}: the JSON nests {depth} levels deep, over the limit of "
+                             f"{MAX_JSON_DEPTH} for a label")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: not valid JSON ({error.msg} at character {error.pos})") from None
+    except RecursionError:  # the count above is a bound only for well-formed strings
+        raise ValueError(f"{where}: the JSON nests deeper than the limit of {MAX_JSON_DEPTH} "
+                         "for a label") from None
+
+
+def _escaped(data: np.ndarray) -> np.ndarray:
+    """Which bytes follow an odd run of backslashes (an escaped quote does not end a string)."""
+    backslash = data == ord("\\")
+    escaped = np.zeros(data.shape, dtype=bool)
+    if backslash.any():
+        run = 0
+        for index in np.flatnonzero(backslash | np.roll(backslash, 1)):
+            if backslash[index]:
+                run = run + 1 if index and backslash[index - 1] else 1
+            else:
+                escaped[index] = run % 2 == 1
+                run = 0
+    return escaped
+
+
+def _json_kind(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a non-integer number" if isinstance(value, float) else "a number"
+    names = {dict: "an object", list: "an array", str: "a string"}
+    return names.get(type(value), "null")
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -275,7 +455,7 @@ def _at_end(tar: _ShardTar) -> bool:
     """Whether the (decompressed) stream has no data left: truncation, not corruption."""
     try:
         return not tar.fileobj.read(1)
-    except _BAD_DATA:
+    except (*_BAD_DATA, ShardTooLarge):
         return False
 
 
