@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, job_command, make_corpus, read_rows, run_job
 from fixtures_images import write_bad_images
+from stall import Stall, stall_reads
 
 from batch_classify.cli import main as cli_main
 from batch_classify.preemption import PREEMPTED_EXIT_STATUS
@@ -65,50 +66,19 @@ class Background:
             self.process.wait()
 
 
-def _blocking_corpus(folder: Path, blocked_index: int) -> tuple[Path, Path, bytes]:
-    """The 11-image corpus with item `blocked_index` replaced by a FIFO: reading it waits
-    until the test writes the image into it."""
-    corpus = make_corpus(folder, seed=5)
+def _stalled_corpus(tmp_path: Path, monkeypatch, blocked_index: int) -> tuple[Path, Stall]:
+    """The 11-image corpus, reading item ``blocked_index`` stalls until the test releases it."""
+    corpus = make_corpus(tmp_path / "corpus", seed=5)
     items = sorted(p.relative_to(corpus).as_posix() for p in corpus.rglob("*.*"))
-    blocked = corpus / items[blocked_index]
-    saved = blocked.read_bytes()
-    blocked.unlink()
-    os.mkfifo(blocked)
-    return corpus, blocked, saved
-
-
-def _feed(fifo: Path, content: bytes, timeout: float = 15) -> bool:
-    """Write the image into the FIFO once a reader has it open; False if none ever does
-    (its reader was killed first)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            descriptor = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            break
-        except OSError:  # ENXIO: no reader yet
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-    os.set_blocking(descriptor, True)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(content)
-    except BrokenPipeError:  # the reader closed early (it had what it needed from a last feed)
-        return False
-    return True
-
-
-def _feed_while_running(fifo: Path, content: bytes, process: subprocess.Popen) -> None:
-    while process.poll() is None:
-        _feed(fifo, content, timeout=0.5)
+    return corpus, stall_reads(tmp_path, monkeypatch, Path(items[blocked_index]).name)
 
 
 # Both loaders: a DataLoader worker process (the GPU default) and decode threads (the CPU one).
 @pytest.mark.parametrize(("signal_number", "workers"), [(signal.SIGTERM, "1"), (signal.SIGUSR1, "0")])
 def test_stop_signal_commits_finished_units_and_exits_75(tmp_path, tiny_models, signal_number,
-                                                         workers):
-    # One process; unit size 2. Item 4 (first of unit 2) blocks until the test feeds it.
-    corpus, fifo, content = _blocking_corpus(tmp_path / "corpus", blocked_index=4)
+                                                         workers, monkeypatch):
+    # One process; unit size 2. Item 4 (first of unit 2) blocks until the test releases it.
+    corpus, stall = _stalled_corpus(tmp_path, monkeypatch, blocked_index=4)
     out = tmp_path / "out"
     base = ["--model.name", str(tiny_models["efficientnet"]), "--data.path", str(corpus),
             "--output.unit_size", "2", "--runtime.batch_size", "1", "--runtime.num_workers", workers]
@@ -118,7 +88,8 @@ def test_stop_signal_commits_finished_units_and_exits_75(tmp_path, tiny_models, 
         job.wait_for_units(out, 2)
         job.process.send_signal(signal_number)
         job.wait_for_line(f"received {signal.Signals(signal_number).name}")
-        assert _feed(fifo, content)
+        assert stall.reached
+        stall.release()
     finally:
         status = job.finish()
     assert status == PREEMPTED_EXIT_STATUS
@@ -127,8 +98,6 @@ def test_stop_signal_commits_finished_units_and_exits_75(tmp_path, tiny_models, 
         "unit-000000.parquet", "unit-000001.parquet"]
     assert not (out / "metrics.json").exists()
 
-    fifo.unlink()
-    fifo.write_bytes(content)
     result = run_job(args, processes=2)
     assert "resuming: 4 of 11 items already committed" in result.stderr
     rows = read_rows(out)
@@ -139,17 +108,18 @@ def test_stop_signal_commits_finished_units_and_exits_75(tmp_path, tiny_models, 
     assert {k: r["topk_ids"] for k, r in rows.items()} == {k: r["topk_ids"] for k, r in expected.items()}
 
 
-def test_a_rank_stuck_in_a_hung_read_still_stops(tmp_path, tiny_models):
+def test_a_rank_stuck_in_a_hung_read_still_stops(tmp_path, tiny_models, monkeypatch):
     # Decode threads (the CPU default). Item 4's read never returns, as on a stale network
     # mount: the signalled rank must still commit what it finished and exit, not hang.
-    corpus, fifo, _ = _blocking_corpus(tmp_path / "corpus", blocked_index=4)
+    corpus, stall = _stalled_corpus(tmp_path, monkeypatch, blocked_index=4)
     out = tmp_path / "out"
     job = Background(["--model.name", str(tiny_models["efficientnet"]), "--data.path", str(corpus),
                       "--output.dir", str(out), "--output.unit_size", "2",
                       "--runtime.batch_size", "1", "--runtime.num_workers", "0"], processes=1)
     try:
         job.wait_for_units(out, 2)
-        time.sleep(1)  # the decode thread is now blocked opening the FIFO
+        time.sleep(1)  # the decode thread is now stuck opening item 4
+        assert stall.reached
         job.process.send_signal(signal.SIGTERM)
         status = job.finish(timeout=60)
     except subprocess.TimeoutExpired:
@@ -159,10 +129,10 @@ def test_a_rank_stuck_in_a_hung_read_still_stops(tmp_path, tiny_models):
         "unit-000000.parquet", "unit-000001.parquet"]
 
 
-def test_sigterm_to_the_launcher_stops_every_rank(tmp_path, tiny_models):
-    # Two ranks; item 6 (unit 3) blocks until fed. Units go to whichever rank is free, so the
-    # other rank runs the others meanwhile (all but one the blocked rank may have read ahead).
-    corpus, fifo, content = _blocking_corpus(tmp_path / "corpus", blocked_index=6)
+def test_sigterm_to_the_launcher_stops_every_rank(tmp_path, tiny_models, monkeypatch):
+    # Two ranks; item 6 (unit 3) blocks until released. Units go to whichever rank is free, so
+    # the other rank runs the others meanwhile (all but one the blocked rank may have read ahead).
+    corpus, stall = _stalled_corpus(tmp_path, monkeypatch, blocked_index=6)
     out = tmp_path / "out"
     args = ["--model.name", str(tiny_models["efficientnet"]), "--data.path", str(corpus),
             "--output.dir", str(out), "--output.unit_size", "2", "--runtime.batch_size", "1"]
@@ -174,7 +144,7 @@ def test_sigterm_to_the_launcher_stops_every_rank(tmp_path, tiny_models):
         job.wait_for_line("WARNING batch_classify.preemption: received SIGTERM")
         # The blocked rank either reads the item, then stops, or is ended by the launcher once
         # the other has stopped: either way unit 3 (items 6-7) is never committed.
-        _feed(fifo, content)
+        stall.release()
         status = job.finish()
     finally:
         job.finish()
@@ -183,15 +153,13 @@ def test_sigterm_to_the_launcher_stops_every_rank(tmp_path, tiny_models):
     assert 3 not in committed and {0, 1, 2} <= committed and len(committed) >= 4
     assert cli_main(["verify", str(out)]) == 1
 
-    fifo.unlink()
-    fifo.write_bytes(content)
     run_job(args, processes=2)
     assert len(read_rows(out)) == 11
     assert cli_main(["verify", str(out)]) == 0
 
 
-def test_a_second_job_on_a_directory_in_use_refuses(tmp_path, tiny_models):
-    corpus, fifo, content = _blocking_corpus(tmp_path / "corpus", blocked_index=0)
+def test_a_second_job_on_a_directory_in_use_refuses(tmp_path, tiny_models, monkeypatch):
+    corpus, stall = _stalled_corpus(tmp_path, monkeypatch, blocked_index=0)
     out = tmp_path / "out"
     args = ["--model.name", str(tiny_models["efficientnet"]), "--data.path", str(corpus),
             "--output.dir", str(out)]
@@ -201,11 +169,8 @@ def test_a_second_job_on_a_directory_in_use_refuses(tmp_path, tiny_models):
         second = run_job(args, expect_ok=False)
         assert second.returncode != 0
         assert "is in use by another job (pid" in second.stderr
-        # Keep feeding: the report opens the images again for its contact sheet.
-        feeder = threading.Thread(target=_feed_while_running, args=(fifo, content, first.process))
-        feeder.start()
+        stall.release()
         assert first.finish() == 0
-        feeder.join()
     finally:
         first.finish()
     assert json.loads((out / "metrics.json").read_text())["n"] == 11

@@ -9,10 +9,12 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 from conftest import ROOT, job_command, make_corpus, read_rows, run_job
+from stall import stall_reads
 
 from batch_classify.aggregate import AggregateError, aggregate
 from batch_classify.config import parse_args
@@ -42,18 +44,14 @@ def job_args(tiny_models, tmp_path):
                     "--output.unit_size", "2", "--runtime.batch_size", "1"]
 
 
-def test_sigkill_of_a_rank_then_resume_with_another_world_size(job_args, tmp_path):
+def test_sigkill_of_a_rank_then_resume_with_another_world_size(job_args, tmp_path, monkeypatch):
     corpus, args = job_args
     reference = tmp_path / "reference"
     run_job([*args, "--output.dir", str(reference)])
 
-    # The last item (unit 5) is a FIFO: reading it blocks whichever rank claimed the unit.
+    # Reading the last item (unit 5) stalls: it blocks whichever rank claimed the unit.
     items = sorted(p.relative_to(corpus).as_posix() for p in corpus.rglob("*.*"))
-    blocked = corpus / items[-1]
-    saved = blocked.read_bytes()
-    blocked.unlink()
-    os.mkfifo(blocked)
-    folder_times = blocked.parent.stat()
+    stall = stall_reads(tmp_path, monkeypatch, Path(items[-1]).name)
 
     out = tmp_path / "out"
     command = job_command([*args, "--output.dir", str(out)], processes=2)
@@ -89,10 +87,7 @@ def test_sigkill_of_a_rank_then_resume_with_another_world_size(job_args, tmp_pat
     with pytest.raises(AggregateError, match="10 prediction rows but the manifest lists 11"):
         aggregate(out)
 
-    blocked.unlink()
-    blocked.write_bytes(saved)
-    # The input is the listed one again: the same files, the folder's mtime as it was listed.
-    os.utime(blocked.parent, ns=(folder_times.st_atime_ns, folder_times.st_mtime_ns))
+    stall.release()
     result = run_job([*args, "--output.dir", str(out)], processes=3)
     assert "resuming: 10 of 11 items already committed" in result.stderr
     rows = read_rows(out)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, make_corpus, read_rows, run_job
+from stall import stall_reads
 
 SLURM = ROOT / "slurm"
 STUBS = ROOT / "tests" / "slurm_stubs"
@@ -412,13 +413,10 @@ def test_single_node_job_with_two_ranks_matches_a_single_process_run(reference, 
     assert _table_at_end(cluster.log(f"classify-{job_id}.out")) == list(TABLE_ROWS)
 
 
-def test_preempted_job_requeues_itself_and_the_requeued_run_finishes(reference, tmp_path):
-    # The last item is a FIFO: reading it blocks, so the job is surely mid-run when signalled.
+def test_preempted_job_requeues_itself_and_the_requeued_run_finishes(reference, tmp_path, monkeypatch):
+    # Reading the last item stalls, so the job is surely mid-run when signalled.
     corpus = shutil.copytree(reference["corpus"], tmp_path / "corpus")
-    blocked = sorted(p for p in corpus.rglob("*.*"))[-1]
-    saved = blocked.read_bytes()
-    blocked.unlink()
-    os.mkfifo(blocked)
+    stall = stall_reads(tmp_path, monkeypatch, sorted(p for p in corpus.rglob("*.*"))[-1].name)
 
     cluster = Cluster(tmp_path)
     out = tmp_path / "out"
@@ -427,7 +425,7 @@ def test_preempted_job_requeues_itself_and_the_requeued_run_finishes(reference, 
             "--data.path", str(corpus), "--output.dir", str(out)]
     with cluster.submitted(args, job_id) as sbatch:
         deadline = time.monotonic() + 120
-        # Units 0-4 hold items 0-9; unit 5 waits on the FIFO.
+        # Units 0-4 hold items 0-9; unit 5 waits for its stalled read.
         while len(list((out / "predictions").glob("unit-*.parquet"))) < 5:
             assert sbatch.poll() is None, cluster.logs()
             assert time.monotonic() < deadline, "the job never committed its first units\n" + cluster.logs()
@@ -453,8 +451,7 @@ def test_preempted_job_requeues_itself_and_the_requeued_run_finishes(reference, 
     assert len(list((out / "predictions").glob("unit-*.parquet"))) == 5
 
     # The requeued job: the same command under the same job id, now able to read every item.
-    blocked.unlink()
-    blocked.write_bytes(saved)
+    stall.release()
     result = cluster.run(args, job_id)
     assert result.returncode == 0, cluster.logs()
     main_log = cluster.log(f"classify-{job_id}.out")

@@ -4,7 +4,6 @@ other world sizes, and the same figures as the same images in an ImageNet folder
 from __future__ import annotations
 
 import json
-import os
 import signal
 import tarfile
 import time
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import _photo, read_rows, run_job
 from fixtures_wds import flawed_tars, make_wds
+from stall import stall_reads
 from test_preemption import Background
 
 from batch_classify.cli import main as cli_main
@@ -47,37 +47,6 @@ def collection(tmp_path):
     return root
 
 
-# A read that stalls, as on a hung network mount: the jobs the test starts import this at
-# start-up, and their read of the named tar waits while the gate file exists. (A FIFO no
-# longer blocks: it is an error row, see test_bounds.)
-STALL_HOOK = """
-import os, time
-import batch_classify.tars as tars
-
-_iter_tar = tars.iter_tar
-
-def iter_tar(path, rel, *args, **kwargs):
-    while rel == os.environ.get("STALL_TAR") and os.path.exists(os.environ["STALL_WHILE"]):
-        time.sleep(0.05)
-    yield from _iter_tar(path, rel, *args, **kwargs)
-
-tars.iter_tar = iter_tar
-"""
-
-
-def stalled_read(tmp_path, monkeypatch, tar: str) -> Path:
-    """Make the jobs' read of ``tar`` stall until the returned gate file is removed."""
-    hook = tmp_path / "stall-hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(STALL_HOOK)
-    gate = tmp_path / "stall-gate"
-    gate.touch()
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
-    monkeypatch.setenv("STALL_TAR", tar)
-    monkeypatch.setenv("STALL_WHILE", str(gate))
-    return gate
-
-
 def _members(tar_path: Path) -> dict[str, bytes]:
     with tarfile.open(tar_path) as tar:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
@@ -106,7 +75,7 @@ def test_stopped_on_two_ranks_resumed_on_one_finished_on_three(collection, tiny_
     # Listed first (plan); then reading zzz.tar stalls, blocking whoever reads it until the
     # test lets it through.
     assert cli_main(["plan", *args]) == 0
-    gate = stalled_read(tmp_path, monkeypatch, "zzz.tar")
+    stall = stall_reads(tmp_path, monkeypatch, "zzz.tar")
 
     # 2 ranks, stopped part-way.
     job = Background(args, processes=2)
@@ -131,7 +100,8 @@ def test_stopped_on_two_ranks_resumed_on_one_finished_on_three(collection, tiny_
     assert cli_main(["verify", str(out)]) == 1  # one unit missing, and verify says so
 
     # 3 ranks finish it once the tar is readable.
-    gate.unlink()
+    assert stall.reached
+    stall.release()
     run_job(args, processes=3)
     rows = read_rows(out)  # fails on an id written twice
     assert cli_main(["verify", "--recount", str(out)]) == 0
