@@ -171,7 +171,7 @@ def plan(spec: JobSpec) -> str:
                    + ("" if has_manifest else " (no job run yet)")),
         *damaged,
         ("files", f"{listing.n_units} prediction files in {output / 'predictions'}, about {REPORT_FILES} "
-                  f"more beside them, 3 in {output / INPUT_DIR}"),
+                  f"more beside them, {len(list((output / INPUT_DIR).iterdir()))} in {output / INPUT_DIR}"),
     ]
     rows += [("note", note) for note in info["notes"]]
     width = max(len(name) for name, _ in rows)
