@@ -38,6 +38,7 @@ from batch_classify.decode import (
     without_bytes,
 )
 from batch_classify.limits import FileTooLarge, Limits, NotRegularFile, open_regular
+from batch_classify.listing import read_listing
 from batch_classify.preprocess import FastTransform, PixelSpec
 from batch_classify.tars import MAX_JSON_DEPTH, iter_tar
 
@@ -481,18 +482,29 @@ def test_a_parquet_job_bounds_cells_row_groups_and_a_fifo_file(tmp_path, tiny_mo
             "--runtime.max_image_bytes", str(MB), "--runtime.max_row_group_bytes", str(3 * MB)]
     assert cli_main(["plan", *args]) == 0
     (folder / "b.parquet").unlink()
-    os.mkfifo(folder / "b.parquet")  # after listing: reading it would block the rank for ever
+    os.mkfifo(folder / "b.parquet")  # after listing: reading it would block a rank for ever
+    # Swapped before the job starts: the start check finds it, and the job names it in one line.
+    refused = run_job(args, timeout=120, expect_ok=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "b.parquet is a FIFO (named pipe), not a regular file" in refused.stderr
+    # Swapped while the job runs (after the check): the rank reading it writes error rows.
+    listing = read_listing(out)  # the refused listing left the one from plan as it was
+    unit = next(u for u in range(listing.n_units) if listing.unit_paths[u] == "b.parquet")
+    records = within(10, lambda: list(listing.records(unit)))
+    assert [(r.id, r.error) for r in records] == [
+        (f"b.parquet@{row}", "NotRegularFile: b.parquet: the path is a FIFO (named pipe), not a regular file")
+        for row in (8, 9)]
+    (folder / "b.parquet").unlink()
+    pq.write_table(pa.table({"image": [{"bytes": p, "path": None} for p in photos[2:]],
+                             "key": ["b0", "b1"]}, schema=schema), folder / "b.parquet")
     result = run_job(args, processes=2, timeout=240)
     rows = read_rows(out)
     assert {k: error_type(r["error"]) for k, r in rows.items()} == {
         "ok0": None, "ok1": None, "secret": "UnidentifiedImageError", "big": "FileTooLarge",
-        **{f"heavy{i}": "RowGroupTooLarge" for i in range(4)},
-        "b.parquet@8": "NotRegularFile", "b.parquet@9": "NotRegularFile"}
+        **{f"heavy{i}": "RowGroupTooLarge" for i in range(4)}, "b0": None, "b1": None}
     assert rows["big"]["error"] == (f"FileTooLarge: row big: the image cell is 1100000 bytes, over "
                                     f"runtime.max_image_bytes ({MB})")
     assert "runtime.max_row_group_bytes (3000000)" in rows["heavy0"]["error"]
-    assert rows["b.parquet@8"]["error"] == ("NotRegularFile: b.parquet: the path is a FIFO (named pipe), "
-                                            "not a regular file")
     assert all(len(rows[k]["topk_ids"]) == 5 for k in ("ok0", "ok1"))
     _assert_secret_nowhere(out, result)
 

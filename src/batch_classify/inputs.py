@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from .config import DataConfig
 from .errors import UserError
 from .input_state import StateRecorder
 from .labels import WNID, parse_imagenet_label, wnid_to_index
+from .limits import file_kind
 from .tars import SHARD_SUFFIXES, is_pattern
 
 log = logging.getLogger(__name__)
@@ -490,7 +492,7 @@ def webdataset(cfg: DataConfig) -> Enumeration:
             raise InputError(f"data.path {cfg.path}: {str(named[rel])!r} and {str(tar)!r} are different "
                              f"files but both would be named {rel!r} in ids; name them without '..'")
         shards.append({"path": rel})
-        parts.append(f"{rel}\t{os.stat(tar).st_size}")
+        parts.append(f"{rel}\t{_regular_file(tar).st_size}")
     suffixes = [s.lower().lstrip(".") for s in (cfg.image_suffixes or IMAGE_SUFFIXES)]
     notes = [f"{len(tars)} WebDataset tar(s)", *notes,
              f"labels from the .json field {cfg.label_key!r}" if cfg.label_key else
@@ -498,6 +500,15 @@ def webdataset(cfg: DataConfig) -> Enumeration:
     return Enumeration("webdataset", str(root), None, notes, shards=shards,
                        reader={"image_suffixes": suffixes, "label_key": cfg.label_key},
                        fingerprint_parts=parts)
+
+
+def _regular_file(path: Path) -> os.stat_result:
+    """The stat of a shard file; a FIFO, socket or device named like one is an InputError."""
+    status = os.stat(path)
+    if not stat.S_ISREG(status.st_mode):
+        raise InputError(f"data.path: {path} is a {file_kind(status.st_mode)}, not a regular file; "
+                         "replace it with the file, or move it out of the input")
+    return status
 
 
 SPARK_MARKERS = frozenset({"_SUCCESS", "_metadata", "_common_metadata", "_temporary"})
@@ -549,6 +560,7 @@ def parquet(cfg: DataConfig) -> Enumeration:
     import pyarrow.parquet as pq
 
     def footer(file: Path):
+        _regular_file(file)  # reading a FIFO's footer would wait for ever
         try:
             return pq.read_metadata(file)
         except Exception as error:

@@ -424,10 +424,28 @@ def _parquet_units(shards: list[dict[str, Any]], unit_size: int) -> dict[str, li
 
 def write_listing(cfg: DataConfig, output: Path, unit_size: int = 0, batch_size: int = 1) -> Listing:
     """List the input (main rank only) into ``output/input``; return the listing. Units hold
-    ``unit_size`` items, else an automatic size in whole batches of ``batch_size``."""
-    folder = Path(output) / INPUT_DIR
-    remove_listing(folder)
-    folder.mkdir(parents=True)
+    ``unit_size`` items, else an automatic size in whole batches of ``batch_size``.
+
+    The listing is written beside the folder's old one and takes its place once complete: an
+    input that cannot be listed (a mistake, a file gone) leaves the old listing as it was."""
+    final = Path(output) / INPUT_DIR
+    remove_listing(final, dry_run=True)  # refused now, not after a long listing
+    building = Path(output) / f".{INPUT_DIR}.tmp"
+    remove_listing(building)  # a listing interrupted before it was complete
+    building.mkdir(parents=True)
+    try:
+        info, table = _list_into(cfg, building, unit_size, batch_size)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    remove_listing(final)
+    os.replace(building, final)
+    return Listing(final, info, table)
+
+
+def _list_into(cfg: DataConfig, folder: Path, unit_size: int, batch_size: int) -> tuple[dict[str, Any],
+                                                                                     pa.Table]:
+    """Enumerate the input into ``folder``: rows, units, state, then the info file."""
     state = StateRecorder()
     enumeration = enumerate_input(cfg, state)
     kind = enumeration.kind
@@ -490,7 +508,7 @@ def write_listing(cfg: DataConfig, output: Path, unit_size: int = 0, batch_size:
     temporary = folder / f".{INFO_FILE}.tmp"
     temporary.write_text(json.dumps(info, indent=2) + "\n")
     os.replace(temporary, folder / INFO_FILE)
-    return Listing(folder, info, table)
+    return info, table
 
 
 SHARD_KINDS = {"webdataset", "parquet", "hf"}

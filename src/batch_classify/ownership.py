@@ -105,7 +105,7 @@ def claim(output_dir: str | os.PathLike, own_names: Iterable[str] = ()) -> None:
         (output / MARKER).write_text(MARKER_TEXT)
 
 
-def _remove_owned(folder: Path, owned: Callable[[str], bool], what: str) -> None:
+def _remove_owned(folder: Path, owned: Callable[[str], bool], what: str, dry_run: bool = False) -> None:
     if not folder.exists():
         return
     if folder.is_symlink() or not folder.is_dir():
@@ -120,13 +120,15 @@ def _remove_owned(folder: Path, owned: Callable[[str], bool], what: str) -> None
         raise OutputLocationError(
             f"{folder} holds {', '.join(map(repr, strangers[:3]))}, which batch-classify did not write; "
             f"refusing to delete it. Move those files, or choose another output.dir")
-    shutil.rmtree(folder)
+    if not dry_run:
+        shutil.rmtree(folder)
 
 
-def remove_listing(input_dir: Path) -> None:
-    """Remove a listing folder, only where every file in it is one a listing writes."""
+def remove_listing(input_dir: Path, dry_run: bool = False) -> None:
+    """Remove a listing folder, only where every file in it is one a listing writes
+    (``dry_run``: only raise where it could not be removed)."""
     _remove_owned(input_dir, lambda name: name in OWN_INPUT or bool(_TEMPORARY.match(name)),
-                  "listing")
+                  "listing", dry_run)
 
 
 def remove_predictions(predictions_dir: Path) -> None:

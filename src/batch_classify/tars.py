@@ -47,7 +47,7 @@ import numpy as np
 from braceexpand import UnbalancedBracesError
 
 from batch_classify.labels import parse_imagenet_label
-from batch_classify.limits import Limits, NotRegularFile, open_regular
+from batch_classify.limits import Limits, NotRegularFile, file_kind, open_regular
 
 IMAGE_SUFFIXES: tuple[str, ...] = (
     "jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "jpe", "jfif",
@@ -650,7 +650,14 @@ def _scan_folder(folder: Path, suffixes: tuple[str, ...] = SHARD_SUFFIXES,
                 relative = prefix + entry.name
                 if entry.is_dir(follow_symlinks=False):
                     pending.append((Path(entry.path), relative + "/"))
-                elif entry.name.lower().endswith(suffixes) and entry.is_file():
+                elif entry.name.lower().endswith(suffixes):
+                    if not entry.is_file():  # a FIFO would hang a reader; skipping it would lose it
+                        try:
+                            what = f"a {file_kind(os.stat(entry.path).st_mode)}"
+                        except OSError:
+                            what = "a broken link"
+                        raise ShardSpecError(f"{entry.path} is {what}, not a regular file; replace it with "
+                                             f"the file, or move it out of {folder}")
                     yield relative, Path(entry.path), entry.is_symlink()
 
 
