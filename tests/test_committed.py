@@ -336,3 +336,33 @@ def test_a_rerun_repairs_damaged_unit_files(job_args, tmp_path, capsys):
     assert "resuming: 9 of 11 items already committed (5 of 6 units)" in result.stderr
     assert json.loads((out / "metrics.json").read_text())["top1"] == reference["top1"]
     assert verify(out).complete
+
+
+def test_aggregate_finds_a_byte_flipped_inside_a_page(tmp_path, capsys):
+    """aggregate reads the rows with the page checksums verified (as verify does)."""
+    folder = write_folder(tmp_path / "out", n_units=1)
+    write_unit(folder, 0, unit_rows(0, n=400), {"model": MODEL, "dataset_fingerprint": FINGERPRINT})
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["dataset"]["n_items"] = 400
+    write_json(folder / "manifest.json", manifest)
+    path = unit_path(folder, 0)
+    chunk = pq.ParquetFile(path).metadata.row_group(0).column(0)
+    data = bytearray(path.read_bytes())
+    data[(chunk.dictionary_page_offset or chunk.data_page_offset) + chunk.total_compressed_size - 40] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert cli_main(["aggregate", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "unit-000000.parquet" in err and "CRC checksum verification failed" in err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("content", [b'{"dataset": ', b"\xff\xfe", b"[1, 2]"],
+                         ids=["cut", "binary", "a list"])
+def test_a_damaged_manifest_is_one_line_for_every_command(tmp_path, capsys, content):
+    folder = write_folder(tmp_path / "out")
+    (folder / "manifest.json").write_bytes(content)
+    for command in (["aggregate", str(folder)], ["verify", str(folder)],
+                    ["compare", str(folder), str(folder)]):
+        assert cli_main(command) != 0
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "manifest.json is damaged" in err, (command, err)

@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from .errors import UserError
+
 USAGE = """batch-classify <command> [options]
 
 commands:
@@ -51,7 +53,7 @@ def _aggregate(argv: list[str]) -> int:
     from .aggregate import AggregateError, aggregate, format_table
 
     return _on_folders("aggregate", "Recompute metrics.json from the Parquet files.", ["output_dir"],
-                       argv, lambda folder: (format_table(aggregate(folder)), 0), (AggregateError,),
+                       argv, lambda folder: (format_table(aggregate(folder)), 0), (AggregateError, UserError),
                        error_status=2)
 
 
@@ -59,7 +61,7 @@ def _compare(argv: list[str]) -> int:
     from .compare import CompareError, compare, format_comparison
 
     return _on_folders("compare", "Compare two output folders, joined on id.", ["dir_a", "dir_b"],
-                       argv, lambda a, b: (format_comparison(compare(a, b)), 0), (CompareError,))
+                       argv, lambda a, b: (format_comparison(compare(a, b)), 0), (CompareError, UserError))
 
 
 def _verify(argv: list[str]) -> int:

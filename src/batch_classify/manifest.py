@@ -19,11 +19,25 @@ class OutputMismatch(UserError, RuntimeError):
     """The output folder holds results of a different job."""
 
 
+class DamagedManifest(UserError, ValueError):
+    """manifest.json exists but is not the JSON object the job wrote."""
+
+
 def read_manifest(output_dir: str | Path) -> dict[str, Any] | None:
+    """The folder's manifest, None where it has none; a damaged one is one line naming it."""
     path = Path(output_dir) / MANIFEST
     if not path.exists():
         return None
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DamagedManifest(f"{path} is damaged ({type(error).__name__}: {error}); it records which job "
+                              "the folder's results belong to: restore it, or choose another output.dir"
+                              ) from None
+    if not isinstance(manifest, dict):
+        raise DamagedManifest(f"{path} is damaged (a JSON {type(manifest).__name__}, not an object); "
+                              "restore it, or choose another output.dir")
+    return manifest
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -44,7 +44,9 @@ def expected_units(manifest: dict[str, Any]) -> int | None:
 
 
 def iter_batches(path: Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
-    yield from pq.ParquetFile(path).iter_batches(columns=columns, batch_size=BATCH_ROWS)
+    # Page checksums (written with every unit file) catch a flipped byte inside a page.
+    yield from pq.ParquetFile(path, page_checksum_verification=True).iter_batches(
+        columns=columns, batch_size=BATCH_ROWS)
 
 
 def merge_stats(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
