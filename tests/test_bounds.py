@@ -37,6 +37,7 @@ from batch_classify.decode import (
     to_rgb,
     without_bytes,
 )
+from batch_classify.hostile_bench import ZeroStream, sparse_header
 from batch_classify.limits import FileTooLarge, Limits, NotRegularFile, open_regular
 from batch_classify.listing import read_listing
 from batch_classify.preprocess import FastTransform, PixelSpec
@@ -66,19 +67,13 @@ def noise_png(path: Path, size: tuple[int, int]) -> Path:
 def sparse_tar(path: Path, name: str, claimed: int, after: list[tuple[str, bytes]] = ()) -> Path:
     """A GNU sparse member that claims ``claimed`` bytes and stores none (a 1.5 KB file whose
     member reads as 20 GB of zeros), then ordinary members."""
-    info = tarfile.TarInfo(name)
-    info.type, info.size, info.mtime = tarfile.GNUTYPE_SPARSE, 0, 1
-    header = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
-    header[483:495] = tarfile.itn(claimed, 12, tarfile.GNU_FORMAT)  # the real (claimed) size
-    header[148:156] = b" " * 8
-    header[148:155] = b"%06o\0" % sum(header)
     rest = io.BytesIO()
     with tarfile.open(fileobj=rest, mode="w", format=tarfile.GNU_FORMAT) as tar:
         for member, data in after:
             item = tarfile.TarInfo(member)
             item.size = len(data)
             tar.addfile(item, io.BytesIO(data))
-    path.write_bytes(bytes(header) + rest.getvalue())
+    path.write_bytes(sparse_header(name, claimed) + rest.getvalue())
     return path
 
 
@@ -89,21 +84,7 @@ def zeros_tar_stream(out, members: list[tuple[str, bytes | int]]) -> None:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = data if isinstance(data, int) else len(data)
-            tar.addfile(info, _Zeros(data) if isinstance(data, int) else io.BytesIO(data))
-
-
-class _Zeros(io.RawIOBase):
-    def __init__(self, size: int):
-        self.left = size
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        n = min(len(buffer), self.left, 1 << 20)
-        buffer[:n] = bytes(n)
-        self.left -= n
-        return n
+            tar.addfile(info, ZeroStream(data) if isinstance(data, int) else io.BytesIO(data))
 
 
 def within(seconds: float, function, *args):

@@ -74,7 +74,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-class _Zeros(io.RawIOBase):
+class ZeroStream(io.RawIOBase):
     """``size`` zero bytes, a MiB at a time (the bomb is never held)."""
 
     def __init__(self, size: int):
@@ -127,7 +127,7 @@ def build(base: Path) -> dict[str, Path]:
                         _add(tar, member, data)
                     info = tarfile.TarInfo("bomb.jpg")
                     info.size = 6 * 10**9
-                    tar.addfile(info, _Zeros(info.size))
+                    tar.addfile(info, ZeroStream(info.size))
                     _add(tar, "bomb.cls", b"1")
         else:
             _good_photos(folder)
