@@ -19,7 +19,7 @@ if [[ ! -d $images ]]; then
         cp -rs "$(realpath "$sample")" "$images/copy$r"
     done
 fi
-python -m batch_classify.random_checkpoints "$out/models"
+python -m batch_classify.bench.checkpoints "$out/models"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || rocm-smi --showproductname 2>/dev/null || true
 # preset:batch size
 for run in beit-base-patch16-224:256 efficientnet-b7:32 mobilenet-v1-1.0-224:256; do

@@ -2,7 +2,7 @@
 
 import sys
 
-from batch_classify.job import main
+from batch_classify.run.job import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from batch_classify.aggregate import AggregateError, aggregate, compute_metrics, read_predictions
-from batch_classify.manifest import write_json
-from batch_classify.writer import write_unit
+from batch_classify.output.manifest import write_json
+from batch_classify.output.writer import write_unit
+from batch_classify.results.aggregate import AggregateError, aggregate, compute_metrics, read_predictions
 
 
 def build_output(folder, rows, real_labels=None, top_k=5):
@@ -75,7 +75,7 @@ def test_real_labels_need_validation_file_numbers(tmp_path):
 
 
 def test_shipped_real_labels_resolve():
-    from batch_classify.aggregate import real_labels_path
+    from batch_classify.results.aggregate import real_labels_path
 
     real = json.loads(real_labels_path("imagenet-real").read_text())
     assert len(real) == 50000 and real[1] == [970, 795]

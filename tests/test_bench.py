@@ -16,11 +16,11 @@ STAGES = {"model", "pipeline", "job", "hf_pipeline", "seed_loop"}
 
 def run_bench(args: list[str], processes: int = 1) -> subprocess.CompletedProcess:
     if processes == 1:
-        command = [sys.executable, "-m", "batch_classify.cli", "bench"]
+        command = [sys.executable, "-m", "batch_classify", "bench"]
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch",
                    "--config_file", str(ROOT / "configs" / "accelerate" / "cpu-2proc.yaml"),
-                   "--num_processes", str(processes), "-m", "batch_classify.cli", "bench"]
+                   "--num_processes", str(processes), "-m", "batch_classify", "bench"]
     return subprocess.run([*command, "--runtime.device", "cpu", *args], capture_output=True,
                           text=True, timeout=600, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -128,7 +128,7 @@ def test_several_models_bench_one_pass_against_separate_jobs(tiny_models, corpus
 
 @pytest.mark.parametrize(("workers", "sizes"), [(0, [8]), (4, [2, 2, 2, 2]), (3, [3, 3, 2])])
 def test_the_large_photo_loader_rate_gives_every_worker_a_batch(monkeypatch, workers, sizes):
-    from batch_classify import large_photos
+    from batch_classify.bench import large_photos
 
     seen = []
     monkeypatch.setattr(large_photos, "make_loader", lambda dataset, batches, *a: seen.extend(batches) or [])

@@ -25,9 +25,13 @@ from conftest import _photo, read_rows, run_job
 from fixtures_wds import jpeg, tiny_image, write_tar
 from PIL import Image
 
-from batch_classify import limits as limits_module
-from batch_classify.cli import main as cli_main
-from batch_classify.decode import (
+from batch_classify.bench.hostile import ZeroStream, sparse_header
+from batch_classify.commands.cli import main as cli_main
+from batch_classify.core import limits as limits_module
+from batch_classify.core.limits import FileTooLarge, Limits, NotRegularFile, open_regular
+from batch_classify.inputs.listing import read_listing
+from batch_classify.inputs.tars import MAX_JSON_DEPTH, iter_tar
+from batch_classify.pipeline.decode import (
     ItemKey,
     Task,
     TaskDataset,
@@ -37,11 +41,7 @@ from batch_classify.decode import (
     to_rgb,
     without_bytes,
 )
-from batch_classify.hostile_bench import ZeroStream, sparse_header
-from batch_classify.limits import FileTooLarge, Limits, NotRegularFile, open_regular
-from batch_classify.listing import read_listing
-from batch_classify.preprocess import FastTransform, PixelSpec
-from batch_classify.tars import MAX_JSON_DEPTH, iter_tar
+from batch_classify.pipeline.preprocess import FastTransform, PixelSpec
 
 MB = 1_000_000
 SECRET = b"SECRET-7f3a9c-do-not-copy\n"

@@ -15,16 +15,16 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_corpus, read_rows, run_job
 
-from batch_classify import committed
-from batch_classify.aggregate import AggregateError, aggregate
-from batch_classify.cli import main as cli_main
-from batch_classify.committed import DAMAGED_DIR, Identity, check_committed, read_footer, rows_problem
-from batch_classify.config import parse_args
-from batch_classify.job import current_metrics
-from batch_classify.manifest import write_json
-from batch_classify.plan import plan
-from batch_classify.verify import verify
-from batch_classify.writer import read_unit_stats, unit_path, write_unit
+from batch_classify.commands.cli import main as cli_main
+from batch_classify.core.config import parse_args
+from batch_classify.output import committed
+from batch_classify.output.committed import DAMAGED_DIR, Identity, check_committed, read_footer, rows_problem
+from batch_classify.output.manifest import write_json
+from batch_classify.output.writer import read_unit_stats, unit_path, write_unit
+from batch_classify.results.aggregate import AggregateError, aggregate
+from batch_classify.results.verify import verify
+from batch_classify.run.job import current_metrics
+from batch_classify.run.plan import plan
 
 MODEL = {"name": "tiny/three", "num_labels": 3}
 FINGERPRINT = "0123456789abcdef"

@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import _photo, run_job
 
-from batch_classify import compare as compare_module
-from batch_classify.cli import main
-from batch_classify.compare import compare, format_comparison
-from batch_classify.manifest import write_json
-from batch_classify.writer import write_unit
+from batch_classify.commands.cli import main
+from batch_classify.output.manifest import write_json
+from batch_classify.output.writer import write_unit
+from batch_classify.results import compare as compare_module
+from batch_classify.results.compare import compare, format_comparison
 
 NAMES = ["cat", "dog", "fox"]
 TARGETS = [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]

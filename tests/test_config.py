@@ -8,7 +8,7 @@ import pytest
 import yaml
 from accelerate.commands.config.config_args import ClusterConfig
 
-from batch_classify.config import ConfigError, JobSpec, load_spec, parse_args
+from batch_classify.core.config import ConfigError, JobSpec, load_spec, parse_args
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MINIMAL = {"model": {"name": "m"}, "data": {"path": "d"}, "output": {"dir": "o"}}

@@ -13,8 +13,8 @@ from fixtures_images import photo, write_bad_images, write_exif_pair, write_good
 from PIL import Image
 from torchvision.io import decode_jpeg as torchvision_decode_jpeg
 
-from batch_classify import decode
-from batch_classify.decode import ImageTooLarge, describe_error, open_image, read_pixels, to_rgb
+from batch_classify.pipeline import decode
+from batch_classify.pipeline.decode import ImageTooLarge, describe_error, open_image, read_pixels, to_rgb
 
 LIMIT = 128_000_000
 

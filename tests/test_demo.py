@@ -9,7 +9,7 @@ import sys
 
 from conftest import ROOT, read_rows
 
-from batch_classify.labels import imagenet_classes
+from batch_classify.core.labels import imagenet_classes
 
 CAT_CLASSES = {"n02123045", "n02123159", "n02123394", "n02123597", "n02124075"}  # 281-285
 
@@ -18,7 +18,7 @@ def test_demo_runs_two_ranks_and_finds_the_cat(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1",
            "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([sys.executable, "-m", "batch_classify.cli", "demo", "--output.dir",
+    result = subprocess.run([sys.executable, "-m", "batch_classify", "demo", "--output.dir",
                              str(out)], capture_output=True, text=True, env=env, cwd=ROOT,
                             timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -15,13 +15,13 @@ from fixtures_images import jpeg_bytes, photo, write_bad_images, write_exif_pair
 from PIL import Image
 from transformers import BeitImageProcessor, MobileNetV1ImageProcessor
 
-from batch_classify import device_decode
-from batch_classify.config import ConfigError, RuntimeConfig
-from batch_classify.decode import Encoded, ItemKey, Task, TaskDataset, collate
-from batch_classify.device_decode import DeviceDecode, decode_on_device, unavailable
-from batch_classify.listing import Items
-from batch_classify.model import ProcessorTransform
-from batch_classify.preprocess import FastTransform, choose_input_path, pixel_spec
+from batch_classify.core.config import ConfigError, RuntimeConfig
+from batch_classify.inputs.listing import Items
+from batch_classify.models.model import ProcessorTransform
+from batch_classify.pipeline import device_decode
+from batch_classify.pipeline.decode import Encoded, ItemKey, Task, TaskDataset, collate
+from batch_classify.pipeline.device_decode import DeviceDecode, decode_on_device, unavailable
+from batch_classify.pipeline.preprocess import FastTransform, choose_input_path, pixel_spec
 
 CPU = torch.device("cpu")
 LIMIT = 128_000_000

@@ -13,7 +13,7 @@ from conftest import read_rows, run_job
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from batch_classify.embeddings import BYTES_PER_DIMENSION, head_module
+from batch_classify.models.embeddings import BYTES_PER_DIMENSION, head_module
 
 
 def reference_embeddings(model_dir, paths) -> np.ndarray:

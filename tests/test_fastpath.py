@@ -19,11 +19,11 @@ from transformers import (
     MobileNetV1ImageProcessor,
 )
 
-from batch_classify.labels import model_labels
-from batch_classify.model import ProcessorTransform
-from batch_classify.optimize import fold_batchnorm, optimise
-from batch_classify.predict import OutOfMemory, Predictor
-from batch_classify.preprocess import (
+from batch_classify.core.labels import model_labels
+from batch_classify.models.model import ProcessorTransform
+from batch_classify.models.optimize import fold_batchnorm, optimise
+from batch_classify.models.predict import OutOfMemory, Predictor
+from batch_classify.pipeline.preprocess import (
     DeviceNormalize,
     FastTransform,
     UnsupportedProcessor,
@@ -72,7 +72,7 @@ def test_fast_path_reproduces_the_processor(name):
 
 
 def test_timm_checkpoints_processor_is_read_from_its_eval_transform(tmp_path):
-    from batch_classify.demo import save_lite0_checkpoint
+    from batch_classify.commands.demo import save_lite0_checkpoint
 
     folder = save_lite0_checkpoint(tmp_path / "lite0")
     processor = AutoImageProcessor.from_pretrained(folder)
@@ -280,13 +280,13 @@ def test_the_batch_loop_writes_every_row_once_with_and_without_overlap(overlap, 
     """The GPU loop (next batch queued before the previous one is collected), run on the CPU."""
     import numpy as np
 
-    from batch_classify.config import load_spec
-    from batch_classify.job import ModelJob, RankWork, _predict_units, resolve_runtime
-    from batch_classify.listing import write_listing
-    from batch_classify.model import load_model, prepare_inference
-    from batch_classify.preemption import StopFlag
-    from batch_classify.progress import Progress
-    from batch_classify.shard import UnitQueue
+    from batch_classify.core.config import load_spec
+    from batch_classify.core.preemption import StopFlag
+    from batch_classify.inputs.listing import write_listing
+    from batch_classify.models.model import load_model, prepare_inference
+    from batch_classify.output.progress import Progress
+    from batch_classify.pipeline.shard import UnitQueue
+    from batch_classify.run.job import ModelJob, RankWork, _predict_units, resolve_runtime
 
     (tmp_path / "job.yaml").write_text(
         f"model: {{name: {tiny_models['mobilenet_v1']}}}\ndata: {{path: {corpus}}}\n"
@@ -336,7 +336,7 @@ class _State:
 def test_threads_and_workers_come_from_the_ranks_share_of_slurms_cores(monkeypatch, device, expected):
     import os
 
-    from batch_classify.distributed import plan_cpu
+    from batch_classify.pipeline.distributed import plan_cpu
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))  # a 64-core node
     monkeypatch.setenv("SLURM_CPUS_ON_NODE", "16")
@@ -348,7 +348,7 @@ def test_threads_and_workers_come_from_the_ranks_share_of_slurms_cores(monkeypat
 def test_without_slurm_the_affinity_mask_counts(monkeypatch):
     import os
 
-    from batch_classify.distributed import available_cores, plan_cpu
+    from batch_classify.pipeline.distributed import available_cores, plan_cpu
 
     monkeypatch.delenv("SLURM_CPUS_ON_NODE", raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
@@ -357,8 +357,8 @@ def test_without_slurm_the_affinity_mask_counts(monkeypatch):
 
 
 def test_default_batch_size_depends_on_the_device(tiny_models, tmp_path):
-    from batch_classify.config import load_spec
-    from batch_classify.job import resolve_runtime
+    from batch_classify.core.config import load_spec
+    from batch_classify.run.job import resolve_runtime
 
     (tmp_path / "job.yaml").write_text(f"model: {{name: {tiny_models['beit']}}}\n"
                                        f"data: {{path: x}}\noutput: {{dir: {tmp_path}}}\n")
@@ -374,7 +374,7 @@ def test_default_batch_size_depends_on_the_device(tiny_models, tmp_path):
 def test_cpu_ranks_keep_freed_host_memory():
     import ctypes.util
 
-    from batch_classify.distributed import keep_host_memory
+    from batch_classify.pipeline.distributed import keep_host_memory
 
     assert keep_host_memory(torch.device("cpu"), enabled=False) is None
     assert keep_host_memory(torch.device("cuda"), enabled=True) is None  # GPU ranks: untouched
@@ -386,7 +386,7 @@ def test_cpu_ranks_keep_freed_host_memory():
 def test_a_restricted_affinity_mask_caps_slurms_count_and_is_warned(monkeypatch, caplog):
     import os
 
-    from batch_classify.distributed import available_cores, cpu_mask_warning, plan_cpu
+    from batch_classify.pipeline.distributed import available_cores, cpu_mask_warning, plan_cpu
 
     monkeypatch.setenv("SLURM_CPUS_ON_NODE", "128")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")

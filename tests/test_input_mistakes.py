@@ -21,12 +21,12 @@ from conftest import ROOT, read_rows, run_job
 from fixtures_wds import write_tar
 from PIL import Image
 
-from batch_classify import inputs
-from batch_classify.config import DataConfig
-from batch_classify.inputs import InputError, detect_kind
-from batch_classify.listing import load_items
-from batch_classify.plan import main as plan_main
-from batch_classify.tars import ShardSpecError, brace_names, expand_shards
+from batch_classify.core.config import DataConfig
+from batch_classify.inputs import kinds as inputs
+from batch_classify.inputs.kinds import InputError, detect_kind
+from batch_classify.inputs.listing import load_items
+from batch_classify.inputs.tars import ShardSpecError, brace_names, expand_shards
+from batch_classify.run.plan import main as plan_main
 
 
 def data(path, **kwargs) -> DataConfig:
@@ -340,7 +340,7 @@ def test_the_reproductions_through_the_command_line(tmp_path, tmp_path_factory):
     listing.write_text(f"flat/x.JPEG\n./flat/x.JPEG\n{tmp_path / 'flat' / 'x.JPEG'}\n")
     for path, expected in [(str(listing), "line 2 './flat/x.JPEG' and line 1 'flat/x.JPEG' name the same"),
                            (f"{tmp_path}/{{0..99999999}}.tar", "names 100,000,000 files")]:
-        result = subprocess.run([sys.executable, "-m", "batch_classify.cli", "plan", "--data.path", path,
+        result = subprocess.run([sys.executable, "-m", "batch_classify", "plan", "--data.path", path,
                                  "--output.dir", str(outputs / "out"), "--model.name", "x"],
                                 capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert result.returncode == 2, result.stderr

@@ -12,15 +12,15 @@ from pathlib import Path
 from conftest import ROOT, make_corpus, read_rows, run_job
 from PIL import Image
 
-from batch_classify.cli import main as cli_main
-from batch_classify.config import DataConfig
-from batch_classify.input_state import StateRecorder, check_state
-from batch_classify.inputs import walk_images
-from batch_classify.listing import read_listing, write_listing
+from batch_classify.commands.cli import main as cli_main
+from batch_classify.core.config import DataConfig
+from batch_classify.inputs.kinds import walk_images
+from batch_classify.inputs.listing import read_listing, write_listing
+from batch_classify.inputs.state import StateRecorder, check_state
 
 
 def plan(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "batch_classify.cli", "plan", "--model.name", "unused",
+    return subprocess.run([sys.executable, "-m", "batch_classify", "plan", "--model.name", "unused",
                            *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=120)
 
 

@@ -10,10 +10,10 @@ import pytest
 from conftest import read_rows, run_job
 from PIL import Image
 
-from batch_classify.config import DataConfig
-from batch_classify.inputs import InputError, detect_kind
-from batch_classify.labels import wnid_to_index
-from batch_classify.listing import load_items
+from batch_classify.core.config import DataConfig
+from batch_classify.core.labels import wnid_to_index
+from batch_classify.inputs.kinds import InputError, detect_kind
+from batch_classify.inputs.listing import load_items
 
 
 def data(path, **kwargs) -> DataConfig:
@@ -195,7 +195,7 @@ def test_parquet_shards_are_read_a_row_group_run_at_a_time(tmp_path, tiny_models
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from batch_classify.listing import write_listing
+    from batch_classify.inputs.listing import write_listing
 
     folder = tmp_path / "shards"
     folder.mkdir()
@@ -233,14 +233,14 @@ def test_a_path_that_does_not_exist_says_so(tmp_path):
     (10**9, 1, 10_000),
 ])
 def test_automatic_units_hold_whole_batches(n_items, batch_size, expected):
-    from batch_classify.listing import auto_unit_size
+    from batch_classify.inputs.listing import auto_unit_size
 
     assert auto_unit_size(n_items, batch_size) == expected
 
 
 def test_plan_lists_in_the_batch_size_the_job_will_use(tmp_path):
-    from batch_classify.config import parse_args
-    from batch_classify.plan import listing_batch_size, plan
+    from batch_classify.core.config import parse_args
+    from batch_classify.run.plan import listing_batch_size, plan
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -284,7 +284,7 @@ def _garble_column(path, group: int, column: str) -> None:
 
 
 def test_a_corrupt_parquet_row_group_is_error_rows_and_the_job_goes_on(tmp_path, tiny_models):
-    from batch_classify.verify import verify
+    from batch_classify.results.verify import verify
 
     folder = tmp_path / "shards"
     _parquet_shards(folder)
@@ -311,7 +311,7 @@ def test_a_corrupt_parquet_row_group_is_error_rows_and_the_job_goes_on(tmp_path,
 
 
 def test_corrupt_parquet_rows_keep_their_index_ids_or_name_the_file(tmp_path):
-    from batch_classify.listing import write_listing
+    from batch_classify.inputs.listing import write_listing
 
     folder = tmp_path / "shards"
     _parquet_shards(folder, n_files=1)

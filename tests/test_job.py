@@ -11,7 +11,7 @@ from conftest import read_rows, run_job
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from batch_classify.labels import wnid_to_index
+from batch_classify.core.labels import wnid_to_index
 
 
 def snippet_top1(model_dir, image_path, background_first: bool) -> int:

@@ -8,7 +8,7 @@ import pytest
 from conftest import read_rows, run_job
 from tiny_models import save_tiny_classifier
 
-from batch_classify.labels import (
+from batch_classify.core.labels import (
     class_subset,
     imagenet_classes,
     label_targets,

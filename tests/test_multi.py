@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import read_rows, run_job
 
-from batch_classify.config import ConfigError, parse_args
-from batch_classify.verify import verify
+from batch_classify.core.config import ConfigError, parse_args
+from batch_classify.results.verify import verify
 
 MODELS = ("beit", "mobilenet_v1", "efficientnet")
 

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, make_corpus, run_job
 
-from batch_classify import aggregate, listing, manifest, report, shard, side_by_side
-from batch_classify.ownership import (
+from batch_classify.core.ownership import (
     MARKER,
     OWN_INPUT,
     OWN_TOP_LEVEL,
@@ -20,11 +19,15 @@ from batch_classify.ownership import (
     remove_listing,
     remove_predictions,
 )
+from batch_classify.inputs import listing
+from batch_classify.output import manifest
+from batch_classify.pipeline import shard
+from batch_classify.results import aggregate, report, side_by_side
 
 
 def plan(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """``batch-classify plan`` in a fresh process (it loads no model)."""
-    return subprocess.run([sys.executable, "-m", "batch_classify.cli", "plan", "--model.name", "unused",
+    return subprocess.run([sys.executable, "-m", "batch_classify", "plan", "--model.name", "unused",
                            *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=120)
 
 

@@ -17,8 +17,8 @@ from conftest import ROOT, job_command, make_corpus, read_rows, run_job
 from fixtures_images import write_bad_images
 from stall import Stall, stall_reads
 
-from batch_classify.cli import main as cli_main
-from batch_classify.preemption import PREEMPTED_EXIT_STATUS
+from batch_classify.commands.cli import main as cli_main
+from batch_classify.core.preemption import PREEMPTED_EXIT_STATUS
 
 
 class Background:
@@ -141,7 +141,7 @@ def test_sigterm_to_the_launcher_stops_every_rank(tmp_path, tiny_models, monkeyp
         job.wait_for_units(out, 4)
         time.sleep(1)
         job.process.send_signal(signal.SIGTERM)
-        job.wait_for_line("WARNING batch_classify.preemption: received SIGTERM")
+        job.wait_for_line("WARNING batch_classify.core.preemption: received SIGTERM")
         # The blocked rank either reads the item, then stops, or is ended by the launcher once
         # the other has stopped: either way unit 3 (items 6-7) is never committed.
         stall.release()

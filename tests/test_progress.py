@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from batch_classify.progress import ErrorLog
+from batch_classify.output.progress import ErrorLog
 
 
 def test_the_first_errors_of_each_kind_are_named_then_counted(caplog):
@@ -26,7 +26,7 @@ def test_the_first_errors_of_each_kind_are_named_then_counted(caplog):
 
 def test_counts_come_once_per_interval(caplog, monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr("batch_classify.progress.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("batch_classify.output.progress.time.monotonic", lambda: clock[0])
     errors = ErrorLog(interval_s=10)
     with caplog.at_level(logging.WARNING):
         for second in range(100):

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def lite0(tmp_path_factory):
-    from batch_classify.demo import save_lite0_checkpoint
+    from batch_classify.commands.demo import save_lite0_checkpoint
 
     return save_lite0_checkpoint(tmp_path_factory.mktemp("lite0"))
 
@@ -32,7 +32,7 @@ def timm_reference() -> dict[str, list[int]]:
     import timm
     from timm.data import ImageDataset, create_transform, resolve_data_config
 
-    from batch_classify.demo import lite0_state_dict
+    from batch_classify.commands.demo import lite0_state_dict
 
     torch.set_num_threads(2)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
@@ -118,7 +118,7 @@ LARGE_SIZES = ((4032, 3024), (2592, 1944))  # 12 MP (decoded at 1/4 for Lite0), 
 @pytest.fixture(scope="module")
 def large_photos(tmp_path_factory):
     """300 sample photos upscaled to camera sizes (JPEG q90), half 12 MP, half 5 MP."""
-    from batch_classify.large_photos import upscaled_photos
+    from batch_classify.bench.large_photos import upscaled_photos
 
     folder = tmp_path_factory.mktemp("large-photos")
     sources = sorted(str(p) for p in IMAGENET_SAMPLE.rglob("*.JPEG"))[:LARGE_PHOTOS]

@@ -14,8 +14,9 @@ from fixtures_images import bomb_png
 from PIL import Image
 from transformers import MobileNetV1ImageProcessor
 
-from batch_classify.config import ConfigError, RuntimeConfig
-from batch_classify.decode import (
+from batch_classify.core.config import ConfigError, RuntimeConfig
+from batch_classify.models.model import ProcessorTransform
+from batch_classify.pipeline.decode import (
     ImageTooLarge,
     ItemKey,
     Task,
@@ -24,8 +25,7 @@ from batch_classify.decode import (
     open_image,
     read_pixels,
 )
-from batch_classify.model import ProcessorTransform
-from batch_classify.preprocess import (
+from batch_classify.pipeline.preprocess import (
     FastTransform,
     PixelSpec,
     choose_input_path,
@@ -153,7 +153,7 @@ def test_awkward_modes_decode_correctly_when_reduced(tmp_path):
 ])
 def test_an_upright_jpeg_decodes_scaled_by_libjpeg_turbo_to_the_pixels_of_pillows_draft(
         tmp_path, monkeypatch, size, mode, options):
-    from batch_classify import decode
+    from batch_classify.pipeline import decode
 
     path = _save(_picture(*size).convert(mode), tmp_path / "photo.jpg", **options)
     calls = []
@@ -228,7 +228,7 @@ def test_reduced_decode_is_a_runtime_setting():
     assert RuntimeConfig().reduced_decode == "auto"
     assert RuntimeConfig(reduced_decode="off").reduced_decode == "off"
     with pytest.raises(ConfigError):
-        from batch_classify.config import parse_args
+        from batch_classify.core.config import parse_args
 
         parse_args(["--model.name", "m", "--data.path", "d", "--output.dir", "o",
                     "--runtime.reduced_decode", "sometimes"])
@@ -240,7 +240,7 @@ def test_no_image_is_decoded_while_holding_the_exif_lock(tmp_path, monkeypatch, 
     # (a PNG's getexif() loads the whole image where its EXIF follows the pixel data).
     from PIL import ImageFile
 
-    from batch_classify import decode
+    from batch_classify.pipeline import decode
 
     path = _save(_picture(1200, 900), tmp_path / f"large{suffix}")
     under_lock = []

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batch_classify.labels import imagenet_classes
-from batch_classify.manifest import write_json
-from batch_classify.report import CELL, PAD, THUMB, expected_calibration_error, write_report
-from batch_classify.writer import write_unit
+from batch_classify.core.labels import imagenet_classes
+from batch_classify.output.manifest import write_json
+from batch_classify.output.writer import write_unit
+from batch_classify.results.report import CELL, PAD, THUMB, expected_calibration_error, write_report
 
 ANIMALS = ["cat", "dog", "fox"]
 ANIMAL_MODEL = {"name": "tiny/animals", "num_labels": 3, "label_space": "3 outputs: the model's own classes"}

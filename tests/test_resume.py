@@ -16,10 +16,10 @@ import pytest
 from conftest import ROOT, job_command, make_corpus, read_rows, run_job
 from stall import stall_reads
 
-from batch_classify.aggregate import AggregateError, aggregate
-from batch_classify.config import parse_args
-from batch_classify.manifest import OutputMismatch
-from batch_classify.plan import prepare_listing
+from batch_classify.core.config import parse_args
+from batch_classify.output.manifest import OutputMismatch
+from batch_classify.results.aggregate import AggregateError, aggregate
+from batch_classify.run.plan import prepare_listing
 
 
 def _predictions(rows: dict[str, dict]) -> dict[str, tuple]:

@@ -13,13 +13,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from batch_classify import aggregate as aggregate_module
-from batch_classify import compare as compare_module
-from batch_classify import report, units
-from batch_classify.aggregate import AggregateError, aggregate
-from batch_classify.compare import compare
-from batch_classify.manifest import write_json
-from batch_classify.writer import UNIT_STATS_KEY, read_unit_stats, unit_path, write_unit
+from batch_classify.output import units
+from batch_classify.output.manifest import write_json
+from batch_classify.output.writer import UNIT_STATS_KEY, read_unit_stats, unit_path, write_unit
+from batch_classify.results import aggregate as aggregate_module
+from batch_classify.results import compare as compare_module
+from batch_classify.results import report
+from batch_classify.results.aggregate import AggregateError, aggregate
+from batch_classify.results.compare import compare
 
 NAMES = ["cat", "dog", "fox", "owl", "eel", "yak"]
 MODEL = {"name": "tiny/six", "num_labels": 6, "label_space": "6 outputs: the model's own classes"}

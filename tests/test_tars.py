@@ -15,8 +15,8 @@ import pytest
 from fixtures_wds import flawed_tars, jpeg, make_wds, sample_members, tiny_image, write_tar
 from PIL import Image
 
-from batch_classify.labels import wnid_to_index
-from batch_classify.tars import ShardSample, ShardSpecError, expand_shards, iter_tar, shard_root
+from batch_classify.core.labels import wnid_to_index
+from batch_classify.inputs.tars import ShardSample, ShardSpecError, expand_shards, iter_tar, shard_root
 
 
 def read(path: Path, **kwargs) -> list[ShardSample]:

@@ -16,14 +16,14 @@ from fixtures_wds import flawed_tars, make_wds
 from stall import stall_reads
 from test_preemption import Background
 
-from batch_classify.cli import main as cli_main
-from batch_classify.inputs import InputError
-from batch_classify.labels import imagenet_classes
-from batch_classify.listing import read_listing
-from batch_classify.loader import UnitTasks
-from batch_classify.preemption import PREEMPTED_EXIT_STATUS
-from batch_classify.shard import UnitQueue
-from batch_classify.verify import verify
+from batch_classify.commands.cli import main as cli_main
+from batch_classify.core.labels import imagenet_classes
+from batch_classify.core.preemption import PREEMPTED_EXIT_STATUS
+from batch_classify.inputs.kinds import InputError
+from batch_classify.inputs.listing import read_listing
+from batch_classify.pipeline.loader import UnitTasks
+from batch_classify.pipeline.shard import UnitQueue
+from batch_classify.results.verify import verify
 
 WNIDS = imagenet_classes()[0]
 CLASSES = [0, 1, 281, 404, 817]  # tench, goldfish, tabby, airliner, sports car

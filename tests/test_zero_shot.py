@@ -10,8 +10,13 @@ from PIL import Image
 from tiny_models import save_tiny_clip, save_tiny_siglip
 from transformers import pipeline
 
-from batch_classify.labels import imagenet_classes
-from batch_classify.zero_shot import ZeroShotError, resolve_classes, resolve_templates, zero_shot_labels
+from batch_classify.core.labels import imagenet_classes
+from batch_classify.models.zero_shot import (
+    ZeroShotError,
+    resolve_classes,
+    resolve_templates,
+    zero_shot_labels,
+)
 
 CLASSES = ["tench", "tabby cat", "warplane", "dog", "tree"]
 TEMPLATE = "a photo of a {}."

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from batch_classify.labels import imagenet_classes
+from batch_classify.core.labels import imagenet_classes
 
 
 def _imagenet_id2label(background: bool = False) -> dict[int, str]:

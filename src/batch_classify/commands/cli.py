@@ -1,0 +1,113 @@
+"""``batch-classify``: run | demo | aggregate | compare | verify."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from batch_classify.core.errors import UserError
+
+USAGE = """batch-classify <command> [options]
+
+commands:
+  run        run a job in this process (use `accelerate launch jobs/classify.py` for many)
+  plan       list the input into units and say what a job would do (no model loaded)
+  bench      measure images/s: model alone, input pipeline, the job, and two baselines
+  demo       classify scikit-image's sample photos with real EfficientNet-Lite0 weights
+  aggregate  recompute metrics.json from an output folder's Parquet files
+  compare    compare two output folders item by item (top-1 agreement, per-class differences)
+  verify     check an output folder against its manifest: every id exactly once
+"""
+
+
+def _demo(argv: list[str]) -> int:
+    from batch_classify.commands.demo import run_demo
+
+    parser = argparse.ArgumentParser(prog="batch-classify demo",
+                                     description="Run the embedded default job.")
+    parser.add_argument("--output.dir", dest="output_dir", default="outputs/demo",
+                        help="where the demo writes (default: outputs/demo)")
+    args, extra = parser.parse_known_args(argv)
+    return run_demo(args.output_dir, extra)
+
+
+def _on_folders(command: str, description: str, folders: list[str], argv: list[str],
+                action: Callable[..., tuple[str, int]], errors: tuple[type[Exception], ...],
+                error_status: int = 1) -> int:
+    """Parse output-folder arguments, run ``action`` on them, print its text or a clear error."""
+    parser = argparse.ArgumentParser(prog=f"batch-classify {command}", description=description)
+    for folder in folders:
+        parser.add_argument(folder)
+    args = parser.parse_args(argv)
+    try:
+        text, status = action(*(getattr(args, folder) for folder in folders))
+    except errors as error:
+        print(f"batch-classify {command}: {error}", file=sys.stderr)
+        return error_status
+    print(text)
+    return status
+
+
+def _aggregate(argv: list[str]) -> int:
+    from batch_classify.results.aggregate import AggregateError, aggregate, format_table
+
+    return _on_folders("aggregate", "Recompute metrics.json from the Parquet files.", ["output_dir"],
+                       argv, lambda folder: (format_table(aggregate(folder)), 0), (AggregateError, UserError),
+                       error_status=2)
+
+
+def _compare(argv: list[str]) -> int:
+    from batch_classify.results.compare import CompareError, compare, format_comparison
+
+    return _on_folders("compare", "Compare two output folders, joined on id.", ["dir_a", "dir_b"],
+                       argv, lambda a, b: (format_comparison(compare(a, b)), 0), (CompareError, UserError))
+
+
+def _verify(argv: list[str]) -> int:
+    from batch_classify.results.verify import VerifyError, verify
+
+    recount = "--recount" in argv
+    argv = [a for a in argv if a != "--recount"]
+
+    def check(folder: str) -> tuple[str, int]:
+        result = verify(folder, recount=recount)
+        return result.summary(), 0 if result.complete else 1
+
+    return _on_folders("verify", "Check an output folder against its listing, unit by unit "
+                       "(--recount: enumerate the input again and compare every unit's ids).",
+                       ["output_dir"], argv, check, (VerifyError, OSError, ValueError), error_status=2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "run":
+        from batch_classify.run.job import main as run_main
+
+        return run_main(rest)
+    if command == "plan":
+        from batch_classify.run.plan import main as plan_main
+
+        return plan_main(rest)
+    if command == "bench":
+        from batch_classify.bench.stages import main as bench_main
+
+        return bench_main(rest)
+    if command == "demo":
+        return _demo(rest)
+    if command == "aggregate":
+        return _aggregate(rest)
+    if command == "compare":
+        return _compare(rest)
+    if command == "verify":
+        return _verify(rest)
+    print(f"batch-classify: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

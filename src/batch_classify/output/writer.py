@@ -1,0 +1,160 @@
+"""Write each finished unit's predictions as one Parquet file: complete or absent."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batch_classify.models.embeddings import embedding_array, embedding_field
+
+PREDICTIONS_DIR = "predictions"
+
+SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("label", pa.int64()),
+    ("target", pa.int64()),
+    ("topk_ids", pa.list_(pa.int64())),
+    ("topk_labels", pa.list_(pa.string())),
+    ("topk_scores", pa.list_(pa.float32())),
+    ("error", pa.string()),
+])
+"""`label`: the dataset's label; `target`: that label in the model's output space (what
+accuracy compares `topk_ids` with), null where unknown or unmappable. With output.embeddings
+an `embedding` column follows: fixed-size list of float16 (null on error rows)."""
+
+
+def unit_path(output_dir: str | Path, unit: int) -> Path:
+    return Path(output_dir) / PREDICTIONS_DIR / f"unit-{unit:06d}.parquet"
+
+
+def unit_of(path: Path) -> int | None:
+    """The unit number of a committed predictions file, or None for anything else."""
+    name = path.name
+    if name.startswith("unit-") and name.endswith(".parquet"):
+        digits = name[len("unit-"):-len(".parquet")]
+        if digits.isdigit():
+            return int(digits)
+    return None
+
+
+UNIT_STATS_KEY = "unit"
+"""Schema-metadata key of a unit file's own counts (JSON), so totals come from the footers."""
+
+
+def id_hash(item_id: str) -> int:
+    """A 64-bit hash of one id: the terms of the order-independent digests."""
+    return int.from_bytes(hashlib.blake2b(item_id.encode(), digest_size=8).digest(), "little")
+
+
+def ids_digest(ids) -> str:
+    """Order-independent digest of a set of ids: the sum of their 64-bit hashes mod 2**64 (hex).
+    Digests of disjoint sets add up (``add_digests``) to the digest of their union."""
+    return f"{sum(map(id_hash, ids)) % 2**64:016x}"
+
+
+def add_digests(digests) -> str:
+    return f"{sum(int(d, 16) for d in digests) % 2**64:016x}"
+
+
+def error_type(message: str) -> str:
+    """'CorruptExif: ...' -> 'CorruptExif'."""
+    return message.split(":", 1)[0]
+
+
+def unit_stats(rows: dict[str, list]) -> dict[str, Any]:
+    """The counts a unit file carries in its metadata: aggregate sums them without the rows."""
+    n_errors, errors_by_type = 0, Counter()
+    n_labelled = n_scored = top1 = top5 = 0
+    top5_available = True
+    for label, target, topk, error in zip(rows["label"], rows["target"], rows["topk_ids"], rows["error"]):
+        n_labelled += label is not None
+        if error is not None:
+            n_errors += 1
+            errors_by_type[error_type(error)] += 1
+            continue
+        if target is None or not topk:
+            continue
+        n_scored += 1
+        top1 += topk[0] == target
+        top5 += target in topk[:5]
+        top5_available = top5_available and len(topk) >= 5
+    return {"n": len(rows["id"]), "n_errors": n_errors,
+            "errors_by_type": dict(sorted(errors_by_type.items())),
+            "n_labelled": n_labelled, "n_scored": n_scored, "top1_hits": top1, "top5_hits": top5,
+            "top5_available": top5_available, "ids_digest": ids_digest(rows["id"]),
+            "n_distinct": len(set(rows["id"]))}  # one unit's ids: aggregate need not read them again
+
+
+def read_unit_stats(path: str | Path) -> dict[str, Any] | None:
+    """A committed unit file's counts from its footer alone (None for files that predate them)."""
+    metadata = pq.read_schema(path).metadata or {}
+    raw = metadata.get(UNIT_STATS_KEY.encode())
+    return json.loads(raw) if raw is not None else None
+
+
+def committed_units(output_dir: str | Path) -> set[int]:
+    """Numbers of the units whose file is committed (one directory scan, no stat per file)."""
+    folder = Path(output_dir) / PREDICTIONS_DIR
+    if not folder.is_dir():
+        return set()
+    with os.scandir(folder) as entries:
+        return {unit for entry in entries if (unit := unit_of(Path(entry.name))) is not None}
+
+
+def write_unit(output_dir: str | Path, unit: int, rows: dict[str, list], metadata: dict[str, Any],
+               embedding_dim: int | None = None) -> Path:
+    """Write to a temporary name, fsync, then rename: readers see all of it or none."""
+    final = unit_path(output_dir, unit)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    stats = {UNIT_STATS_KEY: {"unit": unit, **unit_stats(rows)}}
+    table = pa.Table.from_pydict({name: rows[name] for name in SCHEMA.names}, schema=SCHEMA)
+    if embedding_dim is not None:
+        table = table.append_column(embedding_field(embedding_dim),
+                                    embedding_array(rows["embedding"], embedding_dim))
+    table = table.replace_schema_metadata(
+        {key: json.dumps(value) for key, value in {**metadata, **stats}.items()}
+    )
+    pq.write_table(table, temporary, write_page_checksum=True)  # verify finds a damaged page
+    with open(temporary, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, final)
+    return final
+
+
+class UnitWriter:
+    """Commits units on a background thread so the accelerator never waits for Parquet."""
+
+    def __init__(self, output_dir: str | Path, metadata: dict[str, Any], embedding_dim: int | None = None):
+        self.output_dir = output_dir
+        self.metadata = metadata
+        self.embedding_dim = embedding_dim
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer")
+        self._pending: list[Future] = []
+
+    def submit(self, unit: int, rows: dict[str, list]) -> None:
+        self._pending.append(self._pool.submit(write_unit, self.output_dir, unit, rows, self.metadata,
+                                               self.embedding_dim))
+        still_running = []
+        for future in self._pending:
+            if future.done():
+                future.result()  # a failed write stops the job now, not at the end
+            else:
+                still_running.append(future)
+        self._pending = still_running
+
+    def close(self) -> None:
+        """Wait for every write; re-raise the first failure."""
+        try:
+            for future in self._pending:
+                future.result()
+        finally:
+            self._pool.shutdown(wait=True)
