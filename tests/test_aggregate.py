@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from batch_classify.output.manifest import write_json
+from batch_classify.core.text import write_json
 from batch_classify.output.writer import write_unit
 from batch_classify.results.aggregate import AggregateError, aggregate, compute_metrics, read_predictions
 

@@ -17,10 +17,11 @@ from conftest import make_corpus, read_rows, run_job
 
 from batch_classify.commands.cli import main as cli_main
 from batch_classify.core.config import parse_args
+from batch_classify.core.layout import DAMAGED_DIR, unit_path
+from batch_classify.core.text import write_json
 from batch_classify.output import committed
-from batch_classify.output.committed import DAMAGED_DIR, Identity, check_committed, read_footer, rows_problem
-from batch_classify.output.manifest import write_json
-from batch_classify.output.writer import read_unit_stats, unit_path, write_unit
+from batch_classify.output.committed import Identity, check_committed, read_footer, rows_problem
+from batch_classify.output.writer import read_unit_stats, write_unit
 from batch_classify.results.aggregate import AggregateError, aggregate
 from batch_classify.results.verify import verify
 from batch_classify.run.job import current_metrics

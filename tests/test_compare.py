@@ -11,7 +11,7 @@ import pytest
 from conftest import _photo, run_job
 
 from batch_classify.commands.cli import main
-from batch_classify.output.manifest import write_json
+from batch_classify.core.text import write_json
 from batch_classify.output.writer import write_unit
 from batch_classify.results import compare as compare_module
 from batch_classify.results.compare import compare, format_comparison

@@ -8,6 +8,7 @@ import pytest
 from conftest import read_rows, run_job
 
 from batch_classify.core.config import ConfigError, parse_args
+from batch_classify.core.layout import INPUT_DIR, INPUT_FILES, TOP_LEVEL
 from batch_classify.results.verify import verify
 
 MODELS = ("beit", "mobilenet_v1", "efficientnet")
@@ -58,8 +59,12 @@ def test_three_models_in_one_pass_equal_three_single_runs(processes, single_runs
         assert verify(folder).complete
         config = (folder / "config.yaml").read_text()
         assert f"name: {tiny_models[name]}" in config and f"dir: {folder}" in config
+        # Every file the job wrote has a name the ownership rules know (so a rerun may replace it).
+        assert {entry.name for entry in folder.iterdir()} <= TOP_LEVEL
+        assert {entry.name for entry in (folder / INPUT_DIR).iterdir()} <= INPUT_FILES
         timing = json.loads((folder / "timing.json").read_text())
         assert len(timing["model_seconds_per_rank"]) == processes
+    assert {entry.name for entry in out.iterdir()} <= TOP_LEVEL | set(MODELS)
     assert "preprocess: processor" in (out / "beit" / "config.yaml").read_text()
     summary = json.loads((out / "side_by_side.json").read_text())
     assert [m["folder"] for m in summary["models"]] == list(MODELS)

@@ -10,19 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, make_corpus, run_job
 
-from batch_classify.core.ownership import (
-    MARKER,
-    OWN_INPUT,
-    OWN_TOP_LEVEL,
-    OutputLocationError,
-    claim,
-    remove_listing,
-    remove_predictions,
-)
-from batch_classify.inputs import listing
-from batch_classify.output import manifest
-from batch_classify.pipeline import shard
-from batch_classify.results import aggregate, report, side_by_side
+from batch_classify.core.layout import MARKER
+from batch_classify.core.ownership import OutputLocationError, claim, remove_listing, remove_predictions
 
 
 def plan(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -153,13 +142,3 @@ def test_a_job_refuses_to_write_into_its_data(tiny_models, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "lies inside data.path" in result.stderr
     assert tree(data) == before
-
-
-def test_the_names_the_job_owns_cover_every_file_it_writes():
-    """The ownership rules name every file the stages write, so none is refused or orphaned."""
-    written = {*report.ALL_FILES, aggregate.METRICS, aggregate.TIMING, manifest.MANIFEST,
-               side_by_side.MODELS_FILE, f"{side_by_side.SIDE_BY_SIDE}.md",
-               f"{side_by_side.SIDE_BY_SIDE}.json", shard.PENDING_FILE, listing.INPUT_DIR,
-               "predictions", "config.yaml", "comparison.json"}
-    assert written <= OWN_TOP_LEVEL
-    assert {listing.UNITS_FILE, listing.ROWS_FILE, listing.INFO_FILE, listing.STATE_FILE} <= OWN_INPUT

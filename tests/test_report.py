@@ -11,9 +11,11 @@ import pytest
 from PIL import Image
 
 from batch_classify.core.labels import imagenet_classes
-from batch_classify.output.manifest import write_json
+from batch_classify.core.text import write_json
 from batch_classify.output.writer import write_unit
-from batch_classify.results.report import CELL, PAD, THUMB, expected_calibration_error, write_report
+from batch_classify.results.report import write_report
+from batch_classify.results.report.pictures import CELL, PAD, THUMB
+from batch_classify.results.report.scan import expected_calibration_error
 
 ANIMALS = ["cat", "dog", "fox"]
 ANIMAL_MODEL = {"name": "tiny/animals", "num_labels": 3, "label_space": "3 outputs: the model's own classes"}

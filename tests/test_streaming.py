@@ -12,15 +12,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
+from batch_classify.core.layout import unit_path
+from batch_classify.core.text import write_json
 from batch_classify.output import units
-from batch_classify.output.manifest import write_json
-from batch_classify.output.writer import UNIT_STATS_KEY, read_unit_stats, unit_path, write_unit
+from batch_classify.output.writer import UNIT_STATS_KEY, read_unit_stats, write_unit
 from batch_classify.results import aggregate as aggregate_module
 from batch_classify.results import compare as compare_module
-from batch_classify.results import report
 from batch_classify.results.aggregate import AggregateError, aggregate
 from batch_classify.results.compare import compare
+from batch_classify.results.report import page as report
+from batch_classify.results.report.scan import SHEET_MAX
 
 NAMES = ["cat", "dog", "fox", "owl", "eel", "yak"]
 MODEL = {"name": "tiny/six", "num_labels": 6, "label_space": "6 outputs: the model's own classes"}
@@ -178,7 +181,7 @@ def test_many_units_equal_brute_force(tmp_path: Path, sheets):
     assert [r["predicted_name"] for r in confusions] == [NAMES[p] for _, p, _ in brute_confusions(rows)]
 
     mistakes = [r for r in report_scored(rows) if r["topk_ids"][0] != r["target"]]
-    ranked = sorted(mistakes, key=lambda r: (-r["topk_scores"][0], r["unit"], r["row"]))[: report.SHEET_MAX]
+    ranked = sorted(mistakes, key=lambda r: (-r["topk_scores"][0], r["unit"], r["row"]))[: SHEET_MAX]
     assert sheets["mistakes.jpg"] == [(r["unit"], r["id"]) for r in ranked]
     # The ranking crosses ties: several of the shown rows share a confidence.
     assert len({r["topk_scores"][0] for r in ranked}) < len(ranked)
@@ -196,7 +199,7 @@ def test_labelling_mode_equal_brute_force(tmp_path: Path, sheets):
     assert [(int(r["predicted_index"]), r["predicted_name"], int(r["count"])) for r in predicted] == [
         (p, NAMES[p], n) for p, n in sorted(counts.items(), key=lambda x: (-x[1], x[0]))]
     least = sorted((r for r in rows if decoded(r)), key=lambda r: (r["topk_scores"][0], r["unit"], r["row"]))
-    assert sheets["least_confident.jpg"] == [(r["unit"], r["id"]) for r in least[: report.SHEET_MAX]]
+    assert sheets["least_confident.jpg"] == [(r["unit"], r["id"]) for r in least[: SHEET_MAX]]
 
 
 def test_calibration_sums_row_by_row(tmp_path: Path):
@@ -229,11 +232,11 @@ def test_contact_sheet_opens_each_row_with_its_unit(tmp_path: Path, monkeypatch)
 
     def opener(manifest, output_dir):
         assert Path(output_dir) == out
-        return lambda unit, item_id: opened.append((unit, item_id)) or report.Image.new("RGB", (8, 8))
+        return lambda unit, item_id: opened.append((unit, item_id)) or Image.new("RGB", (8, 8))
 
     monkeypatch.setattr(report, "image_opener", opener)
     report.write_report(out)
-    assert len(opened) == report.SHEET_MAX
+    assert len(opened) == SHEET_MAX
     assert all(unit_of_id[item_id] == unit for unit, item_id in opened)
 
 

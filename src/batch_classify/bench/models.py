@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from batch_classify.core.config import JobSpec
+from batch_classify.core.layout import MODELS_FILE
 from batch_classify.core.ownership import remove_output
 from batch_classify.pipeline.distributed import init_state
-from batch_classify.results.side_by_side import MODELS_FILE
 from batch_classify.run.job import run
 
 

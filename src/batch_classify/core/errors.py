@@ -6,6 +6,11 @@ class UserError(Exception):
     """A configuration or input problem; its message names the key or file and the fix."""
 
 
+def error_type(message: str) -> str:
+    """'CorruptExif: ...' -> 'CorruptExif'."""
+    return message.split(":", 1)[0]
+
+
 def describe_error(error: BaseException) -> str:
     """Short 'Type: message' for the error column."""
     message = str(error).strip().splitlines()[0] if str(error).strip() else ""

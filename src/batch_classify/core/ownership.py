@@ -17,25 +17,22 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from batch_classify.core.errors import UserError
+from batch_classify.core.layout import (
+    DAMAGED_DIR,
+    INFO_FILE,
+    INPUT_DIR,
+    INPUT_FILES,
+    MANIFEST,
+    MARKER,
+    PREDICTIONS_DIR,
+    TOP_LEVEL,
+)
 
-MARKER = ".batch-classify"
 MARKER_TEXT = ("This folder was created by batch-classify: it holds one job's listing, predictions "
                "and report.\n")
-
-OWN_TOP_LEVEL = frozenset({
-    MARKER, ".lock", ".pending.npy", "manifest.json", "config.yaml", "metrics.json", "timing.json",
-    "comparison.json", "models.json", "side_by_side.md", "side_by_side.json", "report.md",
-    "per_class.csv", "confusions.csv", "per_class.png", "mistakes.jpg", "predicted_classes.csv",
-    "predicted_classes.png", "least_confident.jpg", "input", "predictions",
-})
-"""Every name the job may write at the top of an output folder (model sub-folders aside)."""
 _TEMPORARY = re.compile(r"^\..+\.tmp(-\d+)?$")
 """Files a writer was killed while writing: ``.<name>.tmp`` or ``.<name>.tmp-<pid>``."""
-OWN_INPUT = frozenset({"listing.json", "units.parquet", "listing.parquet", "state.parquet"})
 _OWN_PREDICTION = re.compile(r"^unit-\d+\.parquet$")
-DAMAGED_DIR = "_damaged"
-"""Inside predictions/: where a resume moves unit files that are damaged or another job's (never
-deleted); the leading underscore keeps pyarrow's and pandas' dataset discovery out of it."""
 
 
 class OutputLocationError(UserError, ValueError):
@@ -71,8 +68,8 @@ def check_location(output_dir: str | os.PathLike, data_root: str | os.PathLike |
         if name is None or not os.path.exists(name):
             continue
         path = _resolved(name)
-        if path.parent == output and path.name in OWN_TOP_LEVEL or any(
-                _is_within(path, output / folder) for folder in ("input", "predictions")):
+        if path.parent == output and path.name in TOP_LEVEL or any(
+                _is_within(path, output / folder) for folder in (INPUT_DIR, PREDICTIONS_DIR)):
             raise OutputLocationError(
                 f"{name} lies where the job writes its own files in output.dir {output_dir}; move it, "
                 "or choose another output.dir")
@@ -80,8 +77,8 @@ def check_location(output_dir: str | os.PathLike, data_root: str | os.PathLike |
 
 def is_owned(output: Path) -> bool:
     """Whether batch-classify wrote this folder (its marker, or an older job's manifest/listing)."""
-    return ((output / MARKER).is_file() or (output / "manifest.json").is_file()
-            or (output / "input" / "listing.json").is_file())
+    return ((output / MARKER).is_file() or (output / MANIFEST).is_file()
+            or (output / INPUT_DIR / INFO_FILE).is_file())
 
 
 def claim(output_dir: str | os.PathLike, own_names: Iterable[str] = ()) -> None:
@@ -93,7 +90,7 @@ def claim(output_dir: str | os.PathLike, own_names: Iterable[str] = ()) -> None:
     if output.exists() and not output.is_dir():
         raise OutputLocationError(f"output.dir {output} is a file, not a folder")
     if output.is_dir() and not is_owned(output):
-        names = OWN_TOP_LEVEL | set(own_names)
+        names = TOP_LEVEL | set(own_names)
         with os.scandir(output) as entries:
             clash = sorted(entry.name for entry in entries if entry.name in names)
         if clash:
@@ -127,7 +124,7 @@ def _remove_owned(folder: Path, owned: Callable[[str], bool], what: str, dry_run
 def remove_listing(input_dir: Path, dry_run: bool = False) -> None:
     """Remove a listing folder, only where every file in it is one a listing writes
     (``dry_run``: only raise where it could not be removed)."""
-    _remove_owned(input_dir, lambda name: name in OWN_INPUT or bool(_TEMPORARY.match(name)),
+    _remove_owned(input_dir, lambda name: name in INPUT_FILES or bool(_TEMPORARY.match(name)),
                   "listing", dry_run)
 
 
@@ -136,7 +133,7 @@ def remove_predictions(predictions_dir: Path) -> None:
     _remove_owned(predictions_dir,
                   lambda name: bool(_OWN_PREDICTION.match(name) or _TEMPORARY.match(name)
                                     or name.startswith(".unit-") or name == DAMAGED_DIR),
-                  "predictions")
+                  PREDICTIONS_DIR)
 
 
 def remove_output(output_dir: Path) -> None:

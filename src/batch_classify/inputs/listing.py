@@ -28,19 +28,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batch_classify.core.config import DataConfig
+from batch_classify.core.digests import add_digests, id_hash, sequence_digest
 from batch_classify.core.errors import describe_error
+from batch_classify.core.layout import INFO_FILE, INPUT_DIR, ROWS_FILE, STATE_FILE, UNITS_FILE
 from batch_classify.core.limits import Limits, NotRegularFile, open_regular
 from batch_classify.core.ownership import remove_listing
 from batch_classify.inputs.kinds import Enumeration, InputError, enumerate_input, hf_load, map_label
-from batch_classify.inputs.state import STATE_FILE, Change, StateRecorder, check_state
-from batch_classify.output.writer import add_digests, id_hash
+from batch_classify.inputs.state import Change, StateRecorder, check_state
 
 log = logging.getLogger(__name__)
 
-INPUT_DIR = "input"
-UNITS_FILE = "units.parquet"
-ROWS_FILE = "listing.parquet"
-INFO_FILE = "listing.json"
 LISTING_FORMAT = 2
 """2: roots absolute and resolved; the input's state recorded in state.parquet."""
 
@@ -362,14 +359,6 @@ class Listing:
 # ---------------------------------------------------------------- writing
 
 
-def _sequence_digest(parts) -> str:
-    """A digest of a sequence of strings, order included (which item is in which unit)."""
-    digest = hashlib.blake2b(digest_size=8)
-    for part in parts:
-        digest.update(part.encode("utf-8", "surrogatepass") + b"\n")
-    return digest.hexdigest()
-
-
 def _write_rows(enumeration: Enumeration, folder: Path) -> tuple[int, int, str, str]:
     """Stream the enumerated files into listing.parquet; return (items, labelled, the
     order-independent digest of the (id, label) pairs, and the digest of their sequence)."""
@@ -482,7 +471,7 @@ def _list_into(cfg: DataConfig, folder: Path, unit_size: int, batch_size: int) -
                  "n_items": [None] * len(enumeration.shards)}
     if enumeration.rows is None:
         items_digest = add_digests(f"{id_hash(part):016x}" for part in enumeration.fingerprint_parts)
-        fingerprint = _sequence_digest(enumeration.fingerprint_parts)
+        fingerprint = sequence_digest(enumeration.fingerprint_parts)
     n_units = len(units["path"])
     if n_units == 0:
         raise InputError(f"data.path {cfg.path}: the input holds no items")
@@ -529,7 +518,7 @@ def input_changes(listing: Listing, cfg: DataConfig) -> Change | None:
     if listing.kind in SHARD_KINDS:
         now = enumerate_input(cfg)
         parts = now.fingerprint_parts
-        if _sequence_digest(parts) != listing.info["fingerprint"]:
+        if sequence_digest(parts) != listing.info["fingerprint"]:
             before = dict.fromkeys(listing.unit_paths)
             after = dict.fromkeys(shard["path"] for shard in now.shards)
             added = [path for path in after if path not in before]

@@ -24,7 +24,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-STATE_FILE = "state.parquet"
 RACY_NS = 2_000_000_000
 """A folder modified less than this before it was read is re-counted on every check."""
 CHUNK = 16_384

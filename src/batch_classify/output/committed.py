@@ -24,9 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batch_classify.core.errors import UserError, describe_error
-from batch_classify.core.ownership import DAMAGED_DIR
+from batch_classify.core.layout import DAMAGED_DIR, PREDICTIONS_DIR, unit_path
 from batch_classify.output.units import merge_stats
-from batch_classify.output.writer import PREDICTIONS_DIR, SCHEMA, UNIT_STATS_KEY, committed_units, unit_path
+from batch_classify.output.writer import SCHEMA, UNIT_STATS_KEY, committed_units
 
 log = logging.getLogger("batch_classify")
 

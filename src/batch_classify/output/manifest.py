@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from batch_classify.core.errors import UserError
+from batch_classify.core.layout import COMPARISON, LOCK, MANIFEST, METRICS, PREDICTIONS_DIR, TIMING
 from batch_classify.core.ownership import claim, remove_predictions
-from batch_classify.output.writer import PREDICTIONS_DIR
+from batch_classify.core.text import write_json
 
-MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
 """2: units listed in input/ (tars, row-group runs, listing ranges), unit files with counts."""
 
@@ -38,13 +38,6 @@ def read_manifest(output_dir: str | Path) -> dict[str, Any] | None:
         raise DamagedManifest(f"{path} is damaged (a JSON {type(manifest).__name__}, not an object); "
                               "restore it, or choose another output.dir")
     return manifest
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n")
-    temporary.replace(path)
 
 
 def _model_keys(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, ...]:
@@ -98,7 +91,7 @@ def prepare_output(output_dir: str | Path, manifest: dict[str, Any], overwrite: 
                 + "). Choose another output.dir, or set output.overwrite true to discard them."
             )
         remove_predictions(output / PREDICTIONS_DIR)
-        for name in ("metrics.json", "timing.json", "comparison.json"):
+        for name in (METRICS, TIMING, COMPARISON):
             (output / name).unlink(missing_ok=True)
     elif (output / PREDICTIONS_DIR).exists() and any((output / PREDICTIONS_DIR).iterdir()):
         if not overwrite:
@@ -125,7 +118,7 @@ class OutputLock:
     """
 
     def __init__(self, output_dir: str | Path):
-        self.path = Path(output_dir) / ".lock"
+        self.path = Path(output_dir) / LOCK
         self._handle = None
 
     def __enter__(self) -> OutputLock:

@@ -16,7 +16,7 @@ from collections import Counter
 
 from tqdm import tqdm
 
-from batch_classify.output.writer import error_type
+from batch_classify.core.errors import error_type
 from batch_classify.pipeline.distributed import default_store
 
 log = logging.getLogger(__name__)

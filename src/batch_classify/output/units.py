@@ -16,7 +16,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batch_classify.output.writer import PREDICTIONS_DIR, add_digests, read_unit_stats, unit_of, unit_stats
+from batch_classify.core.digests import add_digests
+from batch_classify.core.layout import PREDICTIONS_DIR, unit_of
+from batch_classify.output.writer import read_unit_stats, unit_stats
 
 BATCH_ROWS = 65_536
 """Rows per record batch when scanning unit files (a module constant so tests can make it small)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections import Counter
@@ -13,9 +12,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batch_classify.core.digests import ids_digest
+from batch_classify.core.errors import error_type
+from batch_classify.core.layout import PREDICTIONS_DIR, unit_of, unit_path
 from batch_classify.models.embeddings import embedding_array, embedding_field
-
-PREDICTIONS_DIR = "predictions"
 
 SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -31,42 +31,8 @@ accuracy compares `topk_ids` with), null where unknown or unmappable. With outpu
 an `embedding` column follows: fixed-size list of float16 (null on error rows)."""
 
 
-def unit_path(output_dir: str | Path, unit: int) -> Path:
-    return Path(output_dir) / PREDICTIONS_DIR / f"unit-{unit:06d}.parquet"
-
-
-def unit_of(path: Path) -> int | None:
-    """The unit number of a committed predictions file, or None for anything else."""
-    name = path.name
-    if name.startswith("unit-") and name.endswith(".parquet"):
-        digits = name[len("unit-"):-len(".parquet")]
-        if digits.isdigit():
-            return int(digits)
-    return None
-
-
 UNIT_STATS_KEY = "unit"
 """Schema-metadata key of a unit file's own counts (JSON), so totals come from the footers."""
-
-
-def id_hash(item_id: str) -> int:
-    """A 64-bit hash of one id: the terms of the order-independent digests."""
-    return int.from_bytes(hashlib.blake2b(item_id.encode(), digest_size=8).digest(), "little")
-
-
-def ids_digest(ids) -> str:
-    """Order-independent digest of a set of ids: the sum of their 64-bit hashes mod 2**64 (hex).
-    Digests of disjoint sets add up (``add_digests``) to the digest of their union."""
-    return f"{sum(map(id_hash, ids)) % 2**64:016x}"
-
-
-def add_digests(digests) -> str:
-    return f"{sum(int(d, 16) for d in digests) % 2**64:016x}"
-
-
-def error_type(message: str) -> str:
-    """'CorruptExif: ...' -> 'CorruptExif'."""
-    return message.split(":", 1)[0]
 
 
 def unit_stats(rows: dict[str, list]) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 
-PENDING_FILE = ".pending.npy"
 """The pending units of the current run, in order, written by the main rank for the others."""
 
 

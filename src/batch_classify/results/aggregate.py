@@ -15,9 +15,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batch_classify.core.errors import UserError
+from batch_classify.core.errors import UserError, error_type
+from batch_classify.core.layout import METRICS, PREDICTIONS_DIR, TIMING, unit_of
+from batch_classify.core.text import percent, write_json
 from batch_classify.output.committed import Footer, Identity, describe_damage, first_unreadable, read_footers
-from batch_classify.output.manifest import read_manifest, write_json
+from batch_classify.output.manifest import read_manifest
 from batch_classify.output.units import (
     expected_units,
     file_stats,
@@ -26,11 +28,8 @@ from batch_classify.output.units import (
     metrics_from_stats,
     unit_files,
 )
-from batch_classify.output.writer import PREDICTIONS_DIR, SCHEMA, error_type, unit_of
+from batch_classify.output.writer import SCHEMA
 from batch_classify.results.report import write_report
-
-METRICS = "metrics.json"
-TIMING = "timing.json"
 
 
 class AggregateError(UserError, RuntimeError):
@@ -245,10 +244,6 @@ def _score(output: Path, manifest: dict[str, Any], files: list[tuple[int, Path]]
     return metrics
 
 
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100.0 * value:.2f}%"
-
-
 def format_table(metrics: dict[str, Any]) -> str:
     """The short summary printed when a job ends."""
     speed = metrics.get("images_per_second")
@@ -258,9 +253,9 @@ def format_table(metrics: dict[str, Any]) -> str:
         ("images", str(metrics["n"])),
         ("errors", str(metrics["n_errors"]) + (
             f" {metrics['errors_by_type']}" if metrics["n_errors"] else "")),
-        ("top-1", _percent(metrics["top1"])),
-        ("top-5", _percent(metrics["top5"])),
-        *([("ReaL top-1", _percent(metrics["real_top1"]))] if metrics.get("real_top1") is not None else []),
+        ("top-1", percent(metrics["top1"])),
+        ("top-5", percent(metrics["top5"])),
+        *([("ReaL top-1", percent(metrics["real_top1"]))] if metrics.get("real_top1") is not None else []),
         ("images/s", "n/a" if speed is None else f"{speed:.1f}"),
     ]
     if metrics["model"].get("label_space"):

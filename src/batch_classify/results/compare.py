@@ -16,11 +16,12 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from batch_classify.core.labels import imagenet_classes
+from batch_classify.core.layout import MANIFEST, PREDICTIONS_DIR
+from batch_classify.core.text import percent
 from batch_classify.output.committed import Footer, Identity, describe_damage, first_unreadable, read_footers
-from batch_classify.output.manifest import MANIFEST, read_manifest
+from batch_classify.output.manifest import read_manifest
 from batch_classify.output.units import int_column, iter_batches, top1_and_decoded, top1_names, unit_files
-from batch_classify.output.writer import PREDICTIONS_DIR
-from batch_classify.results.report import model_is_imagenet, shorten
+from batch_classify.results.report.names import model_is_imagenet, shorten
 
 TOP_CLASSES = 10
 
@@ -315,10 +316,6 @@ def _labelled(tally: Tally) -> dict[str, Any] | None:
             "only_a_right": tally.only_a_right, "only_b_right": tally.only_b_right}
 
 
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100.0 * value:.2f}%"
-
-
 def format_comparison(result: dict[str, Any]) -> str:
     """The comparison as text for a terminal."""
     a, b = result["a"], result["b"]
@@ -330,13 +327,13 @@ def format_comparison(result: dict[str, Any]) -> str:
         f"ids in both       {result['n_common']}  (only in A: {result['n_only_a']}, "
         f"only in B: {result['n_only_b']})",
         f"both decoded      {result['n_both_decoded']}",
-        f"top-1 agreement   {_percent(result['agreement'])}  "
+        f"top-1 agreement   {percent(result['agreement'])}  "
         f"({result['n_agree']} of {result['n_both_decoded']})",
     ]
     labelled = result["labelled"]
     if labelled is not None:
         lines += [
-            f"top-1 accuracy    A {_percent(labelled['top1_a'])}   B {_percent(labelled['top1_b'])}  "
+            f"top-1 accuracy    A {percent(labelled['top1_a'])}   B {percent(labelled['top1_b'])}  "
             f"(on the {labelled['n']} rows both scored)",
             f"only one right    A {labelled['only_a_right']}   B {labelled['only_b_right']}",
         ]
@@ -345,6 +342,6 @@ def format_comparison(result: dict[str, Any]) -> str:
         width = max(len(c["name"]) for c in classes)
         lines += ["", f"classes where they differ most (by {result['classes_by']}):",
                   f"  {'class':<{width}}  {'n':>6}  {'differ':>6}  {'rate':>7}"]
-        lines += [f"  {c['name']:<{width}}  {c['n']:>6}  {c['n_differ']:>6}  {_percent(c['rate']):>7}"
+        lines += [f"  {c['name']:<{width}}  {c['n']:>6}  {c['n_differ']:>6}  {percent(c['rate']):>7}"
                   for c in classes]
     return "\n".join(lines)

@@ -11,13 +11,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from batch_classify.output.manifest import write_json
+from batch_classify.core.layout import METRICS, SIDE_BY_SIDE
+from batch_classify.core.text import markdown_table, percent, write_json
 from batch_classify.results.compare import compare
-from batch_classify.results.report import markdown_table, percent
 
-MODELS_FILE = "models.json"
 """Top level of a several-model output: the models and their sub-folders."""
-SIDE_BY_SIDE = "side_by_side"
+
 """side_by_side.md and side_by_side.json: the table, written when the job ends."""
 
 
@@ -37,7 +36,7 @@ def side_by_side(output: str | Path, folders: list[Path]) -> tuple[str, dict[str
     output = Path(output)
     models = []
     for folder in folders:
-        metrics = json.loads((folder / "metrics.json").read_text())
+        metrics = json.loads((folder / METRICS).read_text())
         models.append({"folder": folder.name, "model": metrics["model"]["name"], "n": metrics["n"],
                        "n_errors": metrics["n_errors"], "top1": metrics["top1"], "top5": metrics["top5"],
                        "ece": metrics.get("ece"), "images_per_second": metrics.get("images_per_second"),
@@ -63,7 +62,7 @@ def side_by_side(output: str | Path, folders: list[Path]) -> tuple[str, dict[str
             "images/s (pass): every image decoded once for all models, first batch to last write. "
             "images/s (model alone): that model's forward passes only (on a GPU, the time to queue "
             "them).\n")
-    (output / f"{SIDE_BY_SIDE}.md").write_text(text)
+    (output / SIDE_BY_SIDE[0]).write_text(text)
     summary = {"models": models, "agreement": agreement}
-    write_json(output / f"{SIDE_BY_SIDE}.json", summary)
+    write_json(output / SIDE_BY_SIDE[1], summary)
     return text, summary

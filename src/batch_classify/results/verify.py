@@ -23,11 +23,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batch_classify.core.config import DataConfig
+from batch_classify.core.digests import ids_digest
 from batch_classify.core.errors import UserError, describe_error
+from batch_classify.core.layout import DAMAGED_DIR, PREDICTIONS_DIR, unit_of, unit_path
 from batch_classify.inputs.listing import Listing, read_listing, write_listing
-from batch_classify.output.committed import DAMAGED_DIR, Identity, describe_damage, read_footers
+from batch_classify.output.committed import Identity, describe_damage, read_footers
 from batch_classify.output.manifest import read_manifest
-from batch_classify.output.writer import PREDICTIONS_DIR, committed_units, ids_digest, unit_of, unit_path
+from batch_classify.output.writer import committed_units
 
 SHOW = 20
 

@@ -21,20 +21,16 @@ from batch_classify import __version__
 from batch_classify.core.config import ConfigError, JobSpec, parse_args
 from batch_classify.core.errors import UserError
 from batch_classify.core.labels import ModelLabels, class_subset, label_targets
+from batch_classify.core.layout import CONFIG_FILE, METRICS, MODELS_FILE, PENDING_FILE, TIMING
 from batch_classify.core.limits import Limits
 from batch_classify.core.ownership import claim
 from batch_classify.core.preemption import Preempted, StopFlag
+from batch_classify.core.text import write_json
 from batch_classify.inputs.listing import Listing, read_listing, share_listing
 from batch_classify.models.model import Inference, LoadedModel, describe_model, load_model, prepare_inference
 from batch_classify.models.predict import Predictor
 from batch_classify.output.committed import Identity, check_committed
-from batch_classify.output.manifest import (
-    FORMAT_VERSION,
-    OutputLock,
-    prepare_output,
-    read_manifest,
-    write_json,
-)
+from batch_classify.output.manifest import FORMAT_VERSION, OutputLock, prepare_output, read_manifest
 from batch_classify.output.progress import ErrorLog, Progress
 from batch_classify.output.units import metrics_from_stats
 from batch_classify.output.writer import UnitWriter
@@ -51,16 +47,9 @@ from batch_classify.pipeline.distributed import (
 )
 from batch_classify.pipeline.loader import UnitTasks, make_loader
 from batch_classify.pipeline.preprocess import MultiTransform
-from batch_classify.pipeline.shard import PENDING_FILE, UnitQueue
-from batch_classify.results.aggregate import (
-    METRICS,
-    TIMING,
-    AggregateError,
-    aggregate,
-    format_table,
-    real_labels_path,
-)
-from batch_classify.results.side_by_side import MODELS_FILE, side_by_side
+from batch_classify.pipeline.shard import UnitQueue
+from batch_classify.results.aggregate import AggregateError, aggregate, format_table, real_labels_path
+from batch_classify.results.side_by_side import side_by_side
 from batch_classify.run.plan import check_output_location, committed_summary, prepare_listing
 
 log = logging.getLogger("batch_classify")
@@ -387,7 +376,7 @@ def _prepare_outputs(spec: JobSpec, output: Path,
         manifest = prepare_output(job.output, manifest, spec.output.overwrite)
         if job.output != output:
             share_listing(output, job.output)
-        (job.output / "config.yaml").write_text(job.spec.to_yaml())
+        (job.output / CONFIG_FILE).write_text(job.spec.to_yaml())
         # Only files whose footer shows them whole and this job's count: any other is moved
         # aside and its unit run again, so a rerun repairs a damaged folder.
         checked = check_committed(job.output, listing.n_units, Identity.of(manifest))
@@ -396,7 +385,7 @@ def _prepare_outputs(spec: JobSpec, output: Path,
         pending_units.update(u for u in range(listing.n_units) if u not in committed)
         done_everywhere &= committed
     if len(jobs) > 1:
-        (output / "config.yaml").write_text(spec.to_yaml())
+        (output / CONFIG_FILE).write_text(spec.to_yaml())
         write_json(output / MODELS_FILE, {"models": [
             {"name": job.spec.model.name, "folder": job.output.name} for job in jobs]})
     pending = np.array(sorted(pending_units), dtype=np.int64)

@@ -16,9 +16,9 @@ from typing import Any
 
 from batch_classify.core.config import ConfigError, JobSpec, parse_args
 from batch_classify.core.errors import UserError
+from batch_classify.core.layout import DAMAGED_DIR, INPUT_DIR, MANIFEST
 from batch_classify.core.ownership import check_location, claim
 from batch_classify.inputs.listing import (
-    INPUT_DIR,
     LISTING_FORMAT,
     Listing,
     input_changes,
@@ -28,8 +28,8 @@ from batch_classify.inputs.listing import (
 )
 from batch_classify.inputs.listing import matches as listing_matches
 from batch_classify.inputs.tars import is_pattern, shard_root
-from batch_classify.output.committed import DAMAGED_DIR, Identity, examine_committed
-from batch_classify.output.manifest import MANIFEST, OutputLock, OutputMismatch, read_manifest
+from batch_classify.output.committed import Identity, examine_committed
+from batch_classify.output.manifest import OutputLock, OutputMismatch, read_manifest
 from batch_classify.output.writer import committed_units
 from batch_classify.pipeline.distributed import CPU_BATCH_SIZE, GPU_BATCH_SIZE
 
