@@ -22,9 +22,9 @@ from fixtures_wds import write_tar
 from PIL import Image
 
 from batch_classify.core.config import DataConfig
-from batch_classify.inputs import kinds as inputs
-from batch_classify.inputs.kinds import InputError, detect_kind
+from batch_classify.inputs.base import InputError, Repeats
 from batch_classify.inputs.listing import load_items
+from batch_classify.inputs.registry import detect_kind
 from batch_classify.inputs.tars import ShardSpecError, brace_names, expand_shards
 from batch_classify.run.plan import main as plan_main
 
@@ -92,7 +92,7 @@ def test_a_file_list_with_a_byte_order_mark_and_distinct_spellings(tmp_path):
 
 
 def test_the_repeat_check_holds_a_bounded_set_and_says_where_it_stopped(tmp_path, monkeypatch):
-    monkeypatch.setattr(inputs, "DUPLICATE_CHECK_LIMIT", 3)
+    monkeypatch.setattr(Repeats, "LIMIT", 3)
     names = [f"{i}.png" for i in range(5)]
     images(tmp_path, *names)
     listing = tmp_path / "list.txt"
@@ -371,7 +371,7 @@ def test_a_spark_table_folder_is_a_parquet_input(tmp_path):
 
 
 def test_null_ids_past_the_checked_rows_are_found_from_footers_or_by_reading(tmp_path, monkeypatch):
-    monkeypatch.setattr(inputs, "DUPLICATE_CHECK_LIMIT", 2)
+    monkeypatch.setattr(Repeats, "LIMIT", 2)
     for statistics in (True, False):
         folder = tmp_path / f"stats-{statistics}"
         parquet_file(folder / "a.parquet", ["a", "b", "c", "d"], statistics=statistics)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from batch_classify.commands.cli import main as cli_main
 from batch_classify.core.config import DataConfig
-from batch_classify.inputs.kinds import walk_images
+from batch_classify.inputs.folders import walk_images
 from batch_classify.inputs.listing import read_listing, write_listing
 from batch_classify.inputs.state import StateRecorder, check_state
 

@@ -12,8 +12,9 @@ from PIL import Image
 
 from batch_classify.core.config import DataConfig
 from batch_classify.core.labels import wnid_to_index
-from batch_classify.inputs.kinds import InputError, detect_kind
+from batch_classify.inputs.base import InputError
 from batch_classify.inputs.listing import load_items
+from batch_classify.inputs.registry import detect_kind
 
 
 def data(path, **kwargs) -> DataConfig:
@@ -233,7 +234,7 @@ def test_a_path_that_does_not_exist_says_so(tmp_path):
     (10**9, 1, 10_000),
 ])
 def test_automatic_units_hold_whole_batches(n_items, batch_size, expected):
-    from batch_classify.inputs.listing import auto_unit_size
+    from batch_classify.inputs.base import auto_unit_size
 
     assert auto_unit_size(n_items, batch_size) == expected
 

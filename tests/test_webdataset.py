@@ -19,7 +19,7 @@ from test_preemption import Background
 from batch_classify.commands.cli import main as cli_main
 from batch_classify.core.labels import imagenet_classes
 from batch_classify.core.preemption import PREEMPTED_EXIT_STATUS
-from batch_classify.inputs.kinds import InputError
+from batch_classify.inputs.base import InputError
 from batch_classify.inputs.listing import read_listing
 from batch_classify.pipeline.loader import UnitTasks
 from batch_classify.pipeline.shard import UnitQueue

@@ -10,8 +10,8 @@ from concurrent.futures import Future, wait
 
 import torch
 
-from batch_classify.inputs.kinds import InputError
-from batch_classify.inputs.listing import PARQUET_FAULTS, Listing
+from batch_classify.inputs.base import InputError
+from batch_classify.inputs.listing import Listing
 from batch_classify.pipeline.decode import (
     Batch,
     ItemKey,
@@ -68,7 +68,7 @@ class UnitTasks:
             while True:
                 try:
                     task = next(tasks, None)
-                except PARQUET_FAULTS as error:  # gone, no permission, being rewritten: retry later
+                except self.listing.faults as error:  # gone, no permission, being rewritten: retry later
                     raise InputError(
                         f"unit {unit} of the input ({self.listing.describe_unit(unit)}) cannot be read: "
                         f"{describe_error(error)}. Finished units are committed; run the same command "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,6 +10,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from batch_classify.inputs.listing import item_sources
+from batch_classify.pipeline.decode import open_image
 from batch_classify.results.report.names import ClassNames
 from batch_classify.results.report.scan import Pick
 
@@ -35,32 +36,9 @@ def image_opener(manifest: dict[str, Any], output_dir: str | Path) -> Opener:
     """Open the image behind a row (its unit and id). Raises when the dataset itself cannot be reached.
 
     Where the folder has its input listing, the item is looked up in its unit (a tar, a
-    row-group run, a range of listed files); hand-made folders without one name files by id.
-    """
-    from batch_classify.inputs.listing import LISTED_KINDS, image_sources, read_listing
-    from batch_classify.pipeline.decode import open_image
-
-    config = manifest.get("config", {})
-    data = config.get("data", {})
-    max_pixels = config.get("runtime", {}).get("max_image_pixels", 128_000_000)
-    kind = manifest["dataset"].get("kind")
-    listing = read_listing(output_dir)
-    root = Path(listing.root if listing is not None else data.get("path", manifest["dataset"]["path"]))
-    if kind == "file_list" and listing is None:
-        root = root.parent
-    if kind in LISTED_KINDS and not root.is_dir():
-        raise FileNotFoundError(f"the image folder {root} does not exist (moved or removed?)")
-    if listing is None and kind in LISTED_KINDS:
-        return lambda unit, item_id: open_image(str(root / item_id), max_pixels)
-    if listing is None:  # a folder written without its listing (by hand): list the input whole
-        from batch_classify.core.config import DataConfig
-        from batch_classify.inputs.listing import load_items
-
-        known = {f.name for f in dataclasses.fields(DataConfig)}
-        items = load_items(DataConfig(**{k: v for k, v in data.items() if k in known}))
-        position = {item_id: i for i, item_id in enumerate(items.ids)}
-        return lambda unit, item_id: open_image(items.open(position[item_id]), max_pixels)
-    source = image_sources(output_dir)
+    row-group run, a range of listed files); hand-made folders without one name files by id."""
+    max_pixels = manifest.get("config", {}).get("runtime", {}).get("max_image_pixels", 128_000_000)
+    source = item_sources(output_dir, manifest)
     return lambda unit, item_id: open_image(source(unit, item_id), max_pixels)
 
 

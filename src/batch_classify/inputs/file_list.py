@@ -1,0 +1,132 @@
+"""A text file naming one image per line (``file_list``), relative to the file's folder."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from batch_classify.core.config import DataConfig
+from batch_classify.inputs.base import Enumeration, Found, InputError, Repeats, chunked
+from batch_classify.inputs.listed import ListedKind
+from batch_classify.inputs.state import StateRecorder
+
+LIST_SUFFIXES = frozenset({".txt", ".lst", ".list"})
+
+
+class FileList(ListedKind):
+    """Unlabelled images named one per line; ids are the lines as written."""
+
+    name = "file_list"
+    folder = False
+
+    @classmethod
+    def detect(cls, found: Found) -> bool:
+        return found.is_file and found.path.suffix.lower() in LIST_SUFFIXES
+
+    @classmethod
+    def enumerate(cls, cfg: DataConfig, state: StateRecorder | None = None) -> Enumeration:
+        path = Path(cfg.path)
+        if state is not None:
+            state.file(os.path.realpath(path))
+        return file_list(path)
+
+    @classmethod
+    def named_by_id(cls, data_path: Path) -> Path | None:
+        return super().named_by_id(data_path.parent)
+
+
+def utf8_lines(handle, path: Path, key: str = "data.path", noun: str = "list") -> Iterator[str]:
+    """The lines of a text file opened as UTF-8; bytes that are not UTF-8 are an InputError."""
+    try:
+        yield from handle
+    except UnicodeDecodeError as error:
+        raise InputError(f"{key} {path}: not UTF-8 text ({error.reason}); save the {noun} as UTF-8"
+                         ) from None
+
+
+def open_text(path: Path, key: str, what: str):
+    """A text file opened as UTF-8 (a leading byte-order mark dropped), or a one-line InputError."""
+    if path.is_dir():
+        raise InputError(f"{key} {path} is a folder, not {what}")
+    try:
+        return open(path, encoding="utf-8-sig", newline="")
+    except FileNotFoundError:
+        raise InputError(f"{key} {path} does not exist") from None
+    except OSError as error:
+        raise InputError(f"{key} {path} cannot be read ({error.strerror})") from None
+
+
+class Spellings:
+    """One spelling per file for the same-file checks: `x`, `./x`, `d/../x`, `//x` and the
+    absolute path, relative to `root` or not, through a symlinked folder or not. Each folder
+    is resolved once (a small cache), never each file: a symlinked file is not resolved."""
+
+    CACHE = 65_536
+
+    def __init__(self, root: Path):
+        self.root = os.path.abspath(root)
+        self.real_root = os.path.realpath(root)
+        self.folders: dict[str, str] = {}
+
+    def key(self, name: str) -> str:
+        """The file's absolute path, its folder resolved."""
+        folder, basename = os.path.split(os.path.join(self.root, name))
+        if basename in ("", ".", ".."):
+            return os.path.realpath(os.path.join(self.root, name))
+        real = self.folders.get(folder)
+        if real is None:
+            if len(self.folders) >= self.CACHE:
+                self.folders.clear()
+            real = self.folders[folder] = os.path.realpath(folder)
+        return os.path.join(real, basename)
+
+    def relative(self, name: str) -> str:
+        """`name` as a path relative to root where the file lies under it, else absolute."""
+        key = self.key(name)
+        if key.startswith(self.real_root.rstrip(os.sep) + os.sep):
+            return Path(key[len(self.real_root.rstrip(os.sep)) + 1:]).as_posix()
+        if not os.path.isabs(name) and ".." not in Path(name).parts:  # under a symlinked subfolder
+            return Path(os.path.normpath(name)).as_posix()
+        return os.path.normpath(os.path.join(self.root, name))
+
+
+def file_list(list_path: Path) -> Enumeration:
+    """Unlabelled images named one per line in a text file (relative to the file's folder).
+    Ids are the lines as written (stripped); a file named twice, in any spelling, is refused."""
+    root = list_path.parent
+    notes: list[str] = []
+    spellings = Spellings(root)
+    open_text(list_path, "data.path", "a text file of image paths (data.kind: file_list); for a "
+               "folder of images set data.kind images, or imagefolder for one subfolder per class").close()
+
+    def entries() -> Iterator[tuple[int, str]]:
+        with open_text(list_path, "data.path", "a text file of image paths") as handle:
+            for number, line in enumerate(utf8_lines(handle, list_path), 1):
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                if "\0" in line:
+                    raise InputError(f"data.path {list_path}, line {number}: a NUL byte: this is not a text "
+                                     "list of image paths (data.kind: file_list)")
+                yield number, line
+
+    def rows() -> Iterator[tuple[str, None, str | None]]:
+        repeats = Repeats()
+        for number, line in entries():
+            if repeats.checking:
+                key = spellings.key(line)
+                if repeats.candidate(key):
+                    first = next(((n, text) for n, text in entries()
+                                  if n < number and spellings.key(text) == key), None)
+                    if first is not None:
+                        again = (f"{line!r} is listed twice (again on line {number}), first on line "
+                                 f"{first[0]}" if first[1] == line else
+                                 f"line {number} {line!r} and line {first[0]} {first[1]!r} name the "
+                                 "same file")
+                        raise InputError(f"data.path {list_path}: {again}; list each file once")
+                if not repeats.checking:
+                    notes.append(f"repeated files checked for the first {Repeats.LIMIT} lines only")
+            yield line, None, line if os.path.isabs(line) else None
+
+    return Enumeration("file_list", str(root), notes=notes, rows=chunked(rows()))

@@ -1,0 +1,102 @@
+"""Kinds whose items are files named in the listing (folders and path lists): their rows are
+streamed into ``input/listing.parquet`` once, and a unit is a range of those rows."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batch_classify.core.digests import add_digests, id_hash
+from batch_classify.core.layout import ROWS_FILE
+from batch_classify.inputs.base import Cut, Enumeration, InputError, InputKind, Record, Sizing, row_units
+
+ROW_GROUP = 8192
+"""Rows per row group of listing.parquet: a unit reads at most a few of them."""
+
+
+ROWS_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.int64()), ("path", pa.string())])
+
+
+class ListedKind(InputKind):
+    """Items are files; their ids, labels and paths are in the listing's rows file."""
+
+    folder = True
+    handles = ("_rows_file", "_row_starts")
+
+    def __init__(self, listing) -> None:
+        super().__init__(listing)
+        self._rows_file: pq.ParquetFile | None = None
+        self._row_starts: list[int] | None = None
+
+    @classmethod
+    def cut(cls, enumeration: Enumeration, folder: Path, sizing: Sizing) -> Cut:
+        n_items, n_labelled, items_digest, fingerprint = write_rows(enumeration, folder)
+        if n_items == 0:
+            raise InputError(f"data.path {enumeration.path}: no image files found (data.kind: {cls.name})")
+        size = sizing.size(n_items)
+        return Cut(row_units(n_items, size), n_items, n_labelled, size, items_digest, fingerprint)
+
+    def describe_unit(self, unit: int) -> str:
+        units = self.listing.units
+        return f"rows {int(units['start'][unit])}-{int(units['stop'][unit]) - 1}"
+
+    def records(self, unit: int, read_images: bool = True) -> Iterator[Record]:
+        listing = self.listing
+        if self._rows_file is None:
+            self._rows_file = pq.ParquetFile(listing.folder / ROWS_FILE)
+            metadata = self._rows_file.metadata
+            starts = [0]
+            for group in range(metadata.num_row_groups):
+                starts.append(starts[-1] + metadata.row_group(group).num_rows)
+            self._row_starts = starts
+        start, stop = int(listing.units["start"][unit]), int(listing.units["stop"][unit])
+        starts = self._row_starts
+        root = listing.root
+        for group in range(len(starts) - 1):
+            if starts[group + 1] <= start or starts[group] >= stop:
+                continue
+            table = self._rows_file.read_row_group(group)
+            low = max(start, starts[group]) - starts[group]
+            high = min(stop, starts[group + 1]) - starts[group]
+            table = table.slice(low, high - low)
+            for item_id, label, path in zip(*(table.column(c).to_pylist() for c in ("id", "label", "path"))):
+                yield Record(item_id, label, path if path is not None else os.path.join(root, item_id))
+
+    def check_reachable(self) -> None:
+        if not os.path.isdir(self.listing.root):
+            raise FileNotFoundError(f"the image folder {self.listing.root} does not exist (moved or "
+                                    "removed?)")
+
+    @classmethod
+    def named_by_id(cls, data_path: Path) -> Path | None:
+        if not data_path.is_dir():
+            raise FileNotFoundError(f"the image folder {data_path} does not exist (moved or removed?)")
+        return data_path
+
+
+def write_rows(enumeration: Enumeration, folder: Path) -> tuple[int, int, str, str]:
+    """Stream the enumerated files into listing.parquet; return (items, labelled, the
+    order-independent digest of the (id, label) pairs, and the digest of their sequence)."""
+    """Stream the enumerated files into listing.parquet; return (items, labelled, the
+    order-independent digest of the (id, label) pairs, and the digest of their sequence)."""
+    n = n_labelled = 0
+    digests = []
+    sequence = hashlib.blake2b(digest_size=8)
+    temporary = folder / f".{ROWS_FILE}.tmp"
+    with pq.ParquetWriter(temporary, ROWS_SCHEMA) as writer:
+        for chunk in enumeration.rows:
+            writer.write_table(pa.table({"id": chunk.ids, "label": pa.array(chunk.labels, pa.int64()),
+                                         "path": pa.array(chunk.paths, pa.string())}, schema=ROWS_SCHEMA),
+                               row_group_size=ROW_GROUP)
+            n += len(chunk.ids)
+            n_labelled += sum(label is not None for label in chunk.labels)
+            pairs = [f"{item_id}\t{label}" for item_id, label in zip(chunk.ids, chunk.labels)]
+            digests.append(f"{sum(map(id_hash, pairs)) % 2**64:016x}")
+            sequence.update("\n".join(pairs).encode("utf-8", "surrogatepass") + b"\n")
+    os.replace(temporary, folder / ROWS_FILE)
+    return n, n_labelled, add_digests(digests), sequence.hexdigest()
