@@ -129,9 +129,10 @@ def test_several_models_bench_one_pass_against_separate_jobs(tiny_models, corpus
 @pytest.mark.parametrize(("workers", "sizes"), [(0, [8]), (4, [2, 2, 2, 2]), (3, [3, 3, 2])])
 def test_the_large_photo_loader_rate_gives_every_worker_a_batch(monkeypatch, workers, sizes):
     from batch_classify.bench import large_photos
+    from batch_classify.pipeline.distributed import Resources
 
     seen = []
     monkeypatch.setattr(large_photos, "make_loader", lambda dataset, batches, *a: seen.extend(batches) or [])
-    large_photos.loader_rate(None, [f"p{i}.jpg" for i in range(8)], 10**8, batch_size=16, workers=workers,
-                             threads=2, device=None)
+    large_photos.loader_rate(None, [f"p{i}.jpg" for i in range(8)], 10**8, batch_size=16,
+                             resources=Resources(None, threads=2, workers=workers))
     assert [len(batch) for batch in seen] == sizes

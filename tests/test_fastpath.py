@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -22,7 +24,7 @@ from transformers import (
 from batch_classify.core.labels import model_labels
 from batch_classify.models.model import ProcessorTransform
 from batch_classify.models.optimize import fold_batchnorm, optimise
-from batch_classify.models.predict import OutOfMemory, Predictor
+from batch_classify.models.predict import OutOfMemory, Predictor, Scoring
 from batch_classify.pipeline.preprocess import (
     DeviceNormalize,
     FastTransform,
@@ -79,6 +81,20 @@ def test_timm_checkpoints_processor_is_read_from_its_eval_transform(tmp_path):
     spec = pixel_spec(processor)
     assert (spec.resize, spec.size, spec.crop) == ("shortest", (256,), (224, 224))
     assert check_spec(ProcessorTransform(processor), spec) is None
+
+
+def test_a_timm_checkpoint_loads_without_a_backend_fallback_message(tmp_path):
+    """Its processor exists for PIL only: the job asks for that one, so no rank logs a fallback."""
+    from batch_classify.commands.demo import save_lite0_checkpoint
+
+    folder = save_lite0_checkpoint(tmp_path / "lite0")
+    code = ("import torch; from batch_classify.core.config import ModelConfig; "
+            "from batch_classify.models.model import load_model; "
+            f"loaded = load_model(ModelConfig(name={str(folder)!r}), torch.device('cpu')); "
+            "print(type(loaded.processor).__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip()  # the processor loaded
+    assert "backend is not available" not in result.stderr, result.stderr
 
 
 class FlippingProcessor(MobileNetV1ImageProcessor):
@@ -212,10 +228,10 @@ def test_out_of_memory_halves_the_chunk_and_keeps_every_answer(caplog):
     torch.manual_seed(0)
     batch = torch.randn(13, 3, 4, 4)
     model = MemoryLimited(limit=4)
-    reference = Predictor(MemoryLimited(limit=100), _labels(), torch.device("cpu"), "fp32", 3,
-                          prepare=lambda x: x)
+    reference = Predictor(MemoryLimited(limit=100), _labels(), torch.device("cpu"), lambda x: x,
+                          Scoring("fp32", 3))
     reference.model.load_state_dict(model.state_dict())
-    predictor = Predictor(model, _labels(), torch.device("cpu"), "fp32", 3, prepare=lambda x: x)
+    predictor = Predictor(model, _labels(), torch.device("cpu"), lambda x: x, Scoring("fp32", 3))
     with caplog.at_level(logging.WARNING):
         ids, scores = predictor(batch)
     assert len(ids) == 13
@@ -230,8 +246,8 @@ def test_out_of_memory_halves_the_chunk_and_keeps_every_answer(caplog):
 
 
 def test_out_of_memory_at_one_image_is_raised():
-    predictor = Predictor(MemoryLimited(limit=0), _labels(), torch.device("cpu"), "fp32", 3,
-                          prepare=lambda x: x)
+    predictor = Predictor(MemoryLimited(limit=0), _labels(), torch.device("cpu"), lambda x: x,
+                          Scoring("fp32", 3))
     with pytest.raises(OutOfMemory):
         predictor(torch.randn(2, 3, 4, 4))
 
@@ -240,9 +256,8 @@ def test_padding_a_short_batch_changes_no_answer():
     torch.manual_seed(0)
     model = MemoryLimited(limit=100)
     batch = torch.randn(5, 3, 4, 4)
-    plain = Predictor(model, _labels(), torch.device("cpu"), "fp32", 3, prepare=lambda x: x)
-    padded = Predictor(model, _labels(), torch.device("cpu"), "fp32", 3, prepare=lambda x: x,
-                       pad_to=8)
+    plain = Predictor(model, _labels(), torch.device("cpu"), lambda x: x, Scoring("fp32", 3))
+    padded = Predictor(model, _labels(), torch.device("cpu"), lambda x: x, Scoring("fp32", 3, pad_to=8))
     assert padded(batch) == plain(batch)
     assert model.sizes[-1] == 5 and model.sizes[-2] == 8
 
@@ -285,8 +300,9 @@ def test_the_batch_loop_writes_every_row_once_with_and_without_overlap(overlap, 
     from batch_classify.inputs.listing import write_listing
     from batch_classify.models.model import load_model, prepare_inference
     from batch_classify.output.progress import Progress
+    from batch_classify.pipeline.distributed import Resources
     from batch_classify.pipeline.shard import UnitQueue
-    from batch_classify.run.job import ModelJob, RankWork, _predict_units, resolve_runtime
+    from batch_classify.run.job import ModelJob, RankLoop, RankWork, resolve_runtime
 
     (tmp_path / "job.yaml").write_text(
         f"model: {{name: {tiny_models['mobilenet_v1']}}}\ndata: {{path: {corpus}}}\n"
@@ -300,7 +316,7 @@ def test_the_batch_loop_writes_every_row_once_with_and_without_overlap(overlap, 
     job = ModelJob(spec, tmp_path / "out", loaded.labels, {}, None, loaded, inference, {})
     work = RankWork(listing, UnitQueue(np.array(mine)), [job])
     progress = Progress(listing.n_items, 0, False, 10.0)
-    timing = _predict_units(spec, work, device, progress, 0, 2, StopFlag(), overlap=overlap)
+    timing = RankLoop(spec, work, Resources(device, threads=2, workers=0), progress, StopFlag()).run(overlap)
     progress.close()
     expected = {u: [r.id for r in listing.records(u)] for u in mine}
     assert timing["items"] == sum(map(len, expected.values())) == 3 + 3 + 2

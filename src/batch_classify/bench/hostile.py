@@ -38,6 +38,7 @@ import sys
 import tarfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -183,8 +184,21 @@ _WRAPPER = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:
             "print('maxrss', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, code)")
 
 
-def run(name: str, data: Path, base: Path, model: Path, code: Path, ranks: int, timeout: float,
-        memory_gb: float) -> dict:
+@dataclass
+class Setup:
+    """Where the bench writes, the model and code it runs, and each job's ranks and limits."""
+
+    base: Path
+    model: Path
+    code: Path
+    ranks: int
+    timeout: float
+    memory_gb: float
+
+
+def run(name: str, data: Path, setup: Setup) -> dict:
+    base, model, code, ranks, timeout = setup.base, setup.model, setup.code, setup.ranks, setup.timeout
+    memory_gb = setup.memory_gb
     out = base / "outputs" / (code.name or "code") / name
     if out.exists():
         shutil.rmtree(out)
@@ -268,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         tiny_model(model)
     results = []
     for name in args.inputs:
-        results.append(run(name, paths[name], args.dir, model, args.code.resolve(), args.ranks,
-                           args.timeout, args.memory_gb))
+        setup = Setup(args.dir, model, args.code.resolve(), args.ranks, args.timeout, args.memory_gb)
+        results.append(run(name, paths[name], setup))
         print(json.dumps(results[-1]), flush=True)
     print(table(results))
     (args.dir / f"hostile-{args.code.resolve().name}.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from batch_classify.pipeline.decode import ItemKey, Task, TaskDataset, open_image
+from batch_classify.pipeline.distributed import Resources
 from batch_classify.pipeline.loader import make_loader
 from batch_classify.pipeline.preprocess import FastTransform, PixelSpec
 
@@ -67,14 +68,14 @@ def cpu_ms_per_image(transform: FastTransform, paths: list[str], max_pixels: int
 
 
 def loader_rate(transform: FastTransform, paths: list[str], max_pixels: int, batch_size: int,
-                workers: int, threads: int, device: torch.device) -> float:
+                resources: Resources) -> float:
     """Images per second through the job's loader into uint8 batches, no model, worker start-up
     included. Each worker process gets a batch (a worker decodes its batch alone, so 16 photos
     in one batch would time one worker); decode threads share each batch."""
     tasks = [Task(ItemKey(0, path, None), path) for path in paths]
-    batch_size = max(1, min(batch_size, math.ceil(len(tasks) / max(1, workers))))
+    batch_size = max(1, min(batch_size, math.ceil(len(tasks) / max(1, resources.workers))))
     batches = [tasks[start:start + batch_size] for start in range(0, len(tasks), batch_size)]
-    loader = make_loader(TaskDataset(transform, max_pixels), batches, workers, device, threads)
+    loader = make_loader(TaskDataset(transform, max_pixels), batches, resources)
     start = time.perf_counter()
     count = 0
     for batch in loader:
@@ -82,8 +83,8 @@ def loader_rate(transform: FastTransform, paths: list[str], max_pixels: int, bat
     return count / (time.perf_counter() - start)
 
 
-def measure(spec: PixelSpec, paths: list[str], max_pixels: int, batch_size: int, workers: int,
-            threads: int, device: torch.device) -> dict:
+def measure(spec: PixelSpec, paths: list[str], max_pixels: int, batch_size: int,
+            resources: Resources) -> dict:
     """Both settings of runtime.reduced_decode on the same files."""
     result: dict = {}
     for setting in ("off", "auto"):
@@ -91,7 +92,7 @@ def measure(spec: PixelSpec, paths: list[str], max_pixels: int, batch_size: int,
         result[setting] = {
             "cpu_ms_per_image": round(cpu_ms_per_image(transform, paths, max_pixels), 2),
             "pipeline_images_per_s": round(loader_rate(transform, paths, max_pixels, batch_size,
-                                                       workers, threads, device), 2),
+                                                       resources), 2),
         }
     off, auto = result["off"]["cpu_ms_per_image"], result["auto"]["cpu_ms_per_image"]
     result["cpu_off/auto"] = round(off / auto, 2) if auto else None

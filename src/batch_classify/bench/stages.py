@@ -31,7 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,9 @@ from batch_classify.core.limits import Limits
 from batch_classify.core.ownership import remove_output
 from batch_classify.inputs.listing import Items, load_items
 from batch_classify.models.model import load_model, prepare_inference
-from batch_classify.models.predict import PRECISIONS, Predictor, autocast
+from batch_classify.models.predict import PRECISIONS, Predictor, Scoring, autocast
 from batch_classify.pipeline.decode import ItemKey, Task, TaskDataset, open_image
-from batch_classify.pipeline.distributed import configure_logging, init_state, keep_host_memory, plan_cpu
+from batch_classify.pipeline.distributed import Resources, configure_logging, init_state, keep_host_memory
 from batch_classify.pipeline.loader import make_loader
 from batch_classify.run.job import resolve_runtime
 
@@ -95,9 +95,9 @@ def _sync(device: torch.device) -> None:
 
 def stage_model(spec, loaded, inference, device, n_images: int, ready: list[torch.Tensor]) -> dict:
     """Forward passes over ready device tensors: real batches from the pipeline, cycled."""
-    predictor = Predictor(inference.model, loaded.labels, device, spec.runtime.precision,
-                          spec.output.top_k, prepare=lambda pixels: pixels,
-                          pad_to=spec.runtime.batch_size if spec.runtime.compile else None)
+    scoring = Scoring(spec.runtime.precision, spec.output.top_k,
+                      pad_to=spec.runtime.batch_size if spec.runtime.compile else None)
+    predictor = Predictor(inference.model, loaded.labels, device, lambda pixels: pixels, scoring)
     predictor.launch(ready[0]).result()  # warm-up (kernel selection, allocator, compilation)
     _sync(device)
     start = time.perf_counter()
@@ -120,15 +120,15 @@ def stage_model(spec, loaded, inference, device, n_images: int, ready: list[torc
 KEEP_BATCHES = 8
 
 
-def stage_pipeline(spec, items, indices, inference, device, workers, threads) -> tuple[dict, list]:
+def stage_pipeline(spec, items, indices, inference, resources: Resources) -> tuple[dict, list]:
     """Decode and preprocess into device batches, no model.
 
     Also returns up to KEEP_BATCHES of its full batches, ready on the device, for the model
     stage: real images, in the layout and dtype the job feeds the model.
     """
     dataset = TaskDataset(inference.input_path.worker, Limits.from_runtime(spec.runtime))
-    loader = make_loader(dataset, task_batches(items, indices, spec.runtime.batch_size), workers, device,
-                         threads)
+    loader = make_loader(dataset, task_batches(items, indices, spec.runtime.batch_size), resources)
+    device = resources.device
     prepare = inference.prepare(device)
     kept: list[torch.Tensor] = []
     start, count = None, 0
@@ -214,15 +214,16 @@ def _combine_rounds(per_rank: list[list[dict]]) -> dict:
     return {**ordered[len(ordered) // 2], "rounds": [r["images_per_s"] for r in rounds]}
 
 
-def stage_large_photos(spec, items: Items, indices: list[int], inference, device, workers: int,
-                       threads: int, count: int, sizes: list[tuple[int, int]]) -> dict:
+def stage_large_photos(spec, items: Items, indices: list[int], inference, resources: Resources,
+                       plan: BenchPlan) -> dict:
     """The workers' decode on upscaled photos, reduced_decode auto vs off (main rank only)."""
     if inference.input_path.spec is None:
         return {"skipped": f"the input path is the checkpoint's processor ({inference.input_path.note})"}
-    sources = [items.paths[i] if items.paths is not None else items.open(i) for i in indices[:count]]
+    sources = [items.paths[i] if items.paths is not None else items.open(i)
+               for i in indices[:plan.large_photos]]
     report = {}
     with tempfile.TemporaryDirectory(prefix="bench-large-photos-") as folder:
-        for width, height in sizes:
+        for width, height in plan.large_sizes or parse_sizes(DEFAULT_SIZES):
             paths = upscaled_photos(sources, Path(folder) / f"{width}x{height}", (width, height))
             log.info("bench: %d photos of %dx%d (JPEG q90) made from the bench's images", len(paths),
                      width, height)
@@ -230,20 +231,33 @@ def stage_large_photos(spec, items: Items, indices: list[int], inference, device
                 "images": len(paths), "megapixels": round(width * height / 1e6, 1),
                 **measure_large_photos(inference.input_path.spec, paths,
                                        spec.runtime.max_image_pixels, spec.runtime.batch_size,
-                                       workers, threads, device)}
+                                       resources)}
             shutil.rmtree(Path(folder) / f"{width}x{height}")
     return report
 
 
-def run_bench(spec: JobSpec, stages: list[str], limit: int | None, baseline_limit: int | None,
-              bench_dir: Path, rounds: int = 4, large_photos: int = 16,
-              large_sizes: list[tuple[int, int]] | None = None) -> dict | None:
+@dataclass
+class BenchPlan:
+    """What the bench runs: its stages, how many images, how many rounds, where it writes."""
+
+    stages: list[str]
+    bench_dir: Path
+    limit: int | None = None
+    baseline_limit: int | None = None
+    rounds: int = 4
+    large_photos: int = 16
+    large_sizes: list[tuple[int, int]] | None = None
+
+
+def run_bench(spec: JobSpec, plan: BenchPlan) -> dict | None:
+    stages, limit, baseline_limit = plan.stages, plan.limit, plan.baseline_limit
+    bench_dir, rounds, large_photos = plan.bench_dir, plan.rounds, plan.large_photos
     state = init_state(spec.runtime.device, spec.runtime.timeout_s)
     configure_logging(state.process_index, state.is_main_process)
     device = state.device
     spec = resolve_runtime(spec, device)
-    threads, workers = plan_cpu(state, spec.runtime.num_workers)
-    torch.set_num_threads(threads)
+    resources = Resources.plan(state, spec.runtime.num_workers)
+    torch.set_num_threads(resources.threads)
     memory = keep_host_memory(device, spec.runtime.keep_host_memory)
     # One item past the limit tells whether the input is larger, without holding all of it (a
     # WebDataset's images would all be read into memory).
@@ -262,15 +276,14 @@ def run_bench(spec: JobSpec, stages: list[str], limit: int | None, baseline_limi
              described)
     _read_once(items, mine)
     results: dict[str, dict] = {}
-    pipeline_result, ready = stage_pipeline(spec, items, mine, inference, device, workers, threads)
+    pipeline_result, ready = stage_pipeline(spec, items, mine, inference, resources)
     if not ready:
         raise RuntimeError("bench: none of this rank's images could be decoded")
     if "pipeline" in stages:
         results["pipeline"] = [pipeline_result]
     large = None
     if "large_photos" in stages and large_photos > 0 and state.is_main_process:
-        large = stage_large_photos(spec, items, list(range(total)), inference, device, workers,
-                                   threads, large_photos, large_sizes or parse_sizes(DEFAULT_SIZES))
+        large = stage_large_photos(spec, items, list(range(total)), inference, resources, plan)
     state.wait_for_everyone()
     # The baselines first: the model-only rounds and the job then run back to back, so that
     # a shared machine's drift moves both sides of job/model alike.
@@ -307,8 +320,8 @@ def run_bench(spec: JobSpec, stages: list[str], limit: int | None, baseline_limi
         "world_size": state.num_processes,
         "settings": {"model": spec.model.name, "data": spec.data.path, "images": total,
                      "batch_size": spec.runtime.batch_size,
-                     "precision": spec.runtime.precision, "threads_per_rank": threads,
-                     "workers_per_rank": workers, "preprocess": spec.runtime.preprocess,
+                     "precision": spec.runtime.precision, "threads_per_rank": resources.threads,
+                     "workers_per_rank": resources.workers, "preprocess": spec.runtime.preprocess,
                      "decode": spec.runtime.decode, "host_memory": memory or "default",
                      "input_path_and_model": described},
         "versions": versions(),
@@ -440,8 +453,8 @@ def main(argv: list[str]) -> int:
 
             run_models_bench(spec, bench_dir)
             return 0
-        run_bench(spec, stages, args.limit, args.baseline_limit, bench_dir, args.rounds,
-                  args.large_photos, large_sizes)
+        run_bench(spec, BenchPlan(stages, bench_dir, args.limit, args.baseline_limit, args.rounds,
+                                  args.large_photos, large_sizes))
     except ConfigError as error:
         print(f"batch-classify bench: configuration error: {error}", file=sys.stderr)
         return 2

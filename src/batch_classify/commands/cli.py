@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from batch_classify.core.errors import UserError
 
@@ -32,36 +33,45 @@ def _demo(argv: list[str]) -> int:
     return run_demo(args.output_dir, extra)
 
 
-def _on_folders(command: str, description: str, folders: list[str], argv: list[str],
-                action: Callable[..., tuple[str, int]], errors: tuple[type[Exception], ...],
-                error_status: int = 1) -> int:
-    """Parse output-folder arguments, run ``action`` on them, print its text or a clear error."""
-    parser = argparse.ArgumentParser(prog=f"batch-classify {command}", description=description)
-    for folder in folders:
-        parser.add_argument(folder)
-    args = parser.parse_args(argv)
-    try:
-        text, status = action(*(getattr(args, folder) for folder in folders))
-    except errors as error:
-        print(f"batch-classify {command}: {error}", file=sys.stderr)
-        return error_status
-    print(text)
-    return status
+@dataclass
+class FolderCommand:
+    """A command over output folders: parses them, runs ``action``, prints its text or a clear
+    error (``error_status`` for the ``errors`` it expects)."""
+
+    name: str
+    description: str
+    folders: list[str]
+    action: Callable[..., tuple[str, int]]
+    errors: tuple[type[Exception], ...]
+    error_status: int = 1
+
+    def __call__(self, argv: list[str]) -> int:
+        parser = argparse.ArgumentParser(prog=f"batch-classify {self.name}", description=self.description)
+        for folder in self.folders:
+            parser.add_argument(folder)
+        args = parser.parse_args(argv)
+        try:
+            text, status = self.action(*(getattr(args, folder) for folder in self.folders))
+        except self.errors as error:
+            print(f"batch-classify {self.name}: {error}", file=sys.stderr)
+            return self.error_status
+        print(text)
+        return status
 
 
 def _aggregate(argv: list[str]) -> int:
     from batch_classify.results.aggregate import AggregateError, aggregate, format_table
 
-    return _on_folders("aggregate", "Recompute metrics.json from the Parquet files.", ["output_dir"],
-                       argv, lambda folder: (format_table(aggregate(folder)), 0), (AggregateError, UserError),
-                       error_status=2)
+    return FolderCommand("aggregate", "Recompute metrics.json from the Parquet files.", ["output_dir"],
+                         lambda folder: (format_table(aggregate(folder)), 0), (AggregateError, UserError),
+                         error_status=2)(argv)
 
 
 def _compare(argv: list[str]) -> int:
     from batch_classify.results.compare import CompareError, compare, format_comparison
 
-    return _on_folders("compare", "Compare two output folders, joined on id.", ["dir_a", "dir_b"],
-                       argv, lambda a, b: (format_comparison(compare(a, b)), 0), (CompareError, UserError))
+    return FolderCommand("compare", "Compare two output folders, joined on id.", ["dir_a", "dir_b"],
+                         lambda a, b: (format_comparison(compare(a, b)), 0), (CompareError, UserError))(argv)
 
 
 def _verify(argv: list[str]) -> int:
@@ -74,9 +84,9 @@ def _verify(argv: list[str]) -> int:
         result = verify(folder, recount=recount)
         return result.summary(), 0 if result.complete else 1
 
-    return _on_folders("verify", "Check an output folder against its listing, unit by unit "
-                       "(--recount: enumerate the input again and compare every unit's ids).",
-                       ["output_dir"], argv, check, (VerifyError, OSError, ValueError), error_status=2)
+    return FolderCommand("verify", "Check an output folder against its listing, unit by unit "
+                         "(--recount: enumerate the input again and compare every unit's ids).",
+                         ["output_dir"], check, (VerifyError, OSError, ValueError), error_status=2)(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,7 @@ from batch_classify.inputs.base import (
 )
 from batch_classify.inputs.columns import TableKind, find_columns, label_map
 from batch_classify.inputs.state import StateRecorder
-from batch_classify.inputs.tars import ShardSpecError, expand_shards, shard_root
+from batch_classify.inputs.tars import PARQUET_FILES, ShardSpecError, expand_shards, shard_root
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +196,7 @@ def _parquet_files(cfg: DataConfig, notes: list[str]) -> tuple[Path, list[Path]]
 
     def expand(spec: str) -> list[Path]:
         try:
-            return expand_shards(spec, suffixes=(".parquet",), notes=notes, what="data.path",
-                                 skip_prefixes=(".", "_"), parts_order=True)
+            return expand_shards(spec, notes=notes, what="data.path", search=PARQUET_FILES)
         except ShardSpecError as error:
             raise InputError(f"{error} (data.kind: parquet)") from None
 

@@ -60,9 +60,9 @@ class StateRecorder:
         self._target: Path | None = None
         self.n_rows = 0
 
-    def _add(self, kind: str, path: str, mtime_ns: int | None = None, size: int | None = None,
-             entries: int | None = None, read_ns: int | None = None, digest: str | None = None) -> None:
-        for name, value in zip(SCHEMA.names, (kind, path, mtime_ns, size, entries, read_ns, digest)):
+    def _add(self, row: tuple) -> None:
+        """One row: (kind, path, mtime_ns, size, entries, read_ns, digest), None where it does not apply."""
+        for name, value in zip(SCHEMA.names, row):
             self._rows[name].append(value)
         self.n_rows += 1
         if len(self._rows["kind"]) >= CHUNK:
@@ -70,17 +70,16 @@ class StateRecorder:
 
     def folder(self, path: str | os.PathLike, status: os.stat_result, entries: int, read_ns: int) -> None:
         """A folder that was read: its stat taken before the read, its entry count, and when."""
-        self._add("folder", os.fspath(path), status.st_mtime_ns, None, entries, read_ns)
+        self._add(("folder", os.fspath(path), status.st_mtime_ns, None, entries, read_ns, None))
 
     def file(self, path: str | os.PathLike, status: os.stat_result | None = None) -> None:
         """A file whose size and mtime the listing depends on (a shard, a list of paths)."""
         status = status or os.stat(path)
-        self._add("file", os.fspath(path), status.st_mtime_ns, status.st_size)
+        self._add(("file", os.fspath(path), status.st_mtime_ns, status.st_size, None, None, None))
 
     def content(self, path: str | os.PathLike) -> None:
         """A small file whose bytes the listing depends on (a labels CSV)."""
-        self._add("content", os.fspath(path), None, os.stat(path).st_size, None, None,
-                  content_digest(path))
+        self._add(("content", os.fspath(path), None, os.stat(path).st_size, None, None, content_digest(path)))
 
     def _flush(self) -> None:
         if not self._rows["kind"]:

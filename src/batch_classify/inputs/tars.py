@@ -502,10 +502,23 @@ objects and 2.4 KB of peak RSS per tar, measured listing 100,000 tars), so a mil
 is 1-2 GB there and ten million would be 10-20 GB; 1e9 images in tars of 10,000 are 1e5."""
 
 
-def expand_shards(spec: str, root: str | os.PathLike | None = None,
-                  suffixes: tuple[str, ...] = SHARD_SUFFIXES, notes: list[str] | None = None,
-                  what: str = "shard spec", skip_prefixes: tuple[str, ...] = (".",),
-                  parts_order: bool = False) -> list[Path]:
+@dataclass(frozen=True)
+class ShardSearch:
+    """What a folder of shards is searched for: names ending in ``suffixes``, names starting
+    with ``skip_prefixes`` skipped, sorted by path components where ``parts_order``."""
+
+    suffixes: tuple[str, ...] = SHARD_SUFFIXES
+    skip_prefixes: tuple[str, ...] = (".",)
+    parts_order: bool = False
+
+
+TARS = ShardSearch()
+PARQUET_FILES = ShardSearch((".parquet",), (".", "_"), parts_order=True)
+"""Parquet part files: Spark and pyarrow skip names starting with '_' as well."""
+
+
+def expand_shards(spec: str, root: str | os.PathLike | None = None, notes: list[str] | None = None,
+                  what: str = "shard spec", search: ShardSearch = TARS) -> list[Path]:
     """The files that `spec` names: one file, a folder (recursively: names ending in
     `suffixes`, names starting with `skip_prefixes` skipped, symlinked folders not followed,
     sorted by relative path), a glob (sorted), or a brace pattern (in the order written; may
@@ -514,6 +527,7 @@ def expand_shards(spec: str, root: str | os.PathLike | None = None,
     name, and `notes` says so. A relative spec is taken relative to `root` (default: the
     current directory). `parts_order` sorts by path components ('a/x' before 'a-b'), as
     sorting Paths does. Raises ShardSpecError naming `what`."""
+    suffixes, skip_prefixes, parts_order = search.suffixes, search.skip_prefixes, search.parts_order
     path = _resolve(spec, root)
     files = _Files(spec, what)
     order = (lambda text: tuple(text.split("/"))) if parts_order else (lambda text: text)

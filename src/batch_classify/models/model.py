@@ -139,6 +139,23 @@ def describe_model(cfg: ModelConfig) -> tuple[ModelLabels, dict[str, Any]]:
     return labels, identity
 
 
+def _processor_backend(name: str, kwargs: dict[str, Any]) -> dict[str, str]:
+    """``backend=`` for the image processor where the checkpoint's type has no torchvision
+    processor (timm models): transformers would ask for torchvision and log its fallback to
+    PIL on every rank. Empty (transformers' own choice) wherever the types are not known."""
+    try:
+        from transformers import AutoConfig
+        from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+        backends = IMAGE_PROCESSOR_MAPPING_NAMES.get(AutoConfig.from_pretrained(name, **kwargs).model_type)
+    except Exception:  # an older transformers, or a config it cannot read: it decides, and says why
+        return {}
+    if not isinstance(backends, dict) or "torchvision" in backends:
+        return {}
+    available = [backend for backend, processor in backends.items() if processor]
+    return {"backend": available[0]} if available else {}
+
+
 def load_model(cfg: ModelConfig, device: torch.device,
                described: tuple[ModelLabels, dict[str, Any]] | None = None) -> LoadedModel:
     """Model (eval mode, on ``device``), processor, label space and identity (``described``:
@@ -150,7 +167,8 @@ def load_model(cfg: ModelConfig, device: torch.device,
         return _load_zero_shot(cfg, device, labels, identity)
     kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     try:
-        processor = AutoImageProcessor.from_pretrained(cfg.name, **kwargs)
+        backend = _processor_backend(cfg.name, kwargs)
+        processor = AutoImageProcessor.from_pretrained(cfg.name, **kwargs, **backend)
         model = AutoModelForImageClassification.from_pretrained(cfg.name, **kwargs)
     except (OSError, ValueError) as error:
         raise _load_error(cfg, error) from error
@@ -165,7 +183,8 @@ def _load_zero_shot(cfg: ModelConfig, device: torch.device, labels: ModelLabels,
 
     kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     try:
-        processor = AutoImageProcessor.from_pretrained(cfg.name, **kwargs)
+        backend = _processor_backend(cfg.name, kwargs)
+        processor = AutoImageProcessor.from_pretrained(cfg.name, **kwargs, **backend)
         tokenizer = AutoTokenizer.from_pretrained(cfg.name, **kwargs)
         model = AutoModelForZeroShotImageClassification.from_pretrained(cfg.name, **kwargs)
     except (OSError, ValueError) as error:

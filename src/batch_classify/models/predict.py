@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -47,6 +48,18 @@ class Pending:
         return list(self.embeddings.cpu().numpy())
 
 
+@dataclass
+class Scoring:
+    """How a predictor runs and scores: precision, classes kept, padding for a compiled model,
+    sigmoid scores (SigLIP) instead of a softmax, and the embedding capture where asked for."""
+
+    precision: str = "fp32"
+    top_k: int = 5
+    pad_to: int | None = None
+    sigmoid: bool = False
+    capture: EmbeddingCapture | None = None
+
+
 class Predictor:
     """Run the model under inference_mode (and autocast) and keep the top k classes.
 
@@ -58,18 +71,17 @@ class Predictor:
     """
 
     def __init__(self, model: torch.nn.Module, labels: ModelLabels, device: torch.device,
-                 precision: str, top_k: int, prepare: Callable[[torch.Tensor], torch.Tensor],
-                 pad_to: int | None = None, sigmoid: bool = False,
-                 capture: EmbeddingCapture | None = None):
+                 prepare: Callable[[torch.Tensor], torch.Tensor], scoring: Scoring | None = None):
+        scoring = scoring or Scoring()
         self.model = model
-        self.sigmoid = sigmoid
-        self.capture = capture
+        self.sigmoid = scoring.sigmoid
+        self.capture = scoring.capture
         self.labels = labels
         self.device = device
-        self.precision = precision
-        self.k = min(top_k, len(labels.names))
+        self.precision = scoring.precision
+        self.k = min(scoring.top_k, len(labels.names))
         self.prepare = prepare
-        self.pad_to = pad_to
+        self.pad_to = scoring.pad_to
         """Pad shorter chunks to this many images (a compiled model then sees one shape)."""
         self.max_chunk: int | None = None
         self._keep = torch.tensor(labels.keep, device=device)

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 from accelerate import PartialState
@@ -112,6 +113,20 @@ def plan_cpu(state: PartialState, num_workers: int | None) -> tuple[int, int]:
         threads = min(2, cores)
         workers = max(1, min(32, cores - 1)) if num_workers is None else num_workers
     return threads, workers
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one rank works with: its device, its intra-op threads and its DataLoader workers."""
+
+    device: torch.device
+    threads: int = 1
+    workers: int = 0
+
+    @classmethod
+    def plan(cls, state: PartialState, num_workers: int | None) -> Resources:
+        threads, workers = plan_cpu(state, num_workers)
+        return cls(state.device, threads, workers)
 
 
 CPU_BATCH_SIZE = 16

@@ -21,6 +21,7 @@ from batch_classify.pipeline.decode import (
     describe_error,
     worker_init,
 )
+from batch_classify.pipeline.distributed import Resources
 from batch_classify.pipeline.shard import UnitQueue
 
 
@@ -168,11 +169,13 @@ class ThreadedBatches:
                 tasks.put(None)  # idle threads end; one stuck in a read is left behind
 
 
-def make_loader(dataset: TaskDataset, batches: Iterable[list[Task]], workers: int, device: torch.device,
-                threads: int = 1, stopping: Callable[[], bool] = lambda: False):
-    """Worker processes (``workers`` > 0), else decode threads in this process."""
+def make_loader(dataset: TaskDataset, batches: Iterable[list[Task]], resources: Resources,
+                stopping: Callable[[], bool] = lambda: False):
+    """The rank's DataLoader worker processes (``resources.workers`` > 0), else decode threads
+    in this process."""
+    workers, device = resources.workers, resources.device
     if workers == 0:
-        return ThreadedBatches(dataset, batches, threads, stopping)
+        return ThreadedBatches(dataset, batches, resources.threads, stopping)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batches,

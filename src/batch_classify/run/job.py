@@ -28,7 +28,7 @@ from batch_classify.core.preemption import Preempted, StopFlag
 from batch_classify.core.text import write_json
 from batch_classify.inputs.listing import Listing, read_listing, share_listing
 from batch_classify.models.model import Inference, LoadedModel, describe_model, load_model, prepare_inference
-from batch_classify.models.predict import Predictor
+from batch_classify.models.predict import Predictor, Scoring
 from batch_classify.output.committed import Identity, check_committed
 from batch_classify.output.manifest import FORMAT_VERSION, OutputLock, prepare_output, read_manifest
 from batch_classify.output.progress import ErrorLog, Progress
@@ -38,12 +38,12 @@ from batch_classify.pipeline.decode import Batch, TaskDataset, describe_error
 from batch_classify.pipeline.distributed import (
     JobBoard,
     RankFailed,
+    Resources,
     configure_logging,
     default_batch_size,
     default_store,
     init_state,
     keep_host_memory,
-    plan_cpu,
 )
 from batch_classify.pipeline.loader import UnitTasks, make_loader
 from batch_classify.pipeline.preprocess import MultiTransform
@@ -171,92 +171,108 @@ class UnitRows:
                 self.writer.submit(key.unit, self.open.pop(key.unit))
 
 
-def _predict_units(spec: JobSpec, work: RankWork, device: torch.device, progress: Progress,
-                   workers: int, threads: int, stop: StopFlag,
-                   overlap: bool | None = None) -> dict[str, Any]:
-    """Claim units until none is left; commit each as it completes. Returns this rank's timing.
+class ModelRun:
+    """One model's part of the rank loop: its predictor, its writer and rows, and the seconds
+    its forward passes took (on a GPU: the time to queue them)."""
+
+    def __init__(self, job: ModelJob, spec: JobSpec, device: torch.device, errors: ErrorLog | _Quiet):
+        inference = job.inference
+        scoring = Scoring(job.spec.runtime.precision, spec.output.top_k,
+                          pad_to=spec.runtime.batch_size if job.spec.runtime.compile else None,
+                          sigmoid=inference.sigmoid, capture=inference.capture)
+        self.predictor = Predictor(inference.model, job.labels, device, inference.prepare(device), scoring)
+        self.writer = UnitWriter(job.output, job.metadata, inference.embedding_dim)
+        self.rows = UnitRows(self.writer, dict(zip(job.labels.ids, job.labels.names)), job.targets, errors)
+        self.seconds = 0.0
+
+    def launch(self, model_input):
+        started = time.perf_counter()
+        pending = self.predictor.launch(model_input)
+        self.seconds += time.perf_counter() - started
+        return pending
+
+
+class RankLoop:
+    """Claims units until none is left and commits each as it completes.
 
     Several models share each decoded batch: every model gets its own inputs from the one
     decode, runs, and writes its own rows into its own folder."""
-    several = len(work.models) > 1
-    first = work.models[0].inference
-    tasks = UnitTasks(work.units, work.listing, spec.runtime.batch_size, stopping=lambda: stop.requested)
-    transform = (MultiTransform([m.inference.input_path.worker for m in work.models]) if several
-                 else first.input_path.worker)
-    if getattr(transform, "note", None):
-        log.info("%s; each model's predictions equal its run alone with runtime.reduced_decode off",
-                 transform.note)
-    limits = Limits.from_runtime(spec.runtime)
-    work.listing.limits = limits
-    dataset = TaskDataset(transform, limits)
-    loader = make_loader(dataset, tasks, workers, device, threads, stopping=lambda: stop.requested)
-    errors = ErrorLog(spec.runtime.log_every_s)
-    predictors, all_rows, writers = [], [], []
-    for index, job in enumerate(work.models):
-        inference = job.inference
-        predictors.append(Predictor(inference.model, job.labels, device, job.spec.runtime.precision,
-                                    spec.output.top_k, inference.prepare(device),
-                                    pad_to=spec.runtime.batch_size if job.spec.runtime.compile else None,
-                                    sigmoid=inference.sigmoid, capture=inference.capture))
-        writers.append(UnitWriter(job.output, job.metadata, inference.embedding_dim))
-        names = dict(zip(job.labels.ids, job.labels.names))
-        all_rows.append(UnitRows(writers[-1], names, job.targets, errors if index == 0 else _Quiet()))
-    model_seconds = [0.0] * len(work.models)
-    processed = 0
 
-    def emit(batch: Batch, pendings: list) -> None:
-        nonlocal processed
-        for rows, pending in zip(all_rows, pendings):
-            rows.add(batch, pending)
-        processed += len(batch.items)
-        done, failed = progress.add(len(batch.items), sum(e is not None for e in batch.errors))
-        _check_error_fraction(spec.runtime.max_error_fraction, done, failed, progress.total)
+    def __init__(self, spec: JobSpec, work: RankWork, resources: Resources, progress: Progress,
+                 stop: StopFlag):
+        self.spec, self.work, self.resources, self.progress, self.stop = spec, work, resources, progress, stop
+        self.several = len(work.models) > 1
+        self.first = work.models[0].inference
+        self.errors = ErrorLog(spec.runtime.log_every_s)
+        self.models = [ModelRun(job, spec, resources.device, self.errors if index == 0 else _Quiet())
+                       for index, job in enumerate(work.models)]
+        self.processed = 0
 
-    def launch(batch: Batch) -> list:
-        pendings = []
-        for index, predictor in enumerate(predictors):
-            started = time.perf_counter()
-            pendings.append(predictor.launch(batch.model_input(index if several else None)))
-            model_seconds[index] += time.perf_counter() - started
-        return pendings
+    def _loader(self):
+        spec, work = self.spec, self.work
+        stopping = lambda: self.stop.requested  # noqa: E731
+        tasks = UnitTasks(work.units, work.listing, spec.runtime.batch_size, stopping=stopping)
+        transform = (MultiTransform([m.inference.input_path.worker for m in work.models]) if self.several
+                     else self.first.input_path.worker)
+        if getattr(transform, "note", None):
+            log.info("%s; each model's predictions equal its run alone with runtime.reduced_decode off",
+                     transform.note)
+        limits = Limits.from_runtime(spec.runtime)
+        work.listing.limits = limits
+        return make_loader(TaskDataset(transform, limits), tasks, self.resources, stopping=stopping)
 
-    first_batch = None
-    # On a GPU the host reads the next batch and queues it before collecting the previous
-    # one, so the device never waits for the host's row building. On the CPU the forward
-    # pass is synchronous: rows are written at once, and a unit commits as soon as it ends.
-    overlap = device.type != "cpu" if overlap is None else overlap
-    in_flight = None
-    batches = iter(loader)
-    try:
-        while not stop.requested:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                break
-            except Exception:
-                if stop.requested:  # the signal also reached (and ended) a DataLoader worker
+    def _launch(self, batch: Batch) -> list:
+        return [model.launch(batch.model_input(index if self.several else None))
+                for index, model in enumerate(self.models)]
+
+    def _emit(self, batch: Batch, pendings: list) -> None:
+        for model, pending in zip(self.models, pendings):
+            model.rows.add(batch, pending)
+        self.processed += len(batch.items)
+        done, failed = self.progress.add(len(batch.items), sum(e is not None for e in batch.errors))
+        _check_error_fraction(self.spec.runtime.max_error_fraction, done, failed, self.progress.total)
+
+    def run(self, overlap: bool | None = None) -> dict[str, Any]:
+        """Run to the end of the units (or a stop request); return this rank's timing.
+
+        On a GPU the host reads the next batch and queues it before collecting the previous
+        one, so the device never waits for the host's row building (``overlap``). On the CPU
+        the forward pass is synchronous: rows are written at once, and a unit commits as soon
+        as it ends."""
+        overlap = self.resources.device.type != "cpu" if overlap is None else overlap
+        first_batch = None
+        in_flight = None
+        batches = iter(self._loader())
+        try:
+            while not self.stop.requested:
+                try:
+                    batch = next(batches)
+                except StopIteration:
                     break
-                raise
-            if first_batch is None:
-                first_batch = time.time()
-            if not several:
-                batch = first.input_path.finish_decoding(batch)
-            launched = (batch, launch(batch))
+                except Exception:
+                    if self.stop.requested:  # the signal also reached (and ended) a DataLoader worker
+                        break
+                    raise
+                if first_batch is None:
+                    first_batch = time.time()
+                if not self.several:
+                    batch = self.first.input_path.finish_decoding(batch)
+                launched = (batch, self._launch(batch))
+                if in_flight is not None:
+                    self._emit(*in_flight)
+                in_flight = launched
+                if not overlap:
+                    self._emit(*in_flight)
+                    in_flight = None
             if in_flight is not None:
-                emit(*in_flight)
-            in_flight = launched
-            if not overlap:
-                emit(*in_flight)
-                in_flight = None
-        if in_flight is not None:
-            emit(*in_flight)
-    finally:
-        del batches  # shuts the DataLoader workers (or decode threads) down
-        errors.flush()
-        for writer in writers:
-            writer.close()
-    return {"first_batch": first_batch, "last_write": time.time(), "items": processed,
-            "peak_rss_mb": peak_rss_mb(), "model_seconds": model_seconds}
+                self._emit(*in_flight)
+        finally:
+            del batches  # shuts the DataLoader workers (or decode threads) down
+            self.errors.flush()
+            for model in self.models:
+                model.writer.close()
+        return {"first_batch": first_batch, "last_write": time.time(), "items": self.processed,
+                "peak_rss_mb": peak_rss_mb(), "model_seconds": [model.seconds for model in self.models]}
 
 
 def peak_rss_mb() -> float:
@@ -398,11 +414,11 @@ def _prepare_outputs(spec: JobSpec, output: Path,
 def _run_rank(spec: JobSpec, state, stop: StopFlag, board: JobBoard) -> dict[str, Any] | None:
     device = state.device
     spec = resolve_runtime(spec, device)
-    threads, workers = plan_cpu(state, spec.runtime.num_workers)
-    torch.set_num_threads(threads)
+    resources = Resources.plan(state, spec.runtime.num_workers)
+    torch.set_num_threads(resources.threads)
     memory = keep_host_memory(device, spec.runtime.keep_host_memory)
     log.info("%d rank(s) on %s; %d thread(s), %d DataLoader worker(s), batches of %d per rank%s",
-             state.num_processes, device, threads, workers, spec.runtime.batch_size,
+             state.num_processes, device, resources.threads, resources.workers, spec.runtime.batch_size,
              f"; {memory}" if memory else "")
     output = Path(spec.output.dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -435,7 +451,7 @@ def _run_rank(spec: JobSpec, state, stop: StopFlag, board: JobBoard) -> dict[str
         progress = Progress(listing.n_items, already_done or 0, state.is_main_process,
                             spec.runtime.log_every_s, namespace=board.namespace)
         try:
-            timing = _predict_units(spec, work, device, progress, workers, threads, stop)
+            timing = RankLoop(spec, work, resources, progress, stop).run()
         finally:
             progress.close()
         if stop.requested:
