@@ -317,12 +317,22 @@ classify_main() {
     fi
     if [ "$requeued_by_slurm" = 1 ]; then
         log "stopped, finished units committed; Slurm requeued the job (restart $((restarts + 1))):" \
-            "the requeued run resumes"
+            "the requeued run resumes from the committed units"
         return 75
     fi
     if [ "$stopping" = 1 ] && { [ "$status" = 75 ] || [ "$status" = 143 ]; }; then
         log "stopped, finished units committed; not requeued: submit the same command to resume"
         return 75
+    fi
+    local state restarts_now
+    read -r state restarts_now <<<"$(job_state)"
+    if [ "$restarts_now" != "?" ] && [ "$restarts_now" -gt "$restarts" ]; then
+        # The ranks failed because a node was lost (its ranks gone, the rendezvous store maybe
+        # with them), and Slurm, setting the node DOWN, requeued the job (#SBATCH --requeue).
+        log "the run ended early: $(failure_reason)"
+        log "Slurm requeued the job (restart $restarts_now; a lost node, scontrol requeue or" \
+            "preemption): the requeued run resumes from the committed units"
+        return "$status"
     fi
     log "the job failed: $(failure_reason)"
     return "$status"
