@@ -334,6 +334,7 @@ def _cancelled(scenarios: Scenarios) -> dict:
     cancelled_log = job.log()
     job.stall.release()
     again = Job(job.cluster, "scancel, submitted again", job.args, job.env, job.output, None).submit()
+    again.submitted = job.submitted  # the scenario's time: from the first sbatch
     return {"job": job, "cancelled": cancelled, "cancelled_log": cancelled_log,
             "again": again, "final": again.wait_final(release_requeues=False)}
 
@@ -356,8 +357,10 @@ def _lost_node(scenarios: Scenarios) -> dict:
     started = job.cluster.control("start")  # brings the node back
     assert started.returncode == 0, started.stdout + started.stderr
     if after["JobState"] in FINAL_STATES:
+        first = job
         job = Job(job.cluster, "lost-node, submitted again", job.args, job.env, job.output,
                   None).submit()
+        job.submitted = first.submitted
     return {"job": job, "after_the_loss": after, "final": job.wait_final()}
 
 
@@ -472,19 +475,46 @@ def outcomes(cluster, tiny_models) -> Iterator[dict[str, Future]]:
             Path(table).write_text(_scenario_table(futures))
 
 
+# What each scenario does, for the table of docs/slurm.md.
+WHAT = {
+    "multi-node": "`sbatch -N 2 multi-node.sbatch`",
+    "single-node": "`sbatch single-node.sbatch`",
+    "usr1": "`multi-node.sbatch` on 2 nodes, `scancel --signal=USR1 --batch` mid-run",
+    "time-limit": "`single-node.sbatch --time=3 --signal=B:USR1@100`, held mid-run until signalled",
+    "max-requeues": "`MAX_REQUEUES=1`, `scancel --signal=USR1 --batch` mid-run in run 1 and run 2",
+    "scontrol-requeue": "`scontrol requeue` mid-run",
+    "scancel": "`scancel` mid-run, then the same `sbatch` again",
+    "lost-node": "`multi-node.sbatch` on n2+n3, `local-cluster.sh kill-node n3` mid-run "
+                 f"(SlurmdTimeout {SLURMD_TIMEOUT_S} s, runtime.timeout_s {LOST_NODE_TIMEOUT_S})",
+}
+
+
 def _scenario_table(futures: dict[str, Future]) -> str:
-    lines = ["| scenario | ended as | restarts | exit code | time |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| scenario | what the test does | ended as | restarts | exit code | time |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for name, future in futures.items():
         if name == "reference" or future.exception() is not None:
             continue
         outcome = future.result()
         if name == "label-array":
             for index, task in sorted(outcome["tasks"].items()):
-                lines.append(f"| label-array task {index} | {task['JobState']} | {task['Restarts']} "
-                             f"| {task['ExitCode']} | {outcome['elapsed_s']} s (array) |")
+                what = ("`label-array.sbatch --array=0-2`, " +
+                        ("a missing path" if index == 1 else "a folder of 11 images"))
+                lines.append(f"| label-array task {index} | {what} | {task['JobState']} "
+                             f"| {task['Restarts']} | {task['ExitCode']} | {outcome['elapsed_s']} s |")
             continue
         final = outcome["final"]
-        lines.append(f"| {name} | {final['JobState']} | {final['Restarts']} | {final['ExitCode']} "
+        ended = final["JobState"]
+        if name == "scancel":
+            cancelled = outcome["cancelled"]
+            ended = (f"{cancelled['JobState']} (exit {cancelled['ExitCode']}), submitted again: "
+                     f"{ended}")
+        elif name == "lost-node":
+            ended = f"requeued by Slurm ({outcome['after_the_loss']['JobState']}), then {ended}"
+        elif name in ("usr1", "time-limit", "max-requeues", "scontrol-requeue") and int(final["Restarts"]):
+            who = "Slurm" if name == "scontrol-requeue" else "the script"
+            ended = f"requeued by {who}, then {ended}"
+        lines.append(f"| {name} | {WHAT[name]} | {ended} | {final['Restarts']} | {final['ExitCode']} "
                      f"| {final['elapsed_s']} s |")
     return "\n".join(lines) + "\n"
 
