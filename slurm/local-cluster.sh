@@ -25,6 +25,7 @@
 # The node names must resolve to this machine: the rendezvous of a multi-node job connects to
 # the first node by name. Where they do not, start adds "127.0.0.1 n1 n2 ..." to /etc/hosts.
 set -euo pipefail
+PATH=$PATH:/usr/sbin:/sbin  # the daemons, for a user whose PATH lacks them
 
 DIR=${LOCAL_SLURM_DIR:-/tmp/batch-classify-slurm}
 # A cluster already made keeps its settings (start writes them here): later calls need none.
@@ -74,8 +75,7 @@ check_prerequisites() {
     [ "$(id -u)" = 0 ] || die "must run as root (slurmd starts jobs as their users)"
     local command
     for command in munged slurmctld slurmd sbatch scontrol; do
-        command -v "$command" >/dev/null || PATH=$PATH:/usr/sbin:/sbin command -v "$command" >/dev/null \
-            || die "$command not found: apt-get install slurm-wlm munge"
+        command -v "$command" >/dev/null || die "$command not found: apt-get install slurm-wlm munge"
     done
     id munge >/dev/null 2>&1 || die "no munge user: apt-get install munge"
     case "$NODES$GPUS$CPUS$PORT$SLURMD_TIMEOUT" in
@@ -192,7 +192,7 @@ start_munge() {
 
 start_slurmctld() {
     running_pid "$DIR/run/slurmctld.pid" >/dev/null && return 0
-    LOCAL_SLURM_DIR=$DIR slurmctld -f "$CONF"
+    slurmctld -f "$CONF"
     wait_for "slurmctld start" 30 scontrol ping
     say "started slurmctld on 127.0.0.1:$PORT"
 }
@@ -201,8 +201,7 @@ start_slurmd() {
     local name=$1
     running_pid "$DIR/run/slurmd-$name.pid" >/dev/null && return 0
     mkdir -p "$DIR/spool/$name"
-    # LOCAL_SLURM_NODE marks this node's daemon and its slurmstepd processes (see stop).
-    LOCAL_SLURM_DIR=$DIR LOCAL_SLURM_NODE=$name slurmd -f "$CONF" -N "$name"
+    slurmd -f "$CONF" -N "$name"
     wait_for "slurmd $name start" 30 running_pid "$DIR/run/slurmd-$name.pid"
     say "started slurmd -N $name"
 }
@@ -219,7 +218,6 @@ node_ready() {
 
 start() {
     check_prerequisites
-    PATH=$PATH:/usr/sbin:/sbin
     ensure_names_resolve
     if ! running_pid "$DIR/run/slurmctld.pid" >/dev/null || [ ! -f "$CONF" ]; then
         write_config
@@ -246,19 +244,6 @@ to stop it: $0 stop   (with the same LOCAL_SLURM_DIR)
 EOF
 }
 
-# Processes whose environment holds LOCAL_SLURM_DIR=$DIR: the slurmd and slurmstepd daemons.
-marked_pids() {
-    local environ pid
-    for environ in /proc/[0-9]*/environ; do
-        pid=${environ#/proc/}
-        pid=${pid%/environ}
-        [ "$pid" != $$ ] || continue
-        if grep -qzxF "LOCAL_SLURM_DIR=$DIR" "$environ" 2>/dev/null; then
-            echo "$pid"
-        fi
-    done
-}
-
 stop_pid_file() {
     local pid_file=$1 pid
     pid=$(running_pid "$pid_file") || return 0
@@ -269,7 +254,6 @@ stop_pid_file() {
 }
 
 stop() {
-    PATH=$PATH:/usr/sbin:/sbin
     [ -d "$DIR" ] || { say "nothing at $DIR"; return 0; }
     if running_pid "$DIR/run/slurmctld.pid" >/dev/null; then
         local jobs
@@ -290,10 +274,17 @@ stop() {
     for pid_file in "$DIR"/run/slurmd-*.pid "$DIR/run/slurmctld.pid" "$DIR/munge/munged.pid"; do
         [ -e "$pid_file" ] && stop_pid_file "$pid_file"
     done
-    # What a killed node left behind (its slurmstepd processes).
-    local pid
-    for pid in $(marked_pids); do
-        kill -KILL "$pid" 2>/dev/null || true
+    # What a node killed mid-job left behind: its slurmstepd processes and what they ran.
+    local node_log
+    local -a stepds pids
+    for node_log in "$DIR"/log/slurmd-*.log; do
+        [ -e "$node_log" ] || continue
+        node_log=${node_log##*/slurmd-}
+        mapfile -t stepds < <(stepd_pids "${node_log%.log}")
+        if [ ${#stepds[@]} -gt 0 ]; then
+            mapfile -t pids < <(with_descendants "${stepds[@]}")
+            kill -KILL "${pids[@]}" 2>/dev/null || true
+        fi
     done
     say "stopped (state and logs stay in $DIR)"
 }
@@ -333,7 +324,6 @@ kill_node() {
 }
 
 status() {
-    PATH=$PATH:/usr/sbin:/sbin
     local name pid
     printf 'munged:    %s\n' "$(running_pid "$DIR/munge/munged.pid" || echo 'not running')"
     printf 'slurmctld: %s\n' "$(running_pid "$DIR/run/slurmctld.pid" || echo 'not running')"
