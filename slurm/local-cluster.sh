@@ -52,12 +52,20 @@ node_names() {
     for ((i = 1; i <= NODES; i++)); do echo "$PREFIX$i"; done
 }
 
+# Whether process $1 is alive (a zombie, killed but not yet reaped, is not).
+alive() {
+    local state
+    kill -0 "$1" 2>/dev/null || return 1
+    state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || true
+    [ "$state" != Z ]
+}
+
 # The pid in a pid file, if that process is alive.
 running_pid() {
     local pid
     [ -f "$1" ] || return 1
     pid=$(cat "$1" 2>/dev/null) || return 1
-    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo "$pid"
+    [ -n "$pid" ] && alive "$pid" && echo "$pid"
 }
 
 # Wait up to $2 seconds for the command "$3..." to succeed.
@@ -249,7 +257,7 @@ stop_pid_file() {
     pid=$(running_pid "$pid_file") || return 0
     kill -TERM "$pid" 2>/dev/null || true
     local deadline=$((SECONDS + 20))
-    while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.2; done
+    while alive "$pid" && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.2; done
     kill -KILL "$pid" 2>/dev/null || true
 }
 
@@ -320,6 +328,10 @@ kill_node() {
     mapfile -t stepds < <(stepd_pids "$name")
     mapfile -t pids < <(with_descendants "$slurmd" ${stepds[@]+"${stepds[@]}"})
     kill -KILL "${pids[@]}" 2>/dev/null || true
+    local pid deadline=$((SECONDS + 10))
+    for pid in "${pids[@]}"; do
+        while alive "$pid" && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.1; done
+    done
     say "node $name lost: killed slurmd and ${#pids[@]} process(es) in all; '$0 start' brings it back"
 }
 
