@@ -517,7 +517,9 @@ def _scenario_table(futures: dict[str, Future]) -> str:
                      f"{ended}")
         elif name == "lost-node":
             ended = f"requeued by Slurm ({outcome['after_the_loss']['JobState']}), then {ended}"
-        elif name in ("usr1", "time-limit", "max-requeues", "scontrol-requeue") and int(final["Restarts"]):
+        elif name == "max-requeues":
+            ended = f"requeued by the script (1 of 1), then {ended}, not requeued (MAX_REQUEUES)"
+        elif name in ("usr1", "time-limit", "scontrol-requeue") and int(final["Restarts"]):
             who = "Slurm" if name == "scontrol-requeue" else "the script"
             ended = f"requeued by {who}, then {ended}"
         lines.append(f"| {name} | {WHAT[name]} | {ended} | {final['Restarts']} | {final['ExitCode']} "
