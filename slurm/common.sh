@@ -164,13 +164,30 @@ stop_step() {
     fi
 }
 
-# "<state> <restarts>" of this job as the controller sees it ("? ?" when it cannot be asked).
-job_state() {
-    local info state restarts
+# Sets job_state and job_restarts to this job's JobState and Restarts as the controller sees
+# them, "?" where it cannot be asked. Not in a $(...) subshell: that would die of the SIGTERM
+# Slurm sends while it ends the job, leaving nothing.
+read_job_state() {
+    local info
     info=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null) || info=
-    state=$(sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p' <<<"$info" | head -n1)
-    restarts=$(sed -n 's/.*Restarts=\([0-9]*\).*/\1/p' <<<"$info" | head -n1)
-    echo "${state:-?} ${restarts:-?}"
+    job_state=$(sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p' <<<"$info" | head -n1)
+    job_restarts=$(sed -n 's/.*Restarts=\([0-9][0-9]*\).*/\1/p' <<<"$info" | head -n1)
+    : "${job_state:=?}" "${job_restarts:=?}"
+}
+
+# Whether Slurm has requeued this job since this run started (scontrol requeue, preemption, a
+# lost node): Restarts is already counted up while the job is being ended.
+requeued_by_slurm_now() {
+    local attempt
+    for attempt in 1 2 3; do
+        read_job_state
+        if [ "$job_restarts" != "?" ]; then
+            [ "$job_restarts" -gt "${SLURM_RESTART_COUNT:-0}" ]
+            return
+        fi
+        sleep "$attempt"
+    done
+    return 1
 }
 
 # SIGUSR1: `#SBATCH --signal=B:USR1@...` near the time limit, or a site's preemption notice. It
@@ -191,19 +208,18 @@ on_usr1() {
 on_term() {
     trapped=1
     [ -n "${step_pid:-}" ] || return 0
-    local state restarts
-    read -r state restarts <<<"$(job_state)"
-    if [ "$state" = RUNNING ] || [ "$state" = "?" ]; then
+    read_job_state
+    if [ "$job_state" = RUNNING ] || [ "$job_state" = "?" ]; then
         stop_step "SIGTERM to the batch shell"
         return 0
     fi
     stopping=1
-    if [ "$restarts" != "?" ] && [ "$restarts" -gt "${SLURM_RESTART_COUNT:-0}" ]; then
+    if [ "$job_restarts" != "?" ] && [ "$job_restarts" -gt "${SLURM_RESTART_COUNT:-0}" ]; then
         requeued_by_slurm=1
         log "SIGTERM: Slurm is requeueing the job (scontrol requeue, preemption or a failed node);" \
             "the ranks got it too and commit their finished units"
     else
-        log "SIGTERM: Slurm is ending the job (scancel or its time limit, state $state); the" \
+        log "SIGTERM: Slurm is ending the job (scancel or its time limit, state $job_state); the" \
             "ranks got it too and commit their finished units"
     fi
 }
@@ -324,13 +340,11 @@ classify_main() {
         log "stopped, finished units committed; not requeued: submit the same command to resume"
         return 75
     fi
-    local state restarts_now
-    read -r state restarts_now <<<"$(job_state)"
-    if [ "$restarts_now" != "?" ] && [ "$restarts_now" -gt "$restarts" ]; then
+    if requeued_by_slurm_now; then
         # The ranks failed because a node was lost (its ranks gone, the rendezvous store maybe
         # with them), and Slurm, setting the node DOWN, requeued the job (#SBATCH --requeue).
         log "the run ended early: $(failure_reason)"
-        log "Slurm requeued the job (restart $restarts_now; a lost node, scontrol requeue or" \
+        log "Slurm requeued the job (restart $job_restarts; a lost node, scontrol requeue or" \
             "preemption): the requeued run resumes from the committed units"
         return "$status"
     fi
