@@ -370,8 +370,8 @@ def _lost_node(scenarios: Scenarios) -> dict:
         job.submitted = first.submitted
     else:
         # The requeued run goes to healthy nodes, as a scheduler sends it while the lost node is
-        # down. (Run again at once on the node just brought back, under the same job id, it can
-        # be ended by the controller's late cleanup of the run that node lost.)
+        # down. (Run at once on the node just brought back, under the same job id, its launcher
+        # there got a SIGTERM 40 s in, likely Slurm's late cleanup of the run the node lost.)
         job.cluster.run("scontrol", "update", f"JobId={job.job_id}", f"ExcNodeList={LOST_NODE}")
     final = job.wait_final()
     started = job.cluster.control("start")  # brings the node back
