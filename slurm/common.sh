@@ -129,22 +129,100 @@ print_metrics_table() {
          END { if (table != "") print table }' "$newest"
 }
 
+# The line of this run's per-node logs that says why the job failed: a rank's one-line error
+# ("batch-classify: ..." for a mistake in the input or the config, "failed: ..." otherwise; not
+# the other ranks' "another rank of the job failed"), with the log it is in.
+failure_reason() {
+    local node_log line
+    local -a node_logs
+    mapfile -t node_logs < <(compgen -G "$(node_log_path '*' '*')")
+    for node_log in ${node_logs[@]+"${node_logs[@]}"}; do
+        # (a requeued job's node logs hold every run: only the last, from its "node N of M" line)
+        line=$(awk '/^node [0-9]+ of [0-9]+ / { found = "" }
+                    found == "" && (/^batch-classify: / || / ERROR batch_classify[a-z_.]*: failed: /) \
+                        && !/another rank of the job/ { found = $0 }
+                    END { if (found != "") print found }' "$node_log")
+        if [ -n "$line" ]; then
+            echo "$line ($node_log)"
+            return 0
+        fi
+    done
+    echo "the per-node logs say why ($(node_log_path '<n>' '<host>'))"
+}
+
 # Stop the running step gracefully: SIGTERM to every process of the job's steps (launchers and
 # ranks; never the batch shell). Not `kill -TERM <srun>`: srun answers SIGTERM by SIGKILLing its
 # tasks ("forcing job termination"), which would lose the ranks' chance to commit their work.
 stop_step() {
     local reason=$1
-    trapped=1
     [ -n "${step_pid:-}" ] || return 0
-    stop_sent=1
+    stopping=1
     log "$reason: sending SIGTERM to the ranks (scancel --signal=TERM $SLURM_JOB_ID)"
     if ! scancel --signal=TERM "$SLURM_JOB_ID"; then
         log "scancel failed; stopping srun itself (its tasks get SIGKILL, committed units stay)"
         kill -TERM "$step_pid" 2>/dev/null || true
     fi
 }
-on_usr1() { preempted=1; stop_step "SIGUSR1 (time limit near or preemption)"; }
-on_term() { stop_step "SIGTERM (job cancelled)"; }
+
+# Sets job_state and job_restarts to this job's JobState and Restarts as the controller sees
+# them, "?" where it cannot be asked. Not in a $(...) subshell: that would die of the SIGTERM
+# Slurm sends while it ends the job, leaving nothing.
+read_job_state() {
+    local info
+    info=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null) || info=
+    job_state=$(sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p' <<<"$info" | head -n1)
+    job_restarts=$(sed -n 's/.*Restarts=\([0-9][0-9]*\).*/\1/p' <<<"$info" | head -n1)
+    : "${job_state:=?}" "${job_restarts:=?}"
+}
+
+# Whether Slurm has requeued this job since this run started (scontrol requeue, preemption, a
+# lost node): Restarts is already counted up while the job is being ended.
+requeued_by_slurm_now() {
+    local attempt
+    for attempt in 1 2 3; do
+        read_job_state
+        if [ "$job_restarts" != "?" ]; then
+            [ "$job_restarts" -gt "${SLURM_RESTART_COUNT:-0}" ]
+            return
+        fi
+        sleep "$attempt"
+    done
+    return 1
+}
+
+# SIGUSR1: `#SBATCH --signal=B:USR1@...` near the time limit, or a site's preemption notice. It
+# reaches this shell only: stop the ranks, then requeue (see classify_main).
+on_usr1() {
+    trapped=1
+    [ -n "${step_pid:-}" ] || return 0
+    preempted=1
+    stop_step "SIGUSR1 (time limit near, or preemption)"
+}
+
+# SIGTERM: Slurm is ending the job (scancel, scontrol requeue, preemption with
+# PreemptMode=REQUEUE or CANCEL, a failed node, the time limit) and sent it to every process of
+# the job: the ranks have it already and commit their finished units. Nothing to forward: while
+# Slurm ends the job it answers scancel "Job can not be altered now", and scancel retries until
+# the job's KillWait SIGKILLs this shell. Only a SIGTERM sent to this shell alone (the job still
+# RUNNING: scancel --batch --signal=TERM) is passed on to the ranks.
+on_term() {
+    trapped=1
+    [ -n "${step_pid:-}" ] || return 0
+    read_job_state
+    if [ "$job_state" = RUNNING ] || [ "$job_state" = "?" ]; then
+        stop_step "SIGTERM to the batch shell"
+        return 0
+    fi
+    stopping=1
+    if [ "$job_restarts" != "?" ] && [ "$job_restarts" -gt "${SLURM_RESTART_COUNT:-0}" ]; then
+        requeued_by_slurm=1
+        log "SIGTERM: Slurm is requeueing the job (scontrol requeue, preemption or a failed node);" \
+            "the ranks got it too and commit their finished units"
+    else
+        log "SIGTERM: Slurm is ending the job (scancel or its time limit, state $job_state); the" \
+            "ranks got it too and commit their finished units"
+    fi
+}
 
 # Run one classification job on the allocation: <config> [--section.key value ...].
 classify_main() {
@@ -174,7 +252,9 @@ classify_main() {
     GPU_ENV_FILE=$(gpu_env_file)
     export GPU_ENV_FILE
 
-    local -a srun_args launcher=(--config_file "$PROJECT_DIR/slurm/accelerate.yaml"
+    # --quiet: a failed rank's own error and traceback are in the node log; without it the
+    # launcher adds a traceback of its own and repeats the rank's output in it.
+    local -a srun_args launcher=(--quiet --config_file "$PROJECT_DIR/slurm/accelerate.yaml"
         --num_machines "$nodes" --num_processes "$processes"
         --main_process_ip "${MAIN_PROCESS_IP:-$first_host}" --main_process_port "$port"
         --rdzv_backend "$backend")
@@ -195,7 +275,8 @@ classify_main() {
     log "per-node logs: $(node_log_path '<n>' '<host>')"
 
     preempted=0
-    stop_sent=0
+    requeued_by_slurm=0
+    stopping=0
     step_pid=
     trap on_usr1 USR1
     trap on_term TERM
@@ -222,10 +303,10 @@ classify_main() {
             || log "could not remove $JOB_LOCAL_DIR on every node"
     fi
 
-    if [ "$status" = 0 ] && [ "$stop_sent" = 1 ]; then
-        # launch-node.sh reports ranks stopped on request (status 75) as a clean exit, so that
-        # srun --kill-on-bad-exit leaves the other nodes to finish their batch: 0 after a stop
-        # means stopped (or finished at that very moment: a requeued run then finds every unit
+    if [ "$status" = 0 ] && [ "$stopping" = 1 ]; then
+        # launch-node.sh reports ranks stopped on request as a clean exit, so that srun
+        # --kill-on-bad-exit leaves the other nodes to finish their batch: 0 after a stop means
+        # stopped (or finished at that very moment: a requeued run then finds every unit
         # committed and only writes the results).
         status=75
     fi
@@ -234,25 +315,39 @@ classify_main() {
         print_metrics_table
         return 0
     fi
+    local restarts=${SLURM_RESTART_COUNT:-0}
     if [ "$preempted" = 1 ]; then
         # The ranks committed their finished units; the requeued job runs this same command and
         # resumes where they stopped (it keeps its job id, so its logs append to these).
-        if [ "${SLURM_RESTART_COUNT:-0}" -ge "$MAX_REQUEUES" ]; then
-            log "preempted, but requeued $MAX_REQUEUES times already (MAX_REQUEUES): not again;" \
-                "submit the same command to resume"
+        if [ "$restarts" -ge "$MAX_REQUEUES" ]; then
+            log "preempted, not requeued: requeued $restarts of $MAX_REQUEUES times already" \
+                "(MAX_REQUEUES); finished units are committed: submit the same command to resume"
             return 75
         fi
-        log "preempted: requeueing job $SLURM_JOB_ID"
         if scontrol requeue "$SLURM_JOB_ID"; then
+            log "preempted, requeued ($((restarts + 1)) of $MAX_REQUEUES): the requeued run resumes"
             return 0
         fi
-        log "requeue failed: submit the same command again to resume"
+        log "preempted, but the requeue failed: submit the same command again to resume"
         return 75
     fi
-    if [ "$status" = 75 ] && [ "$stop_sent" = 1 ]; then
-        log "stopped on request, finished units committed: submit the same command to resume"
+    if [ "$requeued_by_slurm" = 1 ]; then
+        log "stopped, finished units committed; Slurm requeued the job (restart $((restarts + 1))):" \
+            "the requeued run resumes from the committed units"
         return 75
     fi
-    log "the job failed: the per-node logs say why"
+    if [ "$stopping" = 1 ] && { [ "$status" = 75 ] || [ "$status" = 143 ]; }; then
+        log "stopped, finished units committed; not requeued: submit the same command to resume"
+        return 75
+    fi
+    if requeued_by_slurm_now; then
+        # The ranks failed because a node was lost (its ranks gone, the rendezvous store maybe
+        # with them), and Slurm, setting the node DOWN, requeued the job (#SBATCH --requeue).
+        log "the run ended early: $(failure_reason)"
+        log "Slurm requeued the job (restart $job_restarts; a lost node, scontrol requeue or" \
+            "preemption): the requeued run resumes from the committed units"
+        return "$status"
+    fi
+    log "the job failed: $(failure_reason)"
     return "$status"
 }

@@ -45,12 +45,17 @@ fi
 # finishing their batch and committing it (a process already on its way out, its default
 # SIGTERM action back, dies of it). So this node reports such a stop as a clean exit, 0; the
 # batch script knows it asked for the stop. Any other status still ends the step everywhere.
+#
+# The launcher's own status after a stop is not 75: the SIGTERM reaches it too, and it answers
+# by stopping its ranks and exiting 128 + 15 = 143 itself (torchrun, for several ranks: "Received
+# 15 death signal, shutting down workers", after up to TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s, for
+# them; accelerate's single-process launcher after 5 s). Real Slurm shows 143 on every node.
 status=0
 "${PYTHON:-python3}" -m accelerate.commands.launch --machine_rank "$SLURM_NODEID" \
     ${rendezvous[@]+"${rendezvous[@]}"} "$@" || status=$?
-if [ "$status" = 75 ]; then
+if [ "$status" = 75 ] || { [ -n "$stop_signal" ] && [ "$status" = 143 ]; }; then
     echo "node $SLURM_NODEID: the ranks stopped on request${stop_signal:+ (SIG$stop_signal)}" \
-        "with their finished units committed (launcher status 75): task exits 0"
+        "with their finished units committed (launcher status $status): task exits 0"
     exit 0
 fi
 exit "$status"

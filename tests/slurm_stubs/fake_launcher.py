@@ -1,23 +1,18 @@
 #!/usr/bin/env python3
-"""A stand-in for `$PYTHON -m accelerate.commands.launch ...`, to test the batch scripts' own logic
-(signals, requeue, logs) in a second instead of a real job's ten. Point PYTHON at this file.
+"""A stand-in for `$PYTHON -m accelerate.commands.launch ...`, to test the batch scripts' launch
+line and logs in a second instead of a real job's ten. Point PYTHON at this file.
 
-FAKE_LAUNCH picks what every node's "launcher" does:
-  ok    print a metrics table (from the node named by FAKE_MAIN_NODE, default 0) and exit 0
-  fail  exit 3
-  wait  wait for SIGTERM or SIGUSR1, then exit 75 as the job's ranks do (1 after 60 s without);
-        the node named by FAKE_SLOW_STOP_NODE first "finishes its batch" for FAKE_STOP_S (1 s)
-Each writes its arguments to $SLURM_STUB_STATE/launch-<node id>.json once it is ready, and its
-CPUs (affinity mask, SLURM_CPUS_ON_NODE, SLURM_CPUS_PER_TASK) to cpus-<node id>.json.
+Every node's "launcher" prints a metrics table (from the node named by FAKE_MAIN_NODE, default
+0) and exits 0; each writes its arguments to $SLURM_STUB_STATE/launch-<node id>.json, and its
+CPUs (affinity mask, SLURM_CPUS_ON_NODE, SLURM_CPUS_PER_TASK) to cpus-<node id>.json. How real
+launchers stop, fail and get requeued is tested under a real Slurm: tests/test_slurm_cluster.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
-import time
 from pathlib import Path
 
 TABLE = """model     fake-model
@@ -30,30 +25,14 @@ images/s  1.0"""
 
 
 def main() -> int:
-    mode = os.environ.get("FAKE_LAUNCH", "ok")
     node = os.environ["SLURM_NODEID"]
-    received: list[int] = []
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(signum, lambda number, _frame: received.append(number))
     ready = Path(os.environ["SLURM_STUB_STATE"]) / f"launch-{node}.json"
     # What the ranks would size their threads and workers from.
     (ready.parent / f"cpus-{node}.json").write_text(json.dumps(
         {"affinity": sorted(os.sched_getaffinity(0)), "cpus_on_node": os.environ.get("SLURM_CPUS_ON_NODE"),
          "cpus_per_task": os.environ.get("SLURM_CPUS_PER_TASK")}))
     ready.write_text(json.dumps(sys.argv[1:]))
-    print(f"fake launcher on node {node}: {mode}", flush=True)
-    if mode == "fail":
-        return 3
-    if mode == "wait":
-        deadline = time.monotonic() + 60
-        while not received and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if not received:
-            return 1
-        if node == os.environ.get("FAKE_SLOW_STOP_NODE"):
-            time.sleep(float(os.environ.get("FAKE_STOP_S", "1")))
-        print(f"stopped by {signal.Signals(received[0]).name}", flush=True)
-        return 75
+    print(f"fake launcher on node {node}", flush=True)
     if node == os.environ.get("FAKE_MAIN_NODE", "0"):
         print(TABLE, flush=True)
     return 0

@@ -24,6 +24,10 @@ Where real Slurm does something a batch script must respect, the stubs do it too
   with --batch only the batch shell (that is how `#SBATCH --signal=B:USR1@...` arrives).
 - scontrol show hostnames expands a hostlist (node[01-04],gpu7); scontrol requeue records it.
 
+Not emulated, and tested under a real Slurm instead (tests/test_slurm_cluster.py): Slurm's own
+SIGTERM to every process of a job it cancels, requeues or loses a node of, the Restarts count,
+the delay before a requeued job runs again, and what launchers exit with when stopped.
+
 Every call is logged to $SLURM_STUB_STATE/calls.jsonl; requeue.log and signals.log hold the
 requeues and signals. Nodes default to "localhost" (SLURM_STUB_NODELIST overrides): every node
 must resolve to this host. SLURM_STUB_START_ORDER=reverse makes srun start the last node first,
