@@ -556,7 +556,7 @@ def _check_complete(output: Path, reference: dict, env: dict[str, str]) -> None:
     """Every image exactly once (read_rows fails on a repeated id), the one-process predictions,
     and `batch-classify verify` clean."""
     assert _predictions(read_rows(output)) == reference["rows"]
-    verify = subprocess.run([sys.executable, "-m", "batch_classify.cli", "verify", str(output)],
+    verify = subprocess.run([sys.executable, "-m", "batch_classify", "verify", str(output)],
                             capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": env["PYTHONPATH"]})
     assert verify.returncode == 0, verify.stdout + verify.stderr
