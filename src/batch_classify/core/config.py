@@ -104,9 +104,18 @@ class DataConfig:
     a file of wnids or indices, one per line (as timm's --valid-labels)."""
     real_labels: str | None = None
     """ImageNet-ReaL labels (real.json as published) for a second score on ImageNet val."""
+    storage_options: dict[str, Any] | None = None
+    """Where data.path is a URL (s3://, gs://, az://, hf://, https://): options of the store's
+    fsspec client, e.g. {endpoint_url: http://minio:9000} or {anon: true} or {requester_pays: true}
+    or {profile: name} for S3, plus block_size (bytes per ranged GET, default 32 MiB).
+    Credentials come from the store's usual environment variables and files; this section is
+    saved with the outputs, so keep secrets out of it."""
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "data.path", "is required (a folder, file list or dataset)")
+        block = (self.storage_options or {}).get("block_size")
+        _require(block is None or (isinstance(block, int) and block >= 1 << 16), "data.storage_options",
+                 "block_size is bytes per ranged read: an integer of at least 65536 (64 KiB)")
 
 
 @dataclass

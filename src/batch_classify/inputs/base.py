@@ -28,6 +28,7 @@ from batch_classify.core.config import DataConfig
 from batch_classify.core.digests import add_digests, id_hash, sequence_digest
 from batch_classify.core.errors import UserError
 from batch_classify.core.limits import file_kind
+from batch_classify.core.storage import Store, is_url, join, store_for
 from batch_classify.inputs.state import Change, StateRecorder
 
 if TYPE_CHECKING:
@@ -287,11 +288,27 @@ class InputKind:
     faults: ClassVar[tuple[type[BaseException], ...]] = (OSError, pa.ArrowException)
     """What reading a unit raises where the input cannot be read at all (gone, no permission, being
     rewritten): the unit fails, and a rerun retries it."""
+    urls: ClassVar[bool] = False
+    """data.path may be a URL of an object store (core/storage.py): the kind lists and reads
+    through the store."""
     handles: ClassVar[tuple[str, ...]] = ()
     """Attributes holding open files or datasets: never pickled (DataLoader workers reopen them)."""
 
     def __init__(self, listing: Listing) -> None:
         self.listing = listing
+
+    @property
+    def remote(self) -> bool:
+        """Whether the input is in an object store."""
+        return is_url(self.listing.root)
+
+    def store(self) -> Store:
+        """The input's store, opened with the data.storage_options it was listed with."""
+        return store_for(self.listing.root, self.listing.info.get("storage_options"))
+
+    def shard_location(self, rel: str) -> str:
+        """Where a shard of the listing is: a URL, or a local path."""
+        return join(self.listing.root, rel) if self.remote else os.path.join(self.listing.root, rel)
 
     # ------------------------------------------------------------ main rank
 
@@ -353,6 +370,8 @@ class ShardKind(InputKind):
 
     @classmethod
     def record_state(cls, enumeration: Enumeration, state: StateRecorder) -> None:
+        if is_url(enumeration.root):
+            return  # objects: their names and sizes are compared again by changes()
         for shard in enumeration.shards or ():
             if shard["path"]:  # a tar or a Parquet file: its size and mtime
                 state.file(os.path.join(enumeration.root, shard["path"]))

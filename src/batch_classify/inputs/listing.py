@@ -30,6 +30,7 @@ from batch_classify.core.config import DataConfig
 from batch_classify.core.layout import INFO_FILE, INPUT_DIR, STATE_FILE, UNITS_FILE
 from batch_classify.core.limits import Limits
 from batch_classify.core.ownership import remove_listing
+from batch_classify.core.storage import is_url
 from batch_classify.inputs.base import InputError, InputKind, Record, Sizing
 from batch_classify.inputs.registry import kind_named, resolve
 from batch_classify.inputs.state import Change, StateRecorder, check_state
@@ -49,6 +50,8 @@ def local_path(path: str) -> str:
     """A local path (or glob or brace pattern) absolute, with symlinks resolved; a dataset name
     as it is."""
 
+    if is_url(path):
+        return path
     if os.path.exists(path) or is_pattern(path) or path.startswith((".", "~")):
         return os.path.realpath(os.path.expanduser(path))
     return path
@@ -183,6 +186,7 @@ def _list_into(cfg: DataConfig, folder: Path, sizing: Sizing) -> tuple[dict[str,
         "items_digest": cut.items_digest,
         "reader": enumeration.reader,
         "data": listing_data(cfg),
+        "storage_options": cfg.storage_options or {},
     }
     temporary = folder / f".{INFO_FILE}.tmp"
     temporary.write_text(json.dumps(info, indent=2) + "\n")

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from batch_classify.core.config import DataConfig
 from batch_classify.core.errors import describe_error
 from batch_classify.core.limits import NotRegularFile, open_regular
+from batch_classify.core.storage import is_url
 from batch_classify.inputs.base import (
     CHUNK_ROWS,
     Cut,
@@ -28,17 +29,21 @@ from batch_classify.inputs.base import (
     regular_file,
 )
 from batch_classify.inputs.columns import TableKind, find_columns, label_map
+from batch_classify.inputs.objects import expand_urls, relative, store_of
 from batch_classify.inputs.state import StateRecorder
 from batch_classify.inputs.tars import PARQUET_FILES, ShardSpecError, expand_shards, shard_root
 
 log = logging.getLogger(__name__)
 
+FOOTER_BYTES = 256 << 10
+"""Bytes read from an object's end for its footer: one ranged GET for most files."""
 FAULTS = (OSError, pa.ArrowException)
 """What pyarrow raises for a file or row group it cannot read (ArrowInvalid, ArrowIOError, ...)."""
 
 
 class Parquet(TableKind):
     name = "parquet"
+    urls = True
 
     @classmethod
     def detect(cls, found: Found) -> bool:
@@ -67,8 +72,9 @@ class Parquet(TableKind):
 
     def describe_unit(self, unit: int) -> str:
         units = self.listing.units
-        return (f"{self.listing.unit_paths[unit]} row groups {int(units['start'][unit])}-"
-                f"{int(units['stop'][unit]) - 1}")
+        rel = self.listing.unit_paths[unit]
+        where = self.shard_location(rel) if self.remote else rel
+        return f"{where} row groups {int(units['start'][unit])}-{int(units['stop'][unit]) - 1}"
 
     def records(self, unit: int, read_images: bool = True) -> Iterator[Record]:
         """The unit's row groups in order. Listing read only the footers: a row group whose
@@ -85,6 +91,11 @@ class Parquet(TableKind):
             if extra is not None and extra not in columns:
                 columns.append(extra)
         group = RowGroups(unit, rel, columns, int(listing.units["offset"][unit]))
+        if self.remote:
+            path = self.shard_location(rel)
+            with self._fetch(unit, path, columns) as file:
+                yield from self._row_groups(pq.ParquetFile(file), group, read_images, path.rsplit("/", 1)[0])
+            return
         try:
             file = open_regular(path)
         except NotRegularFile as error:  # a FIFO would block the rank for ever
@@ -96,6 +107,19 @@ class Parquet(TableKind):
             return
         with file:
             yield from self._row_groups(pq.ParquetFile(file), group, read_images, os.path.dirname(path))
+
+    def _fetch(self, unit: int, url: str, columns: list[str]) -> Any:
+        """The unit's row groups of an object, only the columns asked for: the footer, then
+        those column chunks in as few ranged GETs as their offsets allow (retried whole). fsspec
+        reads the footer's FOOTER_BYTES twice (to plan, then with the chunks)."""
+        from fsspec.parquet import open_parquet_file
+
+        store = self.store()
+        units = self.listing.units
+        groups = list(range(int(units["start"][unit]), int(units["stop"][unit])))
+        return store.call(url, lambda: open_parquet_file(
+            store.path(url), fs=store.fs, columns=columns, row_groups=groups, engine="pyarrow",
+            footer_sample_size=FOOTER_BYTES))
 
     def _row_groups(self, handle: pq.ParquetFile, run: RowGroups, read_images: bool,
                     folder: str) -> Iterator[Record]:
@@ -215,20 +239,59 @@ def _parquet_files(cfg: DataConfig, notes: list[str]) -> tuple[Path, list[Path]]
     return shard_root(cfg.path), files
 
 
+class Sources:
+    """The Parquet files of data.path, local or objects in a store: names, sizes, and handles
+    that read only what is asked for (an object's footer in one ranged GET)."""
+
+    def __init__(self, cfg: DataConfig, notes: list[str]) -> None:
+        self.store = store_of(cfg) if is_url(cfg.path) else None
+        self.footers: dict[Any, Any] = {}
+        if self.store is not None:
+            self.root, self.sizes = expand_urls(cfg, PARQUET_FILES, notes)
+            self.files: list[Any] = list(self.sizes)
+        else:
+            root, self.files = _parquet_files(cfg, notes)
+            self.root = str(root)
+
+    def rel(self, file: Any) -> str:
+        if self.store is not None:
+            return relative(file, self.root)
+        return Path(os.path.relpath(file, self.root)).as_posix()
+
+    def size(self, file: Any) -> int:
+        return self.sizes[file] if self.store is not None else file.stat().st_size
+
+    def open(self, file: Any) -> pq.ParquetFile:
+        if self.store is None:
+            return pq.ParquetFile(file)
+        return pq.ParquetFile(self.store.open(file, self.sizes[file], block_size=FOOTER_BYTES))
+
+    def footer(self, file: Any) -> Any:
+        if file not in self.footers:
+            self.footers = {file: self._footer(file)}  # the first file's is asked for twice
+        return self.footers[file]
+
+    def _footer(self, file: Any) -> Any:
+        if self.store is None:
+            regular_file(file)  # reading a FIFO's footer would wait for ever
+        try:
+            if self.store is not None:
+                return self.store.call(file, lambda: self.open(file).metadata)
+            return pq.read_metadata(file)
+        except (FileNotFoundError, PermissionError) as error:
+            raise InputError(f"data.path: {error}") from None
+        except Exception as error:
+            raise InputError(f"data.path: {file} is not a readable Parquet file ({error})") from None
+
+
 def parquet(cfg: DataConfig) -> Enumeration:
     """Parquet files with an image column ({bytes, path} struct, bytes, or path strings):
     units are runs of row groups, read by the rank that runs them; only footers are read here."""
     import datasets
 
-    def footer(file: Path):
-        regular_file(file)  # reading a FIFO's footer would wait for ever
-        try:
-            return pq.read_metadata(file)
-        except Exception as error:
-            raise InputError(f"data.path: {file} is not a readable Parquet file ({error})") from None
-
     notes: list[str] = []
-    root, files = _parquet_files(cfg, notes)
+    sources = Sources(cfg, notes)
+    root, files, footer = sources.root, sources.files, sources.footer
     for note in notes:
         log.warning(note)
     schema = footer(files[0]).schema.to_arrow_schema()  # the columns, as the first file has them
@@ -244,14 +307,15 @@ def parquet(cfg: DataConfig) -> Enumeration:
         missing = needed - set(metadata.schema.to_arrow_schema().names)
         if missing:  # found now, not as a crash when a rank reaches the file
             raise InputError(f"data.path: {file} has no column {', '.join(sorted(missing))} (the "
-                             f"first file, {files[0].name}, has it); every file needs the same columns")
-        rel = Path(os.path.relpath(file, root)).as_posix()
+                             f"first file, {sources.rel(files[0])}, has it); every file needs the same "
+                             "columns")
+        rel = sources.rel(file)
         groups = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
         shards.append({"path": rel, "row_groups": groups})
-        parts.append(f"{rel}\t{metadata.num_rows}\t{file.stat().st_size}")
+        parts.append(f"{rel}\t{metadata.num_rows}\t{sources.size(file)}")
     reader = {"image_column": image_column, "id_column": cfg.id_column, "label": None}
     if cfg.id_column is not None:
-        notes += _check_parquet_ids(files, root, cfg.id_column)
+        notes += _check_parquet_ids(sources, cfg.id_column)
     classes, notes = None, [f"{len(files)} Parquet file(s), image column {image_column!r}", *notes]
     if label_column is not None:
         reader["label"], classes, note = label_map(features[label_column], label_column)
@@ -260,7 +324,7 @@ def parquet(cfg: DataConfig) -> Enumeration:
                        fingerprint_parts=parts)
 
 
-def _check_parquet_ids(files: list[Path], root: Path, column: str) -> list[str]:
+def _check_parquet_ids(sources: Sources, column: str) -> list[str]:
     """Refuse an id column with a null (it would become the id 'None') or, over the first
     Repeats.LIMIT rows, a repeated id; nulls further on are found from the footers'
     statistics, or by reading that row group's id column where a footer has none. A row group
@@ -296,9 +360,9 @@ def _check_parquet_ids(files: list[Path], root: Path, column: str) -> list[str]:
         """(rel, row group, its first row's index in the file, its ids or None where they cannot
         be read) of the row groups to check for repeats."""
         seen = 0
-        for file in files:
-            handle = pq.ParquetFile(file)
-            rel = Path(os.path.relpath(file, root)).as_posix()
+        for file in sources.files:
+            handle = sources.open(file)
+            rel = sources.rel(file)
             row = 0
             for batch in batches(handle.metadata, range(handle.metadata.num_row_groups)):
                 if seen >= Repeats.LIMIT:
@@ -343,8 +407,8 @@ def _check_parquet_ids(files: list[Path], root: Path, column: str) -> list[str]:
             offset += 1  # two ids with one hash: not a repeat
     if repeats.checking and not stopped:
         return []
-    for file in files:  # past the checked rows: the footers' null counts
-        handle = pq.ParquetFile(file)
+    for file in sources.files:  # past the checked rows: the footers' null counts
+        handle = sources.open(file)
         metadata = handle.metadata
         chunk = next((i for i in range(metadata.num_columns)
                       if metadata.schema.column(i).path.split(".")[0] == column), None)
@@ -354,7 +418,7 @@ def _check_parquet_ids(files: list[Path], root: Path, column: str) -> list[str]:
             if statistics is None or not statistics.has_null_count or statistics.null_count:
                 values = ids(handle, [group])[0]
                 if values is not None and values.null_count:
-                    rel = Path(os.path.relpath(file, root)).as_posix()
+                    rel = sources.rel(file)
                     raise null(rel, group, start + first_null(values))
             start += metadata.row_group(group).num_rows
     return [f"repeated ids checked over the first {Repeats.LIMIT} rows only; nulls in all"]

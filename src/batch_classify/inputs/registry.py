@@ -8,10 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from batch_classify.core.config import DataConfig
+from batch_classify.core.storage import is_url
 from batch_classify.inputs.base import Enumeration, Found, InputError, InputKind
 from batch_classify.inputs.file_list import FileList
 from batch_classify.inputs.folders import FlatFolder, ImageFolder
 from batch_classify.inputs.hf import HuggingFace
+from batch_classify.inputs.objects import check_url_kind, found_url
 from batch_classify.inputs.parquet import Parquet
 from batch_classify.inputs.state import StateRecorder
 from batch_classify.inputs.tars import ShardSpecError, brace_names, is_pattern
@@ -32,6 +34,8 @@ def kind_named(name: str) -> type[InputKind]:
 
 
 def found(cfg: DataConfig) -> Found:
+    if is_url(cfg.path):
+        return found_url(cfg)
     path = Path(cfg.path)
     exists = path.exists()
     first_name = None
@@ -47,7 +51,7 @@ def detect(cfg: DataConfig) -> type[InputKind]:
     """The kind that ``data.kind: auto`` resolves to."""
     seen = found(cfg)
     for kind in DETECTION:
-        if kind.detect(seen):
+        if kind.urls >= is_url(cfg.path) and kind.detect(seen):
             return kind
     if seen.first_name is not None:
         raise InputError(f"data.path {cfg.path}: a pattern that names neither .tar nor .parquet "
@@ -62,15 +66,15 @@ def detect_kind(cfg: DataConfig) -> str:
     return detect(cfg).name
 
 
-def _check_fits(kind: type[InputKind], path: Path, cfg: DataConfig) -> None:
+def _check_fits(kind: type[InputKind], path: Path | None, cfg: DataConfig) -> None:
     """A key the kind would ignore, or a file where a folder kind is set: one line naming the fix."""
     for key in sorted({key for other in KINDS for key in other.keys}, key=_key_order):
         if getattr(cfg, key) is not None and key not in kind.keys:
             kinds = [other.name for other in KINDS if key in other.keys]
             detected = " (detected from data.path)" if cfg.kind == "auto" else ""
             raise InputError(f"data.{key} applies to data.kind {' or '.join(kinds)}, not to data.kind "
-                             f"{kind.name}{detected} ({path}); remove it, or set data.kind")
-    if not kind.folder or not path.exists() or path.is_dir():
+                             f"{kind.name}{detected} ({path or cfg.path}); remove it, or set data.kind")
+    if path is None or not kind.folder or not path.exists() or path.is_dir():
         return
     seen = Found(cfg, path, True, True, None)
     fits = next((other.name for other in DETECTION if not other.folder and other.detect(seen)), None)
@@ -88,6 +92,10 @@ def _key_order(key: str) -> int:
 def resolve(cfg: DataConfig) -> type[InputKind]:
     """The kind data.* names, with the keys it reads checked against it."""
     kind = kind_named(cfg.kind) if cfg.kind != "auto" else detect(cfg)
+    check_url_kind(kind.name, kind.urls, cfg.path)
+    if is_url(cfg.path):
+        _check_fits(kind, None, cfg)
+        return kind
     path = Path(cfg.path)
     if (kind.folder or kind is FileList) and not path.exists():
         raise InputError(f"data.path {path} does not exist")

@@ -42,6 +42,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from braceexpand import UnbalancedBracesError
@@ -77,7 +78,7 @@ class ShardSample:
     error: str | None    # None when fine, else "Type: message"
 
 
-def iter_tar(path: str | os.PathLike, rel: str, image_suffixes: Sequence[str] = IMAGE_SUFFIXES,
+def iter_tar(path: str | os.PathLike | BinaryIO, rel: str, image_suffixes: Sequence[str] = IMAGE_SUFFIXES,
              label_key: str | None = None, read_images: bool = True,
              limits: Limits | None = None) -> Iterator[ShardSample]:
     """Samples of one tar, in tar order; every tar yields at least one record.
@@ -85,13 +86,13 @@ def iter_tar(path: str | os.PathLike, rel: str, image_suffixes: Sequence[str] = 
     Error types: NotATar, NotRegularFile, TruncatedShard, CorruptShard (a bad header or bad
     compressed data after the start), ShardTooLarge, MissingImage, DuplicateMember,
     NotRegularMember, FileTooLarge, SplitSample, BadLabel, EmptyShard. See the module
-    docstring for the rules.
+    docstring for the rules. ``path`` may be a file already open (an object in a store).
     """
     limits = limits or Limits()
     reader = _TarReader(rel, frozenset(s.lower().lstrip(".") for s in image_suffixes),
                         label_key, read_images, limits)
     try:
-        file = open_regular(path)
+        file = path if hasattr(path, "read") else open_regular(path)
     except NotRegularFile as error:
         yield _shard_error(rel, "NotRegularFile", f"{rel}: {error}")
         return

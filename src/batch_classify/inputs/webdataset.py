@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from batch_classify.core.config import DataConfig
+from batch_classify.core.storage import is_url
 from batch_classify.inputs.base import (
     Cut,
     Enumeration,
@@ -20,15 +21,25 @@ from batch_classify.inputs.base import (
     is_tar_name,
     regular_file,
 )
+from batch_classify.inputs.objects import expand_urls, relative, store_of
 from batch_classify.inputs.state import StateRecorder
-from batch_classify.inputs.tars import IMAGE_SUFFIXES, ShardSpecError, expand_shards, iter_tar, shard_root
+from batch_classify.inputs.tars import (
+    IMAGE_SUFFIXES,
+    TARS,
+    ShardSpecError,
+    expand_shards,
+    iter_tar,
+    shard_root,
+)
 
 log = logging.getLogger(__name__)
+_said_block_size: list[int] = []
 
 
 class WebDataset(ShardKind):
     name = "webdataset"
     keys = ("label_key", "image_suffixes")
+    urls = True
 
     @classmethod
     def detect(cls, found: Found) -> bool:
@@ -51,13 +62,22 @@ class WebDataset(ShardKind):
         return Cut(units, None, None, None, *cls.digests(enumeration.fingerprint_parts))
 
     def describe_unit(self, unit: int) -> str:
-        return self.listing.unit_paths[unit]
+        rel = self.listing.unit_paths[unit]
+        return self.shard_location(rel) if self.remote else rel
 
     def records(self, unit: int, read_images: bool = True) -> Iterator[Record]:
         listing = self.listing
         reader = listing.info["reader"]
         rel = listing.unit_paths[unit]
-        for sample in iter_tar(os.path.join(listing.root, rel), rel, reader["image_suffixes"],
+        source = self.shard_location(rel)
+        if self.remote:  # streamed in a few large ranged GETs; a missing object raises here
+            store = self.store()
+            source = store.open(source)
+            if not _said_block_size:
+                _said_block_size.append(store.block_size)
+                log.info("reading tars from %s in ranged GETs of %d MiB (data.storage_options.block_size)",
+                         listing.root, store.block_size >> 20)
+        for sample in iter_tar(source, rel, reader["image_suffixes"],
                                reader["label_key"], read_images=read_images, limits=listing.limits):
             yield Record(sample.id, sample.label, sample.image, sample.error)
 
@@ -65,6 +85,8 @@ class WebDataset(ShardKind):
 def webdataset(cfg: DataConfig) -> Enumeration:
     """WebDataset tars: one unit each; samples are only read by the rank that runs the tar."""
 
+    if is_url(cfg.path):
+        return _tar_objects(cfg)
     root = shard_root(cfg.path)
     notes: list[str] = []
     try:
@@ -84,10 +106,31 @@ def webdataset(cfg: DataConfig) -> Enumeration:
                              f"files but both would be named {rel!r} in ids; name them without '..'")
         shards.append({"path": rel})
         parts.append(f"{rel}\t{regular_file(tar).st_size}")
+    return _enumeration(cfg, str(root), shards, parts, [f"{len(tars)} WebDataset tar(s)", *notes])
+
+
+def _tar_objects(cfg: DataConfig) -> Enumeration:
+    """Tars in an object store: named from the store's listing (sizes included), never opened."""
+    notes: list[str] = []
+    root, objects = expand_urls(cfg, TARS, notes)
+    for note in notes:
+        log.warning(note)
+    shards, parts = [], []
+    for url, size in objects.items():
+        rel = relative(url, root)
+        shards.append({"path": rel})
+        parts.append(f"{rel}\t{size}")
+    block = store_of(cfg).block_size
+    notes = [f"{len(shards)} WebDataset tar(s) under {root}, read in ranged GETs of {block >> 20} MiB",
+             *notes]
+    return _enumeration(cfg, root, shards, parts, notes)
+
+
+def _enumeration(cfg: DataConfig, root: str, shards: list[dict], parts: list[str],
+                 notes: list[str]) -> Enumeration:
     suffixes = [s.lower().lstrip(".") for s in (cfg.image_suffixes or IMAGE_SUFFIXES)]
-    notes = [f"{len(tars)} WebDataset tar(s)", *notes,
-             f"labels from the .json field {cfg.label_key!r}" if cfg.label_key else
+    notes = [*notes, f"labels from the .json field {cfg.label_key!r}" if cfg.label_key else
              "labels from .cls members where present (ImageNet-1k indices)"]
-    return Enumeration("webdataset", str(root), None, notes, shards=shards,
+    return Enumeration("webdataset", root, None, notes, shards=shards,
                        reader={"image_suffixes": suffixes, "label_key": cfg.label_key},
                        fingerprint_parts=parts)

@@ -25,6 +25,7 @@ from batch_classify.core.layout import CONFIG_FILE, METRICS, MODELS_FILE, PENDIN
 from batch_classify.core.limits import Limits
 from batch_classify.core.ownership import claim
 from batch_classify.core.preemption import Preempted, StopFlag
+from batch_classify.core.storage import retry_summary
 from batch_classify.core.text import write_json
 from batch_classify.inputs.listing import Listing, read_listing, share_listing
 from batch_classify.models.model import Inference, LoadedModel, describe_model, load_model, prepare_inference
@@ -325,6 +326,9 @@ def run(spec: JobSpec, leave_process_group: bool = True) -> dict[str, Any] | Non
         board.report_failure(describe_error(error))
         raise
     finally:
+        retried = retry_summary()
+        if retried:  # counted in this process (DataLoader workers count and warn on their own)
+            log.info(retried)
         if leave_process_group:
             state.destroy_process_group()
 

@@ -1,0 +1,161 @@
+"""``data.path`` as a URL: what it names in the store (``Found``), and the objects a prefix, a
+glob or a brace pattern names, with their sizes from the store's paginated listing (no object
+is read). The kinds that read from a URL (``InputKind.urls``) build on these."""
+
+from __future__ import annotations
+
+import glob
+import posixpath
+from pathlib import Path
+
+from batch_classify.core.config import DataConfig
+from batch_classify.core.storage import Store, is_url, store_for
+from batch_classify.inputs.base import HF_MARKERS, SPARK_MARKERS, Found, InputError, TopLevel, is_tar_name
+from batch_classify.inputs.tars import ShardSearch, ShardSpecError, brace_names, is_pattern
+
+
+def store_of(cfg: DataConfig) -> Store:
+    return store_for(cfg.path, cfg.storage_options)
+
+
+def url_pattern(url: str) -> bool:
+    """Whether a URL is a glob or brace pattern (its scheme and host aside)."""
+    return is_pattern(url.split("://", 1)[1])
+
+
+def url_root(spec: str, is_file: bool) -> str:
+    """The URL that ids are relative to: a prefix itself, an object's parent, or a pattern's
+    longest prefix before its first wildcard or brace."""
+    if url_pattern(spec):
+        head, rest = spec.split("://", 1)
+        first = min(i for i, char in enumerate(rest) if char in "*?[{")
+        return f"{head}://{posixpath.dirname(rest[:first])}"
+    return spec.rsplit("/", 1)[0] if is_file else spec.rstrip("/")
+
+
+def relative(url: str, root: str) -> str:
+    return url[len(root):].lstrip("/")
+
+
+def found_url(cfg: DataConfig) -> Found:
+    """What a URL names, for ``detect``: a pattern (its first name), an object, or a prefix
+    (its top level from one listing)."""
+    path = Path(cfg.path.split("://", 1)[1])  # its name and suffix, for the kinds' detect
+    if url_pattern(cfg.path):
+        try:
+            first = next(brace_names(cfg.path, f"data.path {cfg.path!r}")[1], cfg.path)
+        except ShardSpecError as error:
+            raise InputError(str(error)) from None
+        return Found(cfg, path, False, False, first)
+    store = store_of(cfg)
+    try:
+        info = store.info(cfg.path)
+    except FileNotFoundError:
+        raise InputError(f"data.path {cfg.path} does not exist (no object or prefix of that name)") from None
+    except PermissionError as error:
+        raise InputError(f"data.path {cfg.path}: {error}") from None
+    found = Found(cfg, path, True, info.get("type") == "file", None)
+    if not found.is_file:
+        found.top = _top_level(store, cfg.path)
+    return found
+
+
+def _top_level(store: Store, url: str) -> TopLevel:
+    top = TopLevel()
+    entries = store.call(url, lambda: store.fs.ls(store.path(url).rstrip("/"), detail=True))
+    for entry in entries:
+        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith(".") or name in SPARK_MARKERS:
+            continue
+        top.hf_markers = top.hf_markers or name in HF_MARKERS
+        top.parquet_files = top.parquet_files or name.lower().endswith(".parquet")
+        top.tars = top.tars or is_tar_name(name)
+        if entry.get("type") == "directory":
+            top.first_folder = name if top.first_folder is None else min(top.first_folder, name)
+        else:
+            top.only_folders = False
+    return top
+
+
+def expand_urls(cfg: DataConfig, search: ShardSearch, notes: list[str]) -> tuple[str, dict[str, int]]:
+    """(root, {url: size}) of the objects data.path names: one object; a prefix (every object
+    under it whose name ends in the search's suffixes, skipping names that start with its
+    skip prefixes, in name order); a glob; or a brace pattern (in the order written, globs
+    allowed). Each object is named once. Sizes come from the listing."""
+    spec, store = cfg.path, store_of(cfg)
+    what = f"data.path {spec!r}"
+    try:
+        if url_pattern(spec):
+            return url_root(spec, False), _pattern(store, spec, what, notes)
+        info = store.info(spec)
+    except FileNotFoundError:
+        raise InputError(f"{what}: no object or prefix of that name") from None
+    except (PermissionError, ShardSpecError) as error:
+        raise InputError(f"{what}: {error}") from None
+    if info.get("type") == "file":
+        return url_root(spec, True), {spec: int(info.get("size") or 0)}
+    root = url_root(spec, False)
+    found = {url: size for url, size in store.find(root).items()
+             if url.lower().endswith(search.suffixes)
+             and not any(part.startswith(search.skip_prefixes) for part in relative(url, root).split("/"))}
+    if not found:
+        raise InputError(f"{what}: no {', '.join(search.suffixes)} objects under it")
+    return root, found
+
+
+def _pattern(store: Store, spec: str, what: str, notes: list[str]) -> dict[str, int]:
+    count, names = brace_names(spec, what)
+    found: dict[str, int] = {}
+    listings: dict[str, dict[str, int]] = {}
+    missing, first_missing, repeats = 0, "", 0
+    for name in names:
+        if glob.has_magic(name.split("://", 1)[1]):
+            matches = store.glob(name)
+        else:
+            parent = name.rsplit("/", 1)[0]
+            if parent not in listings:  # one listing per prefix, not a HEAD per name
+                listings[parent] = _listing(store, parent)
+            size = listings[parent].get(name)
+            if size is None and store.protocol in ("http", "https"):
+                size = _head(store, name)
+            matches = {} if size is None else {name: size}
+            if not matches:
+                missing += 1
+                first_missing = first_missing or name
+        for url, size in matches.items():
+            if url in found:
+                repeats += 1
+            found[url] = size
+    if missing:
+        raise ShardSpecError(f"{missing} of the {count} objects it names do not exist, "
+                             f"e.g. {first_missing!r}")
+    if not found:
+        raise ShardSpecError("matches no objects")
+    if repeats:
+        notes.append(f"{what} names {repeats} object(s) a second time; each is read once")
+    return found
+
+
+def _listing(store: Store, prefix: str) -> dict[str, int]:
+    if store.protocol in ("http", "https"):
+        return {}  # no listing over plain HTTP: each name is asked for
+    try:
+        entries = store.call(prefix, lambda: store.fs.ls(store.path(prefix), detail=True))
+    except FileNotFoundError:
+        return {}
+    return {store.to_url(entry["name"]): int(entry.get("size") or 0) for entry in entries
+            if entry.get("type", "file") == "file"}
+
+
+def _head(store: Store, url: str) -> int | None:
+    try:
+        return store.size(url)
+    except FileNotFoundError:
+        return None
+
+
+def check_url_kind(kind_name: str, reads_urls: bool, path: str) -> None:
+    if is_url(path) and not reads_urls:
+        raise InputError(f"data.path {path}: data.kind {kind_name} reads local paths only; from a store, "
+                         "use WebDataset tars (webdataset) or Parquet files (parquet), or copy the files "
+                         "to a local folder")

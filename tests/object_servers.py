@@ -1,0 +1,256 @@
+"""Object stores on localhost for the tests: moto's S3 server (a real HTTP server that s3fs talks
+to as it would to AWS), a Range-capable HTTP file server, and a proxy in front of either that
+injects the faults a real store shows (a connection dropped mid-object, 503 SlowDown, a stall
+past the client's timeout, 403, 404)."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import re
+import socket
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_SESSION_TOKEN": "testing"}
+SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+             b"<Message>Please reduce your request rate.</Message></Error>")
+
+
+def _serve(server: ThreadingHTTPServer) -> str:
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host, port = server.server_address[:2]
+    return f"http://{host}:{port}"
+
+
+class Faults:
+    """Faults to inject, in order, into GETs whose path matches ``pattern``; what was done is
+    counted in ``done``, and every request line in ``requests``."""
+
+    def __init__(self) -> None:
+        self.plan: list[str] = []
+        self.pattern = re.compile(".")
+        self.done: Counter[str] = Counter()
+        self.requests: list[tuple[str, str, str | None]] = []
+        self.lock = threading.Lock()
+        self.stall_s = 3.0
+        self.sent = 0
+        """Body bytes sent for GETs so far."""
+
+    def set(self, plan: list[str], pattern: str = ".") -> None:
+        with self.lock:
+            self.plan, self.pattern = list(plan), re.compile(pattern)
+            self.done.clear()
+
+    def take(self, method: str, path: str, range_header: str | None) -> str | None:
+        with self.lock:
+            self.requests.append((method, path, range_header))
+            if method == "GET" and self.plan and self.pattern.search(path):
+                fault = self.plan[0]
+                if fault.startswith("always-"):
+                    fault = fault[len("always-"):]
+                else:
+                    self.plan.pop(0)
+                self.done[fault] += 1
+                return fault
+        return None
+
+    def gets(self, pattern: str) -> int:
+        found = re.compile(pattern)
+        return sum(1 for method, path, _ in self.requests if method == "GET" and found.search(path))
+
+
+def _inject(handler: BaseHTTPRequestHandler, fault: str, faults: Faults) -> bool:
+    """Answer with ``fault`` where it replaces the response; False where it changes the body."""
+    if fault == "503":
+        handler.send_response(503)
+        handler.send_header("Content-Type", "application/xml")
+        handler.send_header("Content-Length", str(len(SLOW_DOWN)))
+        handler.end_headers()
+        handler.wfile.write(SLOW_DOWN)
+        return True
+    if fault in ("403", "404"):
+        code = int(fault)
+        body = (b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>" if code == 403
+                else b"<Error><Code>NoSuchKey</Code><Message>The specified key does not exist.</Message>"
+                     b"</Error>")
+        handler.send_response(code)
+        handler.send_header("Content-Type", "application/xml")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+        return True
+    if fault == "stall":
+        time.sleep(faults.stall_s)
+        handler.close_connection = True
+        with contextlib.suppress(OSError):
+            handler.connection.shutdown(socket.SHUT_RDWR)
+        return True
+    return False
+
+
+def _send_body(handler: BaseHTTPRequestHandler, body: bytes, drop: bool, faults: Faults) -> None:
+    """The body, or (``drop``) half of it and then the connection closed."""
+    with faults.lock:
+        faults.sent += len(body) // 2 if drop else len(body)
+    if drop:
+        handler.wfile.write(body[:len(body) // 2])
+        handler.wfile.flush()
+        handler.close_connection = True
+        handler.connection.shutdown(socket.SHUT_RDWR)
+    else:
+        handler.wfile.write(body)
+
+
+class FaultProxy:
+    """A proxy in front of ``upstream`` (an http://host:port) injecting ``faults``."""
+
+    def __init__(self, upstream: str) -> None:
+        self.faults = Faults()
+        host, port = upstream.removeprefix("http://").split(":")
+        faults = self.faults
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _forward(self) -> None:
+                fault = faults.take(self.command, self.path, self.headers.get("Range"))
+                if fault is not None and _inject(self, fault, faults):
+                    length = int(self.headers.get("Content-Length") or 0)
+                    if length:
+                        self.rfile.read(length)
+                    return
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                upstream_connection = http.client.HTTPConnection(host, int(port), timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+                upstream_connection.request(self.command, self.path, body=body, headers=headers)
+                response = upstream_connection.getresponse()
+                data = response.read()
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                upstream_length = response.getheader("Content-Length")
+                head = self.command == "HEAD" and upstream_length is not None
+                self.send_header("Content-Length", upstream_length if head else str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    _send_body(self, data, fault == "drop", faults)
+                upstream_connection.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = _serve(self.server)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class S3Server:
+    """moto's S3 server on 127.0.0.1, with a fault proxy in front (``endpoint``)."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        os.environ.update(CREDENTIALS)
+        self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.moto.start()
+        host, port = self.moto.get_host_and_port()
+        self.direct = f"http://{host}:{port}"
+        self.proxy = FaultProxy(self.direct)
+        self.endpoint = self.proxy.url
+        self.faults = self.proxy.faults
+
+    def options(self, **extra) -> dict:
+        """data.storage_options for this server (short timeouts: a stall is a timeout)."""
+        return {"endpoint_url": self.endpoint, "config_kwargs": {"read_timeout": 2, "connect_timeout": 2},
+                **extra}
+
+    def filesystem(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(endpoint_url=self.direct, skip_instance_cache=True)
+
+    def upload(self, local: Path, bucket: str, prefix: str) -> str:
+        """``local`` (a file or a folder) copied under s3://bucket/prefix; the URL."""
+        fs = self.filesystem()
+        if not fs.exists(bucket):
+            fs.mkdir(bucket)
+        if local.is_dir():
+            for file in sorted(p for p in local.rglob("*") if p.is_file()):
+                fs.put_file(str(file), f"{bucket}/{prefix}/{file.relative_to(local).as_posix()}")
+        else:
+            fs.put_file(str(local), f"{bucket}/{prefix}")
+        return f"s3://{bucket}/{prefix}"
+
+    def close(self) -> None:
+        self.proxy.close()
+        self.moto.stop()
+
+
+class RangeFiles:
+    """A static file server over ``folder`` that answers Range requests (206), with faults."""
+
+    def __init__(self, folder: Path) -> None:
+        self.faults = Faults()
+        faults = self.faults
+
+        class Handler(SimpleHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def __init__(self, *args, **kwargs) -> None:
+                super().__init__(*args, directory=str(folder), **kwargs)
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self._answer(head=False)
+
+            def do_HEAD(self) -> None:
+                self._answer(head=True)
+
+            def _answer(self, head: bool) -> None:
+                fault = faults.take(self.command, self.path, self.headers.get("Range"))
+                if fault is not None and _inject(self, fault, faults):
+                    return
+                file = Path(self.translate_path(self.path))
+                if not file.is_file():
+                    self.send_error(404)
+                    return
+                data = file.read_bytes()
+                found = re.match(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
+                if found:
+                    start = int(found.group(1))
+                    stop = min(len(data), int(found.group(2)) + 1) if found.group(2) else len(data)
+                    body = data[start:stop]
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{len(data)}")
+                else:
+                    body = data
+                    self.send_response(200)
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if not head:
+                    _send_body(self, body, fault == "drop", faults)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = _serve(self.server)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
