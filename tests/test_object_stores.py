@@ -177,6 +177,38 @@ def test_a_missing_object_is_the_unit_error_of_a_missing_file(collection, s3, tm
                       tmp_path / "images")
 
 
+def test_folders_and_lists_of_objects_give_the_items_of_local_ones(corpus, s3, tmp_path):
+    url = s3.upload(corpus, "bucket", "corpus")
+    s3.faults.set([], "corpus/")
+    gets = s3.faults.gets("corpus/n0")
+    listing = write_listing(DataConfig(path=url, storage_options=s3.options()), tmp_path / "listed")
+    assert listing.kind == "imagefolder" and listing.n_items == 11
+    assert s3.faults.gets("corpus/n0") == gets  # one listing of the prefix: no image read
+    remote = load_items(DataConfig(path=url, storage_options=s3.options()))
+    local = load_items(DataConfig(path=str(corpus)))
+    assert (remote.ids, remote.labels) == (local.ids, local.labels)
+    assert remote.payloads == [Path(path).read_bytes() for path in local.payloads]
+    flat = load_items(DataConfig(path=url, kind="images", storage_options=s3.options()))
+    assert flat.ids == local.ids and flat.labels == [None] * 11
+    # A list object of keys relative to it and full URLs; one object gone is an error row.
+    keys = [f"corpus/{item}" for item in local.ids[:3]] + [f"{url}/{local.ids[3]}", "corpus/gone.jpg"]
+    fs = s3.filesystem()
+    for path in (tmp_path / "images.txt", "s3://bucket/images.txt"):
+        if isinstance(path, Path):  # a local list naming objects by URL
+            path.write_text("\n".join(f"{url}/{item}" for item in local.ids[:4]) + "\n")
+            expected_ids = [f"{url}/{item}" for item in local.ids[:4]]
+        else:
+            fs.pipe("bucket/images.txt", ("\n".join(keys) + "\n").encode())
+            expected_ids = keys
+        cfg = DataConfig(path=str(path), storage_options=s3.options())
+        listing = write_listing(cfg, tmp_path / f"list-{isinstance(path, Path)}")
+        records = [record for unit in range(listing.n_units) for record in listing.records(unit)]
+        assert [record.id for record in records] == expected_ids
+        assert [record.payload for record in records[:4]] == remote.payloads[:4]
+    assert records[4].payload is None and records[4].error.startswith("FileNotFoundError: ")
+    assert "s3://bucket/corpus/gone.jpg: no such object (404)" in records[4].error
+
+
 # ------------------------------------------------------------------ whole jobs
 
 

@@ -110,6 +110,28 @@ def fault_kind(error: BaseException) -> str | None:
     return None
 
 
+class _Requests:
+    """Requests made through Store in this process, by kind (``get``: ranged reads; ``info``: a
+    HEAD where the listing did not cache the answer)."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.lock = threading.Lock()
+
+    def add(self, kind: str) -> None:
+        with self.lock:
+            self.counts[kind] += 1
+
+
+REQUESTS = _Requests()
+
+
+def request_counts() -> dict[str, int]:
+    """Requests made through Store in this process, retries included, by kind."""
+    with REQUESTS.lock:
+        return dict(REQUESTS.counts)
+
+
 class _Retries:
     """Retries by kind in this process; the first of each kind is logged as a warning."""
 
@@ -242,7 +264,10 @@ class Store:
         return with_retries(what, request)
 
     def info(self, url: str) -> dict[str, Any]:
-        return self.call(url, lambda: self.fs.info(self.path(url)))
+        def head() -> dict[str, Any]:
+            REQUESTS.add("info")
+            return self.fs.info(self.path(url))
+        return self.call(url, head)
 
     def size(self, url: str) -> int:
         return int(self.info(url)["size"])
@@ -269,11 +294,47 @@ class Store:
     def read_range(self, url: str, start: int, stop: int) -> bytes:
         """Bytes ``start`` to ``stop`` (exclusive) of an object, in one ranged GET (retried)."""
         def get() -> bytes:
+            REQUESTS.add("get")
             data = self.fs.cat_file(self.path(url), start=start, end=stop)
             if len(data) != stop - start:  # a body cut short without an error
                 raise ConnectionError(f"the response ended after {len(data)} of {stop - start} bytes")
             return data
         return self.call(f"{url} bytes {start}-{stop - 1}", get)
+
+    def read(self, url: str) -> bytes:
+        """A whole (small) object in one GET, retried."""
+        def get() -> bytes:
+            REQUESTS.add("get")
+            return self.fs.cat_file(self.path(url))
+        return self.call(url, get)
+
+    def read_many(self, urls: list[str]) -> dict[str, bytes | OSError]:
+        """Whole objects fetched concurrently (one batch of requests); each that failed for a
+        transient fault is tried again on its own, retried; a missing or forbidden one maps to
+        its FileNotFoundError or PermissionError."""
+        paths = {self.path(url): url for url in urls}
+        for _ in urls:
+            REQUESTS.add("get")
+        try:
+            fetched = self.fs.cat(list(paths), on_error="return")
+        except Exception:  # the whole batch failed: each is fetched on its own, retried
+            fetched = {path: None for path in paths}
+        out: dict[str, bytes | OSError] = {}
+        for path, url in paths.items():
+            data = fetched.get(path) if isinstance(fetched, dict) else None
+            if isinstance(data, bytes):
+                out[url] = data
+                continue
+            if isinstance(data, BaseException) and fault_kind(data) is None:
+                plain = _plain(data, url)
+                out[url] = plain if isinstance(plain, OSError) else OSError(
+                    errno.EIO, f"{url}: {type(data).__name__}: {str(data)[:200]}")
+                continue
+            try:
+                out[url] = self.read(url)
+            except OSError as error:
+                out[url] = error
+        return out
 
     def open(self, url: str, size: int | None = None, block_size: int | None = None) -> RangedReader:
         """``url`` for sequential reading in large ranged GETs (its size found by one HEAD where

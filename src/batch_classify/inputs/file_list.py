@@ -7,8 +7,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from batch_classify.core.config import DataConfig
+from batch_classify.core.storage import is_url
 from batch_classify.inputs.base import Enumeration, Found, InputError, Repeats, chunked
 from batch_classify.inputs.listed import ListedKind
+from batch_classify.inputs.objects import object_lines
 from batch_classify.inputs.state import StateRecorder
 
 LIST_SUFFIXES = frozenset({".txt", ".lst", ".list"})
@@ -19,6 +21,7 @@ class FileList(ListedKind):
 
     name = "file_list"
     folder = False
+    urls = True
 
     @classmethod
     def detect(cls, found: Found) -> bool:
@@ -26,6 +29,8 @@ class FileList(ListedKind):
 
     @classmethod
     def enumerate(cls, cfg: DataConfig, state: StateRecorder | None = None) -> Enumeration:
+        if is_url(cfg.path):
+            return object_list(cfg)
         path = Path(cfg.path)
         if state is not None:
             state.file(os.path.realpath(path))
@@ -127,6 +132,24 @@ def file_list(list_path: Path) -> Enumeration:
                         raise InputError(f"data.path {list_path}: {again}; list each file once")
                 if not repeats.checking:
                     notes.append(f"repeated files checked for the first {Repeats.LIMIT} lines only")
-            yield line, None, line if os.path.isabs(line) else None
+            yield line, None, line if os.path.isabs(line) or is_url(line) else None
 
     return Enumeration("file_list", str(root), notes=notes, rows=chunked(rows()))
+
+
+def object_list(cfg: DataConfig) -> Enumeration:
+    """A list that is itself an object: lines are URLs, or keys relative to the list's prefix."""
+    root = cfg.path.rsplit("/", 1)[0]
+    notes: list[str] = []
+
+    def rows() -> Iterator[tuple[str, None, str | None]]:
+        repeats = Repeats()
+        for number, line in object_lines(cfg):
+            if repeats.candidate(line):
+                first = next((n for n, text in object_lines(cfg) if n < number and text == line), None)
+                if first is not None:
+                    raise InputError(f"data.path {cfg.path}: {line!r} is listed twice (again on line "
+                                     f"{number}), first on line {first}; list each object once")
+            yield line, None, line if is_url(line) else None
+
+    return Enumeration("file_list", root, notes=notes, rows=chunked(rows()))

@@ -12,9 +12,11 @@ from pathlib import Path
 
 from batch_classify.core.config import DataConfig
 from batch_classify.core.labels import WNID, parse_imagenet_label, wnid_to_index
+from batch_classify.core.storage import is_url
 from batch_classify.inputs.base import Enumeration, Found, InputError, Repeats, chunked, is_image, line_hash
 from batch_classify.inputs.file_list import Spellings, open_text, utf8_lines
 from batch_classify.inputs.listed import ListedKind
+from batch_classify.inputs.objects import object_images
 from batch_classify.inputs.state import StateRecorder
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,7 @@ class ImageFolder(ListedKind):
     """One subfolder per class: wnid folders map to ImageNet-1k, other names to sorted order."""
 
     name = "imagefolder"
+    urls = True
 
     @classmethod
     def detect(cls, found: Found) -> bool:
@@ -32,6 +35,9 @@ class ImageFolder(ListedKind):
 
     @classmethod
     def enumerate(cls, cfg: DataConfig, state: StateRecorder | None = None) -> Enumeration:
+        if is_url(cfg.path):
+            root, names = object_images(cfg)
+            return image_folder(root, names=names)
         return image_folder(Path(cfg.path), state)
 
 
@@ -39,6 +45,7 @@ class FlatFolder(ListedKind):
     """Images anywhere under a folder; labelled by a CSV of filename,label (``data.labels``)."""
 
     name = "images"
+    urls = True
 
     @classmethod
     def detect(cls, found: Found) -> bool:
@@ -46,6 +53,13 @@ class FlatFolder(ListedKind):
 
     @classmethod
     def enumerate(cls, cfg: DataConfig, state: StateRecorder | None = None) -> Enumeration:
+        if is_url(cfg.path):
+            if cfg.labels:
+                raise InputError(f"data.labels with data.path {cfg.path}: a labels CSV is read for local "
+                                 "folders only; name the images in class prefixes (data.kind imagefolder)")
+            root, names = object_images(cfg)
+            return Enumeration("images", root, notes=[f"{len(names)} image object(s) under {root}"],
+                               rows=chunked((rel, None, None) for rel in names))
         path = Path(cfg.path)
         if not path.is_dir():
             raise InputError(f"data.path {path} is not a folder (data.kind: images)")
@@ -140,9 +154,15 @@ def walk_images(root: Path, state: StateRecorder | None = None,
                      f"{skipped['files']} linked file(s) listed elsewhere were skipped (one row per file)")
 
 
-def image_folder(root: Path, state: StateRecorder | None = None) -> Enumeration:
-    """One subfolder per class: wnid folders map to ImageNet-1k, other names to sorted order."""
-    class_dirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+def image_folder(root: Path | str, state: StateRecorder | None = None,
+                 names: list[str] | None = None) -> Enumeration:
+    """One subfolder per class: wnid folders map to ImageNet-1k, other names to sorted order.
+    ``names``: the images of a prefix in a store, listed already (its classes are the first
+    parts of their names)."""
+    if names is not None:
+        class_dirs = sorted({name.split("/", 1)[0] for name in names if "/" in name})
+    else:
+        class_dirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not class_dirs:
         raise InputError(f"data.path {root} has no class subfolders (data.kind: imagefolder)")
     if all(WNID.match(name) for name in class_dirs):
@@ -159,7 +179,7 @@ def image_folder(root: Path, state: StateRecorder | None = None) -> Enumeration:
     notes = [note]
 
     def rows() -> Iterator[tuple[str, int | None, None]]:
-        for rel in walk_images(root, state, notes):
+        for rel in names if names is not None else walk_images(root, state, notes):
             if "/" not in rel:
                 raise InputError(f"data.path {root}: image(s) such as {rel!r} lie outside the class "
                                  "subfolders; use data.kind: images for unlabelled folders")

@@ -12,9 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batch_classify.core.digests import add_digests, id_hash
+from batch_classify.core.errors import describe_error
 from batch_classify.core.layout import ROWS_FILE
+from batch_classify.core.storage import is_url, join, store_for
 from batch_classify.inputs.base import Cut, Enumeration, InputError, InputKind, Record, Sizing, row_units
 
+FETCH_BATCH = 64
+"""Objects fetched at once where items are in a store: latency, not bandwidth, bounds small images."""
 ROW_GROUP = 8192
 """Rows per row group of listing.parquet: a unit reads at most a few of them."""
 
@@ -46,6 +50,40 @@ class ListedKind(InputKind):
         return f"rows {int(units['start'][unit])}-{int(units['stop'][unit]) - 1}"
 
     def records(self, unit: int, read_images: bool = True) -> Iterator[Record]:
+        rows = self._rows(unit)
+        if not read_images:
+            return rows
+        return self._fetched(rows)
+
+    def _fetched(self, rows: Iterator[Record]) -> Iterator[Record]:
+        """Items that are objects in a store come with their bytes, fetched FETCH_BATCH at a time
+        concurrently; one that is gone or forbidden is an error row, as a missing file is."""
+        batch: list[Record] = []
+        for record in rows:
+            batch.append(record)
+            if len(batch) == FETCH_BATCH:
+                yield from self._fetch(batch)
+                batch = []
+        yield from self._fetch(batch)
+
+    def _fetch(self, batch: list[Record]) -> Iterator[Record]:
+        urls = [record.payload for record in batch if is_url(record.payload)]
+        if not urls:
+            yield from batch
+            return
+        fetched = store_for(urls[0], self.listing.info.get("storage_options")).read_many(urls)
+        for record in batch:
+            data = fetched.get(record.payload) if is_url(record.payload) else record.payload
+            limit = self.listing.limits.max_image_bytes
+            if isinstance(data, BaseException):
+                yield Record(record.id, record.label, None, describe_error(data))
+            elif isinstance(data, bytes) and len(data) > limit:
+                yield Record(record.id, record.label, None, f"FileTooLarge: {record.payload} is {len(data)} "
+                             f"bytes, over runtime.max_image_bytes ({limit})")
+            else:
+                yield Record(record.id, record.label, data, record.error)
+
+    def _rows(self, unit: int) -> Iterator[Record]:
         listing = self.listing
         if self._rows_file is None:
             self._rows_file = pq.ParquetFile(listing.folder / ROWS_FILE)
@@ -56,7 +94,7 @@ class ListedKind(InputKind):
             self._row_starts = starts
         start, stop = int(listing.units["start"][unit]), int(listing.units["stop"][unit])
         starts = self._row_starts
-        root = listing.root
+        root, remote = listing.root, self.remote
         for group in range(len(starts) - 1):
             if starts[group + 1] <= start or starts[group] >= stop:
                 continue
@@ -65,9 +103,12 @@ class ListedKind(InputKind):
             high = min(stop, starts[group + 1]) - starts[group]
             table = table.slice(low, high - low)
             for item_id, label, path in zip(*(table.column(c).to_pylist() for c in ("id", "label", "path"))):
-                yield Record(item_id, label, path if path is not None else os.path.join(root, item_id))
+                yield Record(item_id, label, path if path is not None else
+                             join(root, item_id) if remote else os.path.join(root, item_id))
 
     def check_reachable(self) -> None:
+        if self.remote:
+            return  # each object is asked for when read; one gone is an error row
         if not os.path.isdir(self.listing.root):
             raise FileNotFoundError(f"the image folder {self.listing.root} does not exist (moved or "
                                     "removed?)")

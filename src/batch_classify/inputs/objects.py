@@ -6,11 +6,20 @@ from __future__ import annotations
 
 import glob
 import posixpath
+from collections.abc import Iterator
 from pathlib import Path
 
 from batch_classify.core.config import DataConfig
 from batch_classify.core.storage import Store, is_url, store_for
-from batch_classify.inputs.base import HF_MARKERS, SPARK_MARKERS, Found, InputError, TopLevel, is_tar_name
+from batch_classify.inputs.base import (
+    HF_MARKERS,
+    SPARK_MARKERS,
+    Found,
+    InputError,
+    TopLevel,
+    is_image,
+    is_tar_name,
+)
 from batch_classify.inputs.tars import ShardSearch, ShardSpecError, brace_names, is_pattern
 
 
@@ -154,8 +163,36 @@ def _head(store: Store, url: str) -> int | None:
         return None
 
 
+def object_images(cfg: DataConfig) -> tuple[str, list[str]]:
+    """(root, the image objects under it relative to it, in path order) from one paginated
+    listing: no object is read. Names with a part starting with '.' are skipped, as local
+    hidden files are."""
+    root = cfg.path.rstrip("/")
+    names = []
+    for url in store_of(cfg).find(root):
+        rel = relative(url, root)
+        if is_image(rel) and not any(part.startswith(".") for part in rel.split("/")):
+            names.append(rel)
+    return root, names
+
+
+def object_lines(cfg: DataConfig) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a text object: a list of image URLs or keys."""
+    try:
+        text = store_of(cfg).read(cfg.path).decode("utf-8-sig")
+    except (FileNotFoundError, PermissionError) as error:
+        raise InputError(f"data.path {cfg.path}: {error}") from None
+    except UnicodeDecodeError as error:
+        raise InputError(f"data.path {cfg.path}: not UTF-8 text ({error.reason}); save the list as UTF-8"
+                         ) from None
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            yield number, line
+
+
 def check_url_kind(kind_name: str, reads_urls: bool, path: str) -> None:
     if is_url(path) and not reads_urls:
         raise InputError(f"data.path {path}: data.kind {kind_name} reads local paths only; from a store, "
-                         "use WebDataset tars (webdataset) or Parquet files (parquet), or copy the files "
+                         "use webdataset, parquet, imagefolder, images or file_list, or copy the dataset "
                          "to a local folder")
