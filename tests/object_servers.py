@@ -40,6 +40,9 @@ class Faults:
         self.requests: list[tuple[str, str, str | None]] = []
         self.lock = threading.Lock()
         self.stall_s = 3.0
+        self.put_delay_s = 0.0
+        self.put_pattern = re.compile("$^")
+        """PUTs whose path matches wait put_delay_s before they are forwarded (a slow upload)."""
         self.sent = 0
         """Body bytes sent for GETs so far."""
 
@@ -131,6 +134,11 @@ class FaultProxy:
                     return
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                if length and len(body) < length:  # the client died mid-upload: S3 stores nothing
+                    self.close_connection = True
+                    return
+                if self.command == "PUT" and faults.put_pattern.search(self.path):
+                    time.sleep(faults.put_delay_s)
                 upstream_connection = http.client.HTTPConnection(host, int(port), timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
                 upstream_connection.request(self.command, self.path, body=body, headers=headers)

@@ -5,8 +5,12 @@ faults (a connection dropped mid-object, 503 SlowDown, a stall past the client's
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
+import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +70,14 @@ def collection(tmp_path_factory, s3) -> dict:
         pq.write_table(table, root / "tables" / f"train-{shard:05d}.parquet", row_group_size=3)
     return {"local": root, "wds": s3.upload(root / "wds", "bucket", "wds"),
             "tables": s3.upload(root / "tables", "bucket", "tables")}
+
+
+@pytest.fixture(scope="module")
+def local_tars(collection, tiny_models, tmp_path_factory) -> Path:
+    """The job's output over the local copies of the tars."""
+    out = tmp_path_factory.mktemp("local-tars") / "out"
+    _job(tiny_models["beit"], str(collection["local"] / "wds"), out)
+    return out
 
 
 def _compared(rows: dict[str, dict]) -> dict[str, tuple]:
@@ -173,8 +185,8 @@ def test_a_missing_object_is_the_unit_error_of_a_missing_file(collection, s3, tm
         write_listing(DataConfig(path=collection["wds"] + "-gone", kind="webdataset",
                                  storage_options=s3.options()), tmp_path / "gone")
     with pytest.raises(InputError, match="reads local paths only"):
-        write_listing(DataConfig(path=collection["wds"], kind="images", storage_options=s3.options()),
-                      tmp_path / "images")
+        write_listing(DataConfig(path=collection["wds"], kind="hf", storage_options=s3.options()),
+                      tmp_path / "hf")
 
 
 def test_folders_and_lists_of_objects_give_the_items_of_local_ones(corpus, s3, tmp_path):
@@ -212,20 +224,20 @@ def test_folders_and_lists_of_objects_give_the_items_of_local_ones(corpus, s3, t
 # ------------------------------------------------------------------ whole jobs
 
 
-def test_tars_in_a_bucket_give_the_rows_of_local_copies_through_faults(collection, s3, tiny_models, tmp_path):
+def test_tars_in_a_bucket_give_the_rows_of_local_copies_through_faults(collection, s3, tiny_models, tmp_path,
+                                                                       local_tars):
     model = tiny_models["beit"]
-    _job(model, str(collection["local"] / "wds"), tmp_path / "local")
     s3.faults.set(["503", "503", "drop", "stall"], "wds/00001.tar")
     result = _job(model, collection["wds"] + "/{00000..00002}.tar", tmp_path / "s3", s3.options())
     assert dict(s3.faults.done) == {"503": 2, "drop": 1, "stall": 1}
-    local, remote = read_rows(tmp_path / "local"), read_rows(tmp_path / "s3")
+    local, remote = read_rows(local_tars), read_rows(tmp_path / "s3")
     assert len(remote) == 14 and _compared(remote) == _compared(local)  # none lost, none twice
     for kind in ("SlowDown", "connection", "timeout"):
         said = [line for line in result.stderr.splitlines() if f": {kind} (" in line and "retrying" in line]
         assert len(said) == 1, said
     assert "object store: 4 request(s) retried (2 SlowDown, 1 connection, 1 timeout)" in result.stderr
     assert "ranged GETs of 32 MiB" in result.stderr
-    metrics_local = json.loads((tmp_path / "local" / "metrics.json").read_text())
+    metrics_local = json.loads((local_tars / "metrics.json").read_text())
     metrics_remote = json.loads((tmp_path / "s3" / "metrics.json").read_text())
     for key in ("n", "n_errors", "n_labelled", "n_scored", "top1", "top5", "ece"):
         assert metrics_remote[key] == metrics_local[key], key
@@ -254,3 +266,75 @@ def test_a_forbidden_tar_stops_the_job_with_one_line_and_a_rerun_finishes(collec
     _job(model, collection["wds"], out, s3.options())
     rows = read_rows(out)
     assert len(rows) == 14 and all(row["error"] is None for row in rows.values())
+
+
+def test_outputs_in_a_bucket_survive_a_kill_with_nothing_lost_doubled_or_partial(
+        collection, s3, tiny_models, tmp_path, monkeypatch, local_tars):
+    import signal
+
+    from test_preemption import Background
+
+    from batch_classify.commands.cli import main as cli_main
+
+    model, url = tiny_models["beit"], "s3://outputs/run"
+    fs = s3.filesystem()
+    if not fs.exists("outputs"):
+        fs.mkdir("outputs")
+    args = ["--model.name", str(model), "--data.path", str(collection["local"] / "wds"), "--output.dir", url,
+            "--output.storage_options", json.dumps(s3.options()),
+            "--output.staging", str(tmp_path / "staging")]
+    s3.faults.put_delay_s, s3.faults.put_pattern = 1.5, re.compile("/outputs/run/predictions/")
+    try:
+        job = Background(args, processes=1)
+        deadline = time.monotonic() + 120
+        while not fs.glob("outputs/run/predictions/unit-*.parquet", refresh=True):
+            assert time.monotonic() < deadline and job.process.poll() is None, "".join(job.log)
+            time.sleep(0.1)
+        os.killpg(job.process.pid, signal.SIGKILL)
+        job.process.wait()
+    finally:
+        s3.faults.put_delay_s = 0.0
+    committed = fs.glob("outputs/run/predictions/*", refresh=True)
+    assert 1 <= len(committed) < 3, committed  # killed mid-run
+    for key in committed:  # every object there is a whole unit file
+        assert pq.read_table(io.BytesIO(fs.cat_file(key))).num_rows == 5
+    assert fs.exists("outputs/run/.lease.json")  # the killed job's
+    # Resumed from another staging folder (another machine): what the bucket holds is its start.
+    args[-1] = str(tmp_path / "staging-2")
+    resumed = run_job(args)
+    assert "resuming" in resumed.stderr and "taking over the lease" in resumed.stderr
+    assert not fs.exists("outputs/run/.lease.json")
+    for name in ("manifest.json", "metrics.json", "config.yaml", "input/listing.json", "input/units.parquet"):
+        assert fs.exists(f"outputs/run/{name}"), name
+    copy = tmp_path / "copy"
+    fs.get("outputs/run/predictions", str(copy / "predictions"), recursive=True)
+    rows = read_rows(copy)  # fails on an id written twice
+    assert _compared(rows) == _compared(read_rows(local_tars))
+    monkeypatch.setenv("BATCH_CLASSIFY_STORAGE_OPTIONS", json.dumps(s3.options()))
+    monkeypatch.setenv("BATCH_CLASSIFY_CACHE", str(tmp_path / "cache"))
+    assert cli_main(["verify", url]) == 0
+    assert cli_main(["aggregate", url]) == 0
+    assert cli_main(["compare", url, str(local_tars)]) == 0
+
+
+def test_a_second_job_on_an_output_in_a_bucket_is_refused(s3, tmp_path, monkeypatch):
+    from batch_classify.output import remote as remote_module
+    from batch_classify.output.remote import LEASE, OutputElsewhere, attach
+
+    fs = s3.filesystem()
+    if not fs.exists("outputs"):
+        fs.mkdir("outputs")
+    fs.pipe(f"outputs/held/{LEASE}", json.dumps({"host": "node-7", "pid": 4242, "since": 0}).encode())
+    remote = attach("s3://outputs/held", s3.options(), str(tmp_path / "staging"))
+    with pytest.raises(OutputElsewhere, match=r"in use by another job \(pid 4242 on node-7 since 1970"):
+        remote.acquire()
+    fs.rm(f"outputs/held/{LEASE}")
+    remote.acquire()
+    assert json.loads(fs.cat(f"outputs/held/{LEASE}"))["pid"] == os.getpid()
+    other = attach("s3://outputs/held", s3.options(), str(tmp_path / "other"))
+    with monkeypatch.context() as patch:  # a job on another host, while this one holds the lease
+        patch.setattr(remote_module.socket, "gethostname", lambda: "elsewhere")
+        with pytest.raises(OutputElsewhere, match="in use by another job"):
+            other.acquire()
+    remote.release()
+    assert not fs.exists(f"outputs/held/{LEASE}")

@@ -50,8 +50,13 @@ class FolderCommand:
         for folder in self.folders:
             parser.add_argument(folder)
         args = parser.parse_args(argv)
-        try:
-            text, status = self.action(*(getattr(args, folder) for folder in self.folders))
+        from batch_classify.output.remote import push_staged, staged
+
+        try:  # an output in a store is read from (and written back through) its staging folder
+            folders = [staged(getattr(args, folder)) for folder in self.folders]
+            text, status = self.action(*folders)
+            for folder in folders:
+                push_staged(folder)
         except self.errors as error:
             print(f"batch-classify {self.name}: {error}", file=sys.stderr)
             return self.error_status

@@ -123,7 +123,13 @@ class OutputConfig:
     """Where the predictions and metrics go."""
 
     dir: str = ""
-    """Output folder: predictions/*.parquet, metrics.json, config.yaml, manifest.json."""
+    """Output folder: predictions/*.parquet, metrics.json, config.yaml, manifest.json; or a URL
+    (s3://bucket/run): written into output.staging, each file committed there by one PUT."""
+    storage_options: dict[str, Any] | None = None
+    """Where output.dir is a URL: options of the store's fsspec client, as data.storage_options."""
+    staging: str | None = None
+    """Where output.dir is a URL: the local folder the job writes into first (default
+    ~/.cache/batch-classify/outputs/<digest of the URL>); every rank must see it."""
     top_k: int = 5
     """How many classes each prediction row keeps."""
     unit_size: int = 0

@@ -27,6 +27,9 @@ COMPARISON = "comparison.json"
 MODELS_FILE = "models.json"
 SIDE_BY_SIDE = ("side_by_side.md", "side_by_side.json")
 
+REMOTE_FILE = ".remote.json"
+"""In a staging folder of an output in a store: the store's URL and options (output/remote.py)."""
+
 INPUT_DIR = "input"
 UNITS_FILE = "units.parquet"
 ROWS_FILE = "listing.parquet"

@@ -16,6 +16,7 @@ from batch_classify.core.digests import ids_digest
 from batch_classify.core.errors import error_type
 from batch_classify.core.layout import PREDICTIONS_DIR, unit_of, unit_path
 from batch_classify.models.embeddings import embedding_array, embedding_field
+from batch_classify.output.remote import publish_unit
 
 SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -93,6 +94,7 @@ def write_unit(output_dir: str | Path, unit: int, rows: dict[str, list], metadat
     with open(temporary, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(temporary, final)
+    publish_unit(output_dir, final)  # an output in a store: one PUT of the whole file
     return final
 
 

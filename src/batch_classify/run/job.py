@@ -25,7 +25,7 @@ from batch_classify.core.layout import CONFIG_FILE, METRICS, MODELS_FILE, PENDIN
 from batch_classify.core.limits import Limits
 from batch_classify.core.ownership import claim
 from batch_classify.core.preemption import Preempted, StopFlag
-from batch_classify.core.storage import retry_summary
+from batch_classify.core.storage import is_url, retry_summary
 from batch_classify.core.text import write_json
 from batch_classify.inputs.listing import Listing, read_listing, share_listing
 from batch_classify.models.model import Inference, LoadedModel, describe_model, load_model, prepare_inference
@@ -33,6 +33,7 @@ from batch_classify.models.predict import Predictor, Scoring
 from batch_classify.output.committed import Identity, check_committed
 from batch_classify.output.manifest import FORMAT_VERSION, OutputLock, prepare_output, read_manifest
 from batch_classify.output.progress import ErrorLog, Progress
+from batch_classify.output.remote import attach, push_staged
 from batch_classify.output.units import metrics_from_stats
 from batch_classify.output.writer import UnitWriter
 from batch_classify.pipeline.decode import Batch, TaskDataset, describe_error
@@ -301,12 +302,19 @@ def run(spec: JobSpec, leave_process_group: bool = True) -> dict[str, Any] | Non
     """
     state = init_state(spec.runtime.device, spec.runtime.timeout_s)
     configure_logging(state.process_index, state.is_main_process)
+    remote = None
+    if is_url(spec.output.dir):  # written into a staging folder, each file committed by one PUT
+        remote = attach(spec.output.dir, spec.output.storage_options, spec.output.staging)
+        spec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, dir=str(remote.local)))
     stop = StopFlag().install()
     namespace = f"batch_classify/run{next(_RUNS)}/"
     board = JobBoard(default_store(), state.process_index, state.num_processes, spec.runtime.timeout_s,
                      namespace=namespace)
     lock = OutputLock(spec.output.dir) if state.is_main_process else contextlib.nullcontext()
     try:
+        if remote is not None and state.is_main_process:  # one job at a time, then what is there
+            remote.acquire()
+            remote.pull()
         if state.is_main_process:  # before anything is written: not into the data or a stranger's files
             check_output_location(spec)
             folders = [model_folder(name) for name in spec.models] if len(spec.models) > 1 else []
@@ -326,6 +334,11 @@ def run(spec: JobSpec, leave_process_group: bool = True) -> dict[str, Any] | Non
         board.report_failure(describe_error(error))
         raise
     finally:
+        if remote is not None and state.is_main_process:
+            try:
+                push_staged(remote.local)
+            finally:
+                remote.release()
         retried = retry_summary()
         if retried:  # counted in this process (DataLoader workers count and warn on their own)
             log.info(retried)
@@ -431,6 +444,7 @@ def _run_rank(spec: JobSpec, state, stop: StopFlag, board: JobBoard) -> dict[str
     if state.is_main_process:
         listing, pending, already_done = _prepare_outputs(spec, output, jobs)
         _write_pending(output, pending)
+        push_staged(output)  # an output in a store: its listing, manifest and config there first
         board.announce("output ready")
     else:
         board.wait_for_main("output ready", stop)
