@@ -263,7 +263,8 @@ def test_a_forbidden_tar_stops_the_job_with_one_line_and_a_rerun_finishes(collec
     said = [line for line in failed.stderr.splitlines() if line.startswith("batch-classify: ")]
     assert len(said) == 1 and "s3://bucket/wds/00002.tar" in said[0] and "access denied (403)" in said[0]
     assert "Traceback" not in failed.stderr
-    _job(model, collection["wds"], out, s3.options())
+    run_job(["--model.name", str(model), "--data.path", collection["wds"], "--output.dir", str(out),
+             "--data.storage_options", json.dumps(s3.options())], processes=2)  # each rank opens the store
     rows = read_rows(out)
     assert len(rows) == 14 and all(row["error"] is None for row in rows.values())
 

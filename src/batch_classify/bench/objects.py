@@ -2,10 +2,10 @@
 tars on local disk, in one run (not a timed test).
 
 ``python -m batch_classify.bench.objects --tars 100 --dir /tmp/objects`` writes ``--tars``
-WebDataset tars of JPEGs (the img2dataset layout), starts moto's S3 server on 127.0.0.1 in a
-process of its own, uploads them, and then, for each source in turn (local first, then the
-bucket), lists the input and reads every unit's records as a rank does (tar parsing, the
-image bytes, and with ``--decode`` each image decoded to RGB). It prints for each: listing
+WebDataset tars of JPEGs (the img2dataset layout) and reads them from local disk; then it
+starts moto's S3 server on 127.0.0.1 in a process of its own, uploads them, and reads them from
+the bucket. Reading is what a rank does: list the input, then every unit's records (tar
+parsing, the image bytes, and with ``--decode`` each image decoded to RGB). It prints for each: listing
 time, images/s, MB/s, and for the bucket the GETs per tar and the ratio to local disk. Needs
 the s3 and test extras (s3fs, moto[server]).
 """
@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-objects-") as scratch:
         folder = args.dir or Path(scratch)
         tars = write_collection(folder / "wds", args.tars * args.per_tar, per_tar=args.per_tar)
+        os.sync()  # the tars on disk before anything is timed
+        # Local disk first, before the server starts: nothing else runs while it is timed.
+        local = read_all(DataConfig(path=str(folder / "wds")), Path(scratch) / "out-local", args.decode)
         server, endpoint = start_moto()
         try:
             fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             for tar in tars:
                 fs.put_file(str(tar), f"bench/wds/{tar.name}")
             options = {"endpoint_url": endpoint, "block_size": args.block_size}
-            local = read_all(DataConfig(path=str(folder / "wds")), Path(scratch) / "out-local", args.decode)
+            time.sleep(2)  # the server done with the uploads
             bucket = read_all(DataConfig(path="s3://bench/wds", storage_options=options),
                               Path(scratch) / "out-s3", args.decode)
         finally:

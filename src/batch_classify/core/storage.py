@@ -30,6 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from batch_classify.core.errors import UserError
+
 log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 32 << 20
@@ -80,7 +82,8 @@ _TRANSIENT_TEXT = ("slowdown", "slow down", "reduce your request rate", "service
                    "timeout", "connection reset", "connection aborted", "server disconnected",
                    "payload", "incompleteread", "incomplete read", "response ended prematurely",
                    "connection closed", "broken pipe", "temporarily", "too many requests",
-                   "requesttimeout", "bad gateway", "gateway")
+                   "requesttimeout", "bad gateway", "gateway", "could not connect", "cannot connect",
+                   "connection refused", "name resolution", "temporary failure")
 _TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 
 
@@ -344,11 +347,15 @@ class Store:
         return RangedReader(self, url, size, block_size or self.block_size)
 
 
-def _missing_client(protocol: str) -> ImportError:
+class MissingClient(UserError, ImportError):
+    """A URL whose store's client is not installed; the message names the extra."""
+
+
+def _missing_client(protocol: str) -> MissingClient:
     extra = EXTRAS.get(protocol)
     hint = (f"pip install 'batch-classify[{extra}]'" if extra else
             "install the fsspec filesystem for this scheme")
-    return ImportError(f"reading {protocol}:// needs its client: {hint}")
+    return MissingClient(f"{protocol}:// URLs need the store's client: {hint}")
 
 
 def store_for(url: str, options: dict[str, Any] | None = None) -> Store:

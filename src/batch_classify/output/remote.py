@@ -59,6 +59,8 @@ class RemoteOutput:
     url: str
     local: Path
     options: dict[str, Any] = field(default_factory=dict)
+    held: bool = False
+    """Whether this process holds the output's lease (only then does the job send its files)."""
 
     @property
     def store(self) -> Store:
@@ -148,6 +150,7 @@ class RemoteOutput:
         for _ in range(2):
             try:
                 store.call(url, lambda: store.fs.pipe_file(store.path(url), body, mode="create"))
+                self.held = True
                 return
             except FileExistsError:
                 holder = self._holder(url)
@@ -161,10 +164,14 @@ class RemoteOutput:
                 store.call(url, lambda: store.fs.rm_file(store.path(url)))
             except (TypeError, NotImplementedError, ValueError):  # no create-only writes: detect only
                 store.call(url, lambda: store.fs.pipe_file(store.path(url), body))
+                self.held = True
                 return
         raise OutputElsewhere(f"output.dir {self.url}: another job took the lease {url} meanwhile")
 
     def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
         store, url = self.store, join(self.url.rstrip("/"), LEASE)
         try:
             holder = self._holder(url)

@@ -334,7 +334,7 @@ def run(spec: JobSpec, leave_process_group: bool = True) -> dict[str, Any] | Non
         board.report_failure(describe_error(error))
         raise
     finally:
-        if remote is not None and state.is_main_process:
+        if remote is not None and remote.held:  # another job's output is left alone
             try:
                 push_staged(remote.local)
             finally:

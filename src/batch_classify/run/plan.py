@@ -7,6 +7,7 @@ says how much is committed and what is left.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -18,6 +19,7 @@ from batch_classify.core.config import ConfigError, JobSpec, parse_args
 from batch_classify.core.errors import UserError
 from batch_classify.core.layout import DAMAGED_DIR, INPUT_DIR, MANIFEST
 from batch_classify.core.ownership import check_location, claim
+from batch_classify.core.storage import is_url
 from batch_classify.inputs.listing import (
     LISTING_FORMAT,
     Listing,
@@ -30,6 +32,7 @@ from batch_classify.inputs.listing import matches as listing_matches
 from batch_classify.inputs.tars import is_pattern, shard_root
 from batch_classify.output.committed import Identity, examine_committed
 from batch_classify.output.manifest import OutputLock, OutputMismatch, read_manifest
+from batch_classify.output.remote import attach, push_staged
 from batch_classify.output.writer import committed_units
 from batch_classify.pipeline.distributed import CPU_BATCH_SIZE, GPU_BATCH_SIZE
 
@@ -77,7 +80,7 @@ def check_output_location(spec: JobSpec) -> None:
     """Refuse an output.dir inside, equal to or above the input, before anything is written."""
     data = spec.data
     root = data.path if os.path.exists(data.path) else (
-        str(shard_root(data.path)) if is_pattern(data.path) else None)
+        str(shard_root(data.path)) if is_pattern(data.path) and not is_url(data.path) else None)
     check_location(spec.output.dir, root,
                    [data.labels, data.class_subset, data.real_labels,
                     *(name for name in spec.models if os.path.exists(name))])
@@ -131,6 +134,12 @@ def committed_summary(listing: Listing, committed: set[int]) -> tuple[int | None
 
 def plan(spec: JobSpec) -> str:
     """List (or reuse the listing), then describe the job's units and the output folder."""
+    if is_url(spec.output.dir):  # an output in a store: planned in its staging folder, then sent
+        remote = attach(spec.output.dir, spec.output.storage_options, spec.output.staging)
+        remote.pull()
+        text = plan(dataclasses.replace(spec, output=dataclasses.replace(spec.output, dir=str(remote.local))))
+        push_staged(remote.local)
+        return text
     output = Path(spec.output.dir)
     started = time.monotonic()
     check_output_location(spec)
