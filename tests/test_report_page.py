@@ -302,3 +302,30 @@ def test_page_in_a_headless_browser(awkward: Path):
         shown = [img for img in section.find_elements(By.TAG_NAME, "img")]
         assert all(driver.execute_script("return arguments[0].naturalWidth", img) > 0 for img in shown)
         assert console_errors(driver) == []
+
+
+# ---------------------------------------------------------------- several models
+
+
+def test_models_page_shows_the_disagreements(tmp_path: Path):
+    from batch_classify.results.report.models_page import DISAGREEMENTS
+    from batch_classify.results.side_by_side import side_by_side
+
+    top = tmp_path / "out"
+    runs = {name: random_units(seed=seed) for name, seed in (("alpha", 11), ("beta", 12))}
+    for name, unit_rows in runs.items():
+        aggregate(write_output(top / name, unit_rows))
+    side_by_side(top, [top / "alpha", top / "beta"])
+    a, b = (all_rows(runs[name]) for name in ("alpha", "beta"))
+    differ = [(x, y) for x, y in zip(a, b) if decoded(x) and decoded(y) and x["topk_ids"][0] != y["topk_ids"][0]]
+    text = (top / "report.html").read_text(encoding="utf-8")
+    n_both = sum(decoded(x) and decoded(y) for x, y in zip(a, b))
+    assert f"{len(differ)} of {n_both} images" in text
+    ranked = sorted(differ, key=lambda p: (-max(p[0]["topk_scores"][0], p[1]["topk_scores"][0]), p[0]["unit"],
+                                           p[0]["row"]))[:DISAGREEMENTS]
+    shown = [attrs["title"] for tag, attrs in elements(top / "report.html")
+             if tag == "span" and attrs.get("class") == "id"]
+    assert shown == [x["id"] for x, _ in ranked]
+    # Each model's row of the table links to its own page.
+    links = {attrs["href"] for tag, attrs in elements(top / "report.html") if tag == "a"}
+    assert {"alpha/report.html", "beta/report.html"} <= links

@@ -34,7 +34,7 @@ td.num,th.num{text-align:right}
 table.sortable th{cursor:pointer;user-select:none;background:#f6f6f6}
 th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after{content:" \\25BC"}
 .grid{display:flex;flex-wrap:wrap;gap:8px}
-figure{margin:0;width:136px;font-size:12px}
+figure{margin:0;width:136px;font-size:12px}figure.wide{width:210px}
 figure .box{width:128px;height:128px;background:#eee;display:flex;align-items:center;justify-content:center}
 figure img{max-width:128px;max-height:128px;image-rendering:auto}
 figure .missing{color:#777;font-size:11px;padding:4px}
@@ -100,7 +100,7 @@ def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _table(headers: list[tuple[str, str]], rows: Iterable[str], table_id: str = "",
+def html_table(headers: list[tuple[str, str]], rows: Iterable[str], table_id: str = "",
            sortable: bool = False) -> str:
     """headers: (text, "number" or "text"); rows: ready <tr> strings."""
     attributes = (f' id="{table_id}"' if table_id else "") + (' class="sortable"' if sortable else "")
@@ -229,7 +229,7 @@ def _errors(page: Page) -> str:
         shown = "".join(f"<li><code>{esc(e.item_id)}</code> {esc(e.message)}</li>"
                         for e in examples.get(kind, []))
         rows.append(f"<tr><td>{esc(kind)}</td>{_cell(n, n)}<td><ul>{shown}</ul></td></tr>")
-    return '<h2 id="errors">Errors by type</h2>' + _table([("type", "text"), ("rows", "number"),
+    return '<h2 id="errors">Errors by type</h2>' + html_table([("type", "text"), ("rows", "number"),
                                                            ("examples (id, message)", "text")], rows)
 
 
@@ -271,7 +271,7 @@ def labelled_body(page: Page, scores: list[ClassScore], pairs: list[tuple[int, i
                     f"{_cell(percent(s.top1), s.top1)}"
                     f"{_cell(percent(s.top5), float('nan') if s.top5 is None else s.top5)}"
                     f"<td>{esc(commonest_text)}</td></tr>")
-    table = _table([("class", "text"), ("wnid", "text"), ("n", "number"), ("top-1", "number"),
+    table = html_table([("class", "text"), ("wnid", "text"), ("n", "number"), ("top-1", "number"),
                     ("top-5", "number"), ("most frequent wrong prediction", "text")], rows,
                    "class-table", True)
     parts = [_summary(page, summary),
@@ -317,7 +317,8 @@ def labelling_body(page: Page, ordered: list[tuple[int, int]], summary: list[tup
     rows = [f'<tr data-name="{esc(names.predicted(p).lower())}" data-index="{p}">'
             f"<td>{_class_link(p, names.predicted(p, short=True))}</td>{_cell(names.predicted_wnid(p))}"
             f"{_cell(n, n)}{_cell(percent(n / total), n / total)}</tr>" for p, n in ordered]
-    table = _table([("predicted class", "text"), ("wnid", "text"), ("images", "number"), ("share", "number")],
+    table = html_table([("predicted class", "text"), ("wnid", "text"), ("images", "number"),
+                        ("share", "number")],
                    rows, "class-table", True)
     parts = [_summary(page, summary),
              f'<h2 id="classes">Predicted classes ({len(ordered)})</h2>' + FILTER +

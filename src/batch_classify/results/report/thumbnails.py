@@ -123,9 +123,10 @@ class Pictures:
 
     @classmethod
     def read(cls, manifest: dict[str, Any], output_dir: str | Path, page: Iterable[tuple[int, str]],
-             sheets: Iterable[tuple[int, str]]) -> Pictures:
-        """Read every picture of the page and the sheets in one pass over their units."""
-        pictures = cls(Path(output_dir) / REPORT_ASSETS)
+             sheets: Iterable[tuple[int, str]], folder: Path | None = None) -> Pictures:
+        """Read every picture of the page and the sheets in one pass over their units; the page's
+        thumbnails go to ``folder`` (default: the output's report_files/)."""
+        pictures = cls(Path(output_dir) / REPORT_ASSETS if folder is None else folder)
         page, sheets = set(page), set(sheets)
 
         def use(unit: int, item_id: str, image: Image.Image) -> None:
