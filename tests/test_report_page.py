@@ -317,7 +317,8 @@ def test_models_page_shows_the_disagreements(tmp_path: Path):
         aggregate(write_output(top / name, unit_rows))
     side_by_side(top, [top / "alpha", top / "beta"])
     a, b = (all_rows(runs[name]) for name in ("alpha", "beta"))
-    differ = [(x, y) for x, y in zip(a, b) if decoded(x) and decoded(y) and x["topk_ids"][0] != y["topk_ids"][0]]
+    differ = [(x, y) for x, y in zip(a, b)
+              if decoded(x) and decoded(y) and x["topk_ids"][0] != y["topk_ids"][0]]
     text = (top / "report.html").read_text(encoding="utf-8")
     n_both = sum(decoded(x) and decoded(y) for x, y in zip(a, b))
     assert f"{len(differ)} of {n_both} images" in text

@@ -44,6 +44,7 @@ figcaption span{display:block;overflow:hidden;text-overflow:ellipsis;white-space
 .class-page:target{display:block}
 #filter{padding:4px 8px;width:280px}
 .note{color:#666}
+.pairs{display:flex;flex-wrap:wrap;gap:4px 24px}.pair h3{font-size:13px;margin:10px 0 4px;max-width:280px}
 """
 
 SCRIPT = """
@@ -282,9 +283,12 @@ def labelled_body(page: Page, scores: list[ClassScore], pairs: list[tuple[int, i
     parts.append('<h2 id="pairs">Most-confused pairs</h2>')
     if not pairs:
         parts.append('<p class="note">No mistakes.</p>')
+    blocks = []
     for true, predicted, n in pairs:
         title = f"{names.label(true, short=True)} taken for {names.predicted(predicted, short=True)}: {n}"
-        parts.append(gallery(page, title, pair_examples.get((true, predicted), []), "pair"))
+        shown = gallery(page, title, pair_examples.get((true, predicted), []), "pair")
+        blocks.append(f'<div class="pair">{shown}</div>')
+    parts.append(f'<div class="pairs">{"".join(blocks)}</div>')
     parts.append(f'<h2 id="calibration">Calibration</h2><p>Expected calibration error over {ECE_BINS} '
                  f'bins: {page.scan.calibration.ece():.4f}. Green: accuracy of the rows in each top-1 '
                  'confidence bin; red outline: the gap to their mean confidence; dashed: perfect '
