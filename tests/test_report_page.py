@@ -330,3 +330,30 @@ def test_models_page_shows_the_disagreements(tmp_path: Path):
     # Each model's row of the table links to its own page.
     links = {attrs["href"] for tag, attrs in elements(top / "report.html") if tag == "a"}
     assert {"alpha/report.html", "beta/report.html"} <= links
+
+
+def test_pages_of_a_real_two_model_job_in_a_browser(tiny_models, corpus, tmp_path: Path):
+    """The job writes report.html for each model and one for the pass; opened from file:// with the
+    network off, each loads every image without a console error, and the models' page links to them."""
+    import json
+
+    from conftest import run_job
+
+    out = tmp_path / "out"
+    models = [str(tiny_models["mobilenet_v1"]), str(tiny_models["efficientnet"])]
+    run_job(["--model.name", json.dumps(models), "--data.path", str(corpus), "--output.dir", str(out),
+             "--runtime.batch_size", "4", "--output.unit_size", "4"])
+    pages = [out / "report.html", out / "mobilenet_v1" / "report.html", out / "efficientnet" / "report.html"]
+    assert all(page.is_file() for page in pages)
+    with browser() as driver:
+        from selenium.webdriver.common.by import By
+
+        for page in pages:
+            driver.get(file_url(page))
+            images = load_every_image(driver)
+            assert images and all(image["width"] > 0 for image in images), (page, images)
+            assert console_errors(driver) == [], page
+        driver.get(file_url(pages[0]))
+        driver.find_element(By.CSS_SELECTOR, 'a[href="efficientnet/report.html"]').click()
+        assert driver.current_url == file_url(pages[2])
+        assert driver.find_element(By.ID, "class-table").is_displayed()
