@@ -139,9 +139,6 @@ def test_examples_equal_brute_force(tmp_path: Path, monkeypatch):
     assert _picked(result.misses) == _brute_top(misses, lambda r: r["label"], MISSES, True)
     assert _picked(result.sure_hits) == _brute_top(hits, lambda r: r["label"], HITS, True)
     assert _picked(result.unsure_hits) == _brute_top(hits, lambda r: r["label"], HITS, False)
-    ok = [r for r in rows if decoded(r)]
-    assert _picked(result.sure_predicted) == _brute_top(ok, lambda r: r["topk_ids"][0], PREDICTED, True)
-    assert _picked(result.unsure_predicted) == _brute_top(ok, lambda r: r["topk_ids"][0], PREDICTED, False)
     # Each of the 20 commonest confused pairs has examples: its most confident misses.
     pairs = _brute_top(misses, lambda r: (r["label"], r["topk_ids"][0]), examples_module.PAIR_EXAMPLES, True)
     chosen = {pair: [(e.unit, e.item_id) for e in found] for pair, found in result.pair_examples().items()}
@@ -154,6 +151,18 @@ def test_examples_equal_brute_force(tmp_path: Path, monkeypatch):
     for kind, found in result.errors.items():
         expected = [r["id"] for r in errors if r["error"].startswith(kind + ":")]
         assert [e.item_id for e in found] == expected[: examples_module.ERROR_EXAMPLES]
+
+
+def test_labelling_mode_examples_equal_brute_force(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(units, "BATCH_ROWS", 8)
+    from batch_classify.output.units import unit_files
+    from batch_classify.results.report.scan import scan
+
+    unit_rows = random_units(seed=8, labelled=False)
+    result = scan(unit_files(write_output(tmp_path / "out", unit_rows))).examples
+    ok = [r for r in all_rows(unit_rows) if decoded(r)]
+    assert _picked(result.sure_predicted) == _brute_top(ok, lambda r: r["topk_ids"][0], PREDICTED, True)
+    assert _picked(result.unsure_predicted) == _brute_top(ok, lambda r: r["topk_ids"][0], PREDICTED, False)
 
 
 def test_examples_come_from_a_bounded_set_of_units(tmp_path: Path, monkeypatch):

@@ -9,7 +9,7 @@ Showing an example means reading its image back from the input, and a unit's inp
 a run of row groups) is read whole to reach one item. So examples come from *example
 units* only: every unit while fewer than ``EXAMPLE_ROWS`` rows have been admitted, then any
 unit that holds a class no admitted unit held. That keeps the units read back bounded by
-the classes, not the rows (a shuffled collection of tars: the first two or three), and
+the classes, not the rows (a shuffled collection of tars of 10,000: the first one or two), and
 gives every class its examples (a folder sorted by class: each class's first unit). Whether
 a unit is admitted is decided when it ends, so the choice does not depend on record-batch
 sizes. Memory: classes x examples, plus one unit's candidates.
@@ -26,11 +26,11 @@ import pyarrow as pa
 
 from batch_classify.core.errors import error_type
 
-MISSES = 6
+MISSES = 4
 """Per true class: its most confident misses."""
-HITS = 3
+HITS = 2
 """Per true class: its most confident hits, and as many of its least confident."""
-PREDICTED = 5
+PREDICTED = 4
 """Per predicted class (labelling mode): its most confident rows, and as many least confident."""
 PAIRS_TRACKED = 64
 """Confused pairs whose examples are kept: the commonest so far (the report shows 20)."""
@@ -38,7 +38,7 @@ PAIR_EXAMPLES = 4
 ERROR_EXAMPLES = 5
 """Ids (with their messages) per error type: the first in unit then row order."""
 ERROR_TEXT = 300
-EXAMPLE_ROWS = 20_000
+EXAMPLE_ROWS = 10_000
 """Units are admitted as example units, whatever their classes, until this many rows are."""
 
 
@@ -186,20 +186,23 @@ class Examples:
         self.predicted_seen: set[int] = set()
         self.unit_pairs: set[tuple[int, int]] = set()
         self.units_admitted: list[int] = []
+        self.scored_any = False
 
     def add(self, unit: int, first_row: int, batch, scored: np.ndarray, correct: np.ndarray) -> None:
         hit, miss = scored & correct, scored & ~correct
         self.misses.offer(unit, first_row, miss, batch.label[miss], batch)
         self.sure_hits.offer(unit, first_row, hit, batch.label[hit], batch)
         self.unsure_hits.offer(unit, first_row, hit, batch.label[hit], batch)
-        self.sure_predicted.offer(unit, first_row, batch.ok, batch.top1[batch.ok], batch)
-        self.unsure_predicted.offer(unit, first_row, batch.ok, batch.top1[batch.ok], batch)
+        self.scored_any = self.scored_any or bool(scored.any())
+        if not self.scored_any:  # labelling mode's examples: unused once any row is scored
+            self.sure_predicted.offer(unit, first_row, batch.ok, batch.top1[batch.ok], batch)
+            self.unsure_predicted.offer(unit, first_row, batch.ok, batch.top1[batch.ok], batch)
+            self.unit_predicted.update(np.unique(batch.top1[batch.ok]).tolist())
         pair = (batch.label[miss] << PAIR_SHIFT) | batch.top1[miss]
         self.pairs.offer(unit, first_row, miss, pair, batch)
         self.unit_pairs.update((int(code) >> PAIR_SHIFT, int(code) & ((1 << PAIR_SHIFT) - 1))
                                for code in np.unique(pair).tolist())
         self.unit_classes.update(np.unique(batch.label[scored]).tolist())
-        self.unit_predicted.update(np.unique(batch.top1[batch.ok]).tolist())
         self._add_errors(unit, first_row, batch)
 
     def _add_errors(self, unit: int, first_row: int, batch) -> None:
@@ -215,8 +218,7 @@ class Examples:
     def end_unit(self, unit: int, n_rows: int, confused: Counter) -> None:
         """The unit's rows are all added: admit it as an example unit or not, and follow the
         commonest confused pairs (``confused``: the counts so far, this unit's included)."""
-        labelled = bool(self.classes_seen or self.unit_classes)
-        new = (self.unit_classes - self.classes_seen if labelled else
+        new = (self.unit_classes - self.classes_seen if self.scored_any else
                self.unit_predicted - self.predicted_seen)
         admitted = self.rows_admitted < EXAMPLE_ROWS or bool(new)
         if admitted:
@@ -244,8 +246,12 @@ class Examples:
         for pair in self.unit_pairs & self.tracked.keys():
             self.tracked[pair] = confused[pair]
         dropped = []
+        outsiders = self.unit_pairs - self.tracked.keys()
+        if len(self.tracked) >= PAIRS_TRACKED:  # only those that beat the weakest tracked pair can enter
+            weakest = max(map(rank, self.tracked))
+            outsiders = [pair for pair in outsiders if (-confused[pair], *pair) < weakest]
         # Best first: once one cannot displace the weakest tracked pair, none after it can.
-        for pair in sorted(self.unit_pairs - self.tracked.keys(), key=lambda p: (-confused[p], *p)):
+        for pair in sorted(outsiders, key=lambda p: (-confused[p], *p)):
             if len(self.tracked) >= PAIRS_TRACKED:
                 weakest = max(self.tracked, key=rank)
                 if (-confused[pair], *pair) >= rank(weakest):
