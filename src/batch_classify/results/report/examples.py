@@ -189,6 +189,7 @@ class Examples:
         self.scored_any = False
 
     def add(self, unit: int, first_row: int, batch, scored: np.ndarray, correct: np.ndarray) -> None:
+        """One record batch (a ``scan.Batch``) of ``unit``, its first row ``first_row``."""
         hit, miss = scored & correct, scored & ~correct
         self.misses.offer(unit, first_row, miss, batch.label[miss], batch)
         self.sure_hits.offer(unit, first_row, hit, batch.label[hit], batch)

@@ -75,10 +75,11 @@ def read_back(manifest: dict[str, Any], output_dir: str | Path, wanted: Iterable
     def opened(unit: int, item_id: str, source) -> None:
         try:
             image = open_image(source, max_pixels, DECODE_COVER)
-            use(unit, item_id, image)
-            reading.opened.add((unit, item_id))
         except Exception as error:  # one broken or moved item: its place says so
             reading.failed[(unit, item_id)] = f"{type(error).__name__}: {error}"
+            return
+        use(unit, item_id, image)  # a thumbnail that cannot be written is the output's fault: raised
+        reading.opened.add((unit, item_id))
 
     for unit in sorted(by_unit):
         ids = by_unit[unit]
