@@ -49,7 +49,7 @@ def awkward(tmp_path: Path) -> Path:
 
 
 PAGE_TAGS = ("html head meta title style body h1 h2 h3 p nav a code span table thead tbody tr th td input "
-             "section div figure figcaption img ul li svg rect line text script")
+             "section div figure figcaption img ul li svg rect line text script bdi")
 
 
 class Elements(HTMLParser):

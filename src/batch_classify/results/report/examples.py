@@ -204,9 +204,9 @@ class Examples:
         self.unit_pairs.update((int(code) >> PAIR_SHIFT, int(code) & ((1 << PAIR_SHIFT) - 1))
                                for code in np.unique(pair).tolist())
         self.unit_classes.update(np.unique(batch.label[scored]).tolist())
-        self._add_errors(unit, first_row, batch)
+        self._add_errors(unit, batch)
 
-    def _add_errors(self, unit: int, first_row: int, batch) -> None:
+    def _add_errors(self, unit: int, batch) -> None:
         if batch.errors is None or batch.errors.null_count == len(batch.errors):
             return
         indices = np.flatnonzero(~np.asarray(batch.errors.is_null().to_numpy(zero_copy_only=False)))
@@ -239,8 +239,8 @@ class Examples:
     def _track_pairs(self, confused: Counter) -> None:
         """Keep ``tracked`` the PAIRS_TRACKED commonest pairs by (-count, true, predicted). Counts
         only grow, so only pairs seen in this unit can enter; a pair among the 20 shown in the
-        end is tracked from its last row on, so it has examples if any unit it was then in was
-        admitted."""
+        end is tracked from the unit of its last row on (nothing can outrank it after), so it has
+        examples where that unit, or any other read while it was tracked, was admitted."""
         def rank(pair: tuple[int, int]) -> tuple[int, int, int]:
             return (-self.tracked.get(pair, confused[pair]), *pair)
 

@@ -156,7 +156,8 @@ def figure(page: Page, example: Example, kind: str) -> str:
         picture = f'<div class="missing" title="{esc(why)}">image unavailable</div>'
     else:
         picture = f'<img src="{esc(src)}" alt="{esc(alt)}" loading="lazy">'
-    caption = [f'<span class="id" title="{esc(example.item_id)}">{esc(example.item_id)}</span>']
+    # Cut at the start (the end of an id is its file name); <bdi> keeps its characters in order.
+    caption = [f'<span class="id" title="{esc(example.item_id)}"><bdi>{esc(example.item_id)}</bdi></span>']
     if label is not None:
         caption.append(f'<span class="truth" data-label="{esc(label)}">true: {esc(label)}</span>')
     css = "wrong" if kind in WRONG_KINDS else "pred"

@@ -111,7 +111,7 @@ def _figure(example: Disagreement, models: list[str], names: list[ClassNames], p
     picture = (f'<img src="{esc(src)}" alt="{esc(alt)}" loading="lazy">' if src is not None else
                f'<div class="missing" title="{esc(pictures.why_missing(example.unit, example.item_id))}">'
                "image unavailable</div>")
-    lines = [f'<span class="id" title="{esc(example.item_id)}">{esc(example.item_id)}</span>']
+    lines = [f'<span class="id" title="{esc(example.item_id)}"><bdi>{esc(example.item_id)}</bdi></span>']
     if label is not None:
         lines.append(f'<span class="truth" data-label="{esc(label)}">true: {esc(label)}</span>')
     lines += [f'<span class="pred" data-model="{esc(model)}" data-predicted="{esc(name)}">'
