@@ -193,7 +193,7 @@ def aggregate(output_dir: str | Path) -> dict[str, Any]:
     Refuses outputs with a damaged or foreign unit file, a missing or doubled unit, an id twice
     within a unit, or whose item count differs from the manifest. Totals come from the unit files'
     footers, so memory does not grow with the rows. Also writes the report (per_class.csv,
-    confusions.csv, report.md, plots, contact sheet).
+    confusions.csv, report.md, plots, contact sheet, report.html and its thumbnails).
     """
     output = Path(output_dir)
     manifest = read_manifest(output)
@@ -262,5 +262,8 @@ def format_table(metrics: dict[str, Any]) -> str:
         rows.append(("labels", metrics["model"]["label_space"]))
     if metrics.get("accuracy_unavailable"):
         rows.append(("accuracy", "unavailable: " + metrics["accuracy_unavailable"]))
+    if metrics.get("report_page_bytes"):  # ---- the report page (results/report/html.py)
+        size = metrics["report_page_bytes"] / 1e6
+        rows.append(("report", f"report.html with its thumbnails, {size:.1f} MB"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,9 @@ from batch_classify.core.layout import (
     PREDICTED,
     PREDICTED_PLOT,
     REPORT,
+    REPORT_ASSETS,
     REPORT_FILES,
+    REPORT_HTML,
     TIMING,
     UNCERTAIN,
 )
@@ -37,12 +40,11 @@ from batch_classify.output.units import (
     metrics_from_stats,
     unit_files,
 )
+from batch_classify.results.report.html import Page, page_pictures, write_html
 from batch_classify.results.report.names import ClassNames, class_names, shorten
 from batch_classify.results.report.pictures import (
-    Opener,
     Tile,
     contact_sheet,
-    image_opener,
     mistake_tile,
     prediction_tile,
 )
@@ -56,6 +58,9 @@ from batch_classify.results.report.scan import (
     per_class,
     scan,
 )
+from batch_classify.results.report.thumbnails import Pictures
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- files
 
@@ -83,6 +88,8 @@ class Context:
     names: ClassNames
     metrics: dict[str, Any]
     written: list[str] = dataclasses.field(default_factory=lambda: [REPORT])
+    pictures: Pictures | None = None
+    """Every picture of the report, read back unit by unit before anything is drawn."""
 
     @property
     def model_name(self) -> str:
@@ -108,19 +115,12 @@ def _summary(ctx: Context, extra: list[list[Any]]) -> list[str]:
     return ["## Summary", "", markdown_table(["", ""], rows + extra), ""]
 
 
-def _opener(manifest: dict[str, Any], output: Path) -> tuple[Opener | None, str | None]:
-    try:
-        return image_opener(manifest, output), None
-    except Exception as error:  # the report goes on without pictures
-        return None, f"{type(error).__name__}: {error}"
-
-
 def _sheet_section(ctx: Context, title: str, tiles: list[Tile], name: str) -> list[str]:
     lines = [f"## {title}", ""]
     if not tiles:
         return lines + ["None.", ""]
-    opener, opener_error = _opener(ctx.manifest, ctx.output)
-    opened = contact_sheet(tiles, opener, ctx.output / name)
+    opener_error = ctx.pictures.reading.unreachable
+    opened = contact_sheet(tiles, None if opener_error else ctx.pictures.tile, ctx.output / name)
     if opened:
         ctx.written.append(name)
         lines += [f"![{title.lower()}]({name})", ""]
@@ -233,8 +233,15 @@ def write_report(output_dir: str | Path, metrics: dict[str, Any] | None = None,
         metrics["images_per_second"] = timing.get("images_per_second")
     result = scan(files)
     ctx = Context(output, manifest, result, class_names(manifest, result.model_names), metrics)
+    sheet = result.mistakes if result.n_scored else result.uncertain
+    ctx.pictures = Pictures.read(manifest, output, page_pictures(result),
+                                 [(pick.unit, pick.item_id) for pick in sheet.picks()])
     body, extra = _labelled_report(ctx) if result.n_scored else _labelling_report(ctx)
     (output / REPORT).write_text("\n".join(_header(ctx) + body).rstrip() + "\n")
+    page_bytes = write_html(Page(output, manifest, metrics, result, ctx.names, ctx.pictures))
+    ctx.written += [REPORT_HTML, *([REPORT_ASSETS] if ctx.pictures.written else [])]
+    log.info("report: %s with %d thumbnails in %s/, %.1f MB; pictures read back from %d unit(s)", REPORT_HTML,
+             len(ctx.pictures.written), REPORT_ASSETS, page_bytes / 1e6, ctx.pictures.reading.units_read)
     for stale in set(REPORT_FILES) - set(ctx.written):  # left by an earlier report of other results
         (output / stale).unlink(missing_ok=True)
-    return {**extra, "report_files": ctx.written}
+    return {**extra, "report_files": ctx.written, "report_page_bytes": page_bytes}
