@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 
 from batch_classify.core.errors import UserError
+from batch_classify.core.faults import output_fault
 
 USAGE = """batch-classify <command> [options]
 
@@ -45,6 +46,12 @@ def _on_folders(command: str, description: str, folders: list[str], argv: list[s
     except errors as error:
         print(f"batch-classify {command}: {error}", file=sys.stderr)
         return error_status
+    except OSError as error:  # the folder's filesystem failed (full, read-only): one line
+        fault = output_fault(error, getattr(args, folders[0]))
+        if fault is None:
+            raise
+        print(f"batch-classify {command}: {fault.line()}", file=sys.stderr)
+        return fault.exit_status
     print(text)
     return status
 

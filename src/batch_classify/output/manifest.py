@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
 
 from batch_classify.core.errors import UserError
+from batch_classify.core.faults import with_path
 from batch_classify.core.ownership import claim, remove_predictions
 from batch_classify.output.writer import PREDICTIONS_DIR
 
@@ -43,8 +45,16 @@ def read_manifest(output_dir: str | Path) -> dict[str, Any] | None:
 def write_json(path: Path, value: Any) -> None:
     """Write JSON atomically (temporary file, then rename)."""
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n")
-    temporary.replace(path)
+    try:
+        temporary.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n")
+        temporary.replace(path)
+    except OSError as error:  # a full disk: no half-written file left beside the old one
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        named = with_path(error, path)
+        if named is error:
+            raise
+        raise named from error
 
 
 def _model_keys(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, ...]:

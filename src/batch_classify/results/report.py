@@ -533,6 +533,9 @@ class Context:
     names: ClassNames
     metrics: dict[str, Any]
     written: list[str] = dataclasses.field(default_factory=lambda: [REPORT])
+    scored: Callable[[dict[str, Any]], None] = lambda _extra: None
+    """Called with the report's scores before any of its files is written (aggregate writes
+    metrics.json then, so a report that cannot be written leaves the metrics in place)."""
 
     @property
     def model_name(self) -> str:
@@ -619,6 +622,7 @@ def _labelled_report(ctx: Context) -> tuple[list[str], dict[str, Any]]:
     macro = float(np.mean([s.top1 for s in scores]))
     ece = result.calibration.ece()
     pairs = confusions(result)
+    ctx.scored({"macro_top1": macro, "ece": ece, "n_classes_scored": len(scores)})
     _write_class_files(ctx, scores, pairs)
     plot_accuracy(scores, *result.calibration.reliability(), macro, ece, ctx.model_name,
                   ctx.output / PER_CLASS_PLOT)
@@ -638,6 +642,7 @@ def _labelled_report(ctx: Context) -> tuple[list[str], dict[str, Any]]:
 
 def _labelling_report(ctx: Context) -> tuple[list[str], dict[str, Any]]:
     result, names = ctx.scan, ctx.names
+    ctx.scored({"macro_top1": None, "ece": None, "n_classes_scored": 0})
     n_predicted = result.n_predicted
     ordered = sorted(result.predicted.items(), key=lambda x: (-x[1], x[0]))
     write_csv(ctx.output / PREDICTED, ["predicted_index", "predicted_wnid", "predicted_name", "count"],
@@ -667,7 +672,8 @@ def _labelling_report(ctx: Context) -> tuple[list[str], dict[str, Any]]:
 
 
 def write_report(output_dir: str | Path, metrics: dict[str, Any] | None = None,
-                 files: list[tuple[int, Path]] | None = None) -> dict[str, Any]:
+                 files: list[tuple[int, Path]] | None = None,
+                 scored: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Write report.md and its files next to metrics.json; return metrics to merge into it:
     ``macro_top1``, ``ece`` (both None in labelling mode), ``n_classes_scored``, ``report_files``.
 
@@ -687,6 +693,8 @@ def write_report(output_dir: str | Path, metrics: dict[str, Any] | None = None,
         metrics["images_per_second"] = timing.get("images_per_second")
     result = scan(files)
     ctx = Context(output, manifest, result, class_names(manifest, result.model_names), metrics)
+    if scored is not None:
+        ctx.scored = scored
     body, extra = _labelled_report(ctx) if result.n_scored else _labelling_report(ctx)
     (output / REPORT).write_text("\n".join(_header(ctx) + body).rstrip() + "\n")
     for stale in set(ALL_FILES) - set(ctx.written):  # left by an earlier report of other results

@@ -20,6 +20,7 @@ import torch
 from batch_classify import __version__
 from batch_classify.core.config import ConfigError, JobSpec, parse_args
 from batch_classify.core.errors import UserError
+from batch_classify.core.faults import OutputFault, leave_status, output_fault, reported_fault
 from batch_classify.core.labels import ModelLabels, class_subset, label_targets
 from batch_classify.core.limits import Limits
 from batch_classify.core.ownership import claim
@@ -36,6 +37,9 @@ from batch_classify.output.manifest import (
     write_json,
 )
 from batch_classify.output.progress import ErrorLog, Progress
+from batch_classify.output.redo import Redo, plan_redo
+from batch_classify.output.room import UnitShape, check_room, embedding_dim_hint, estimate_output
+from batch_classify.output.safe import safe_note
 from batch_classify.output.units import metrics_from_stats
 from batch_classify.output.writer import UnitWriter
 from batch_classify.pipeline.decode import Batch, TaskDataset, describe_error
@@ -191,7 +195,9 @@ def _predict_units(spec: JobSpec, work: RankWork, device: torch.device, progress
     decode, runs, and writes its own rows into its own folder."""
     several = len(work.models) > 1
     first = work.models[0].inference
-    tasks = UnitTasks(work.units, work.listing, spec.runtime.batch_size, stopping=lambda: stop.requested)
+    redo = Redo([job.output for job in work.models], work.listing.kind, spec.runtime.retry_errors)
+    tasks = UnitTasks(work.units, work.listing, spec.runtime.batch_size, stopping=lambda: stop.requested,
+                      select=redo.select)
     transform = (MultiTransform([m.inference.input_path.worker for m in work.models]) if several
                  else first.input_path.worker)
     if getattr(transform, "note", None):
@@ -199,7 +205,7 @@ def _predict_units(spec: JobSpec, work: RankWork, device: torch.device, progress
                  transform.note)
     limits = Limits.from_runtime(spec.runtime)
     work.listing.limits = limits
-    dataset = TaskDataset(transform, limits)
+    dataset = TaskDataset(transform, limits, spec.runtime.read_retries)
     loader = make_loader(dataset, tasks, workers, device, threads, stopping=lambda: stop.requested)
     errors = ErrorLog(spec.runtime.log_every_s)
     predictors, all_rows, writers = [], [], []
@@ -210,6 +216,7 @@ def _predict_units(spec: JobSpec, work: RankWork, device: torch.device, progress
                                     pad_to=spec.runtime.batch_size if job.spec.runtime.compile else None,
                                     sigmoid=inference.sigmoid, capture=inference.capture))
         writers.append(UnitWriter(job.output, job.metadata, inference.embedding_dim))
+        writers[-1].complete = redo.merge  # runtime.retry_errors: redone rows into the committed file's
         names = dict(zip(job.labels.ids, job.labels.names))
         all_rows.append(UnitRows(writers[-1], names, job.targets, errors if index == 0 else _Quiet()))
     model_seconds = [0.0] * len(work.models)
@@ -309,13 +316,21 @@ def run(spec: JobSpec, leave_process_group: bool = True) -> dict[str, Any] | Non
             return _run_rank(spec, state, stop, board)
     except Preempted:
         board.report_failure("stopped by a signal (preemption); its finished units are committed")
+        if (fault := reported_fault(board.fault(), state.is_main_process)) is not None:
+            raise fault from None  # stopped because a peer's output filesystem failed: its status
         raise
-    except RankFailed:
+    except RankFailed as error:
+        if (fault := reported_fault(error.detail, state.is_main_process)) is not None:
+            raise fault from None
         raise
     except UserError as error:
         board.report_failure(str(error))
         raise
     except BaseException as error:
+        if (fault := output_fault(error, spec.output.dir)) is not None:  # one line per job (core/faults.py)
+            fault.main_rank = state.is_main_process
+            board.report_failure(str(fault), fault.detail())
+            raise fault from None
         log.error("failed: %s", describe_error(error))
         board.report_failure(describe_error(error))
         raise
@@ -379,6 +394,7 @@ def _prepare_outputs(spec: JobSpec, output: Path,
     listing, _ = prepare_listing(spec, output)
     pending_units: set[int] = set()
     done_everywhere = set(range(listing.n_units))
+    redo_rows = 0
     for job in jobs:
         job.targets, unavailable = label_targets(listing.classes, job.labels)
         if listing.labelled is False:
@@ -393,7 +409,11 @@ def _prepare_outputs(spec: JobSpec, output: Path,
         checked = check_committed(job.output, listing.n_units, Identity.of(manifest))
         committed = checked.units
         job.committed = checked.totals
-        pending_units.update(u for u in range(listing.n_units) if u not in committed)
+        redo = plan_redo(job.output, committed, Identity.of(manifest), spec.runtime.retry_errors)
+        redo_rows = max(redo_rows, redo.rows)
+        if redo.units:
+            log.info("%s: %s", job.output, redo.describe(spec.runtime.retry_errors))
+        pending_units.update(u for u in range(listing.n_units) if u not in committed or u in redo.units)
         done_everywhere &= committed
     if len(jobs) > 1:
         (output / "config.yaml").write_text(spec.to_yaml())
@@ -403,7 +423,20 @@ def _prepare_outputs(spec: JobSpec, output: Path,
     already_done, summary = committed_summary(listing, done_everywhere)
     if done_everywhere:
         log.info("resuming: %s", summary)
+    if already_done is not None:
+        already_done -= redo_rows  # rows classified again count once, when done
+    log.info("%s", check_room(output, estimate_output(listing, pending, [_unit_shape(spec, job, listing)
+                                                                         for job in jobs]),
+                              refuse=spec.output.check_space))  # output/room.py: refused if it cannot fit
     return listing, pending, already_done
+
+
+def _unit_shape(spec: JobSpec, job: ModelJob, listing: Listing) -> UnitShape:
+    """What one model's unit files will hold, for the room check (the model is not loaded yet)."""
+    metadata = {"model": job.identity, "dataset_fingerprint": listing.info["fingerprint"],
+                "config": job.spec.to_dict()}
+    dim = embedding_dim_hint(job.spec.model.name) if spec.output.embeddings else None
+    return UnitShape(spec.output.top_k, job.labels.names, dim, metadata)
 
 
 def _run_rank(spec: JobSpec, state, stop: StopFlag, board: JobBoard) -> dict[str, Any] | None:
@@ -519,7 +552,7 @@ def current_metrics(output: Path, committed: dict[str, Any] | None) -> dict[str,
     if not isinstance(metrics, dict) or metrics.get("dataset", {}).get("n_units") != \
             manifest["dataset"]["n_units"] or metrics.get("model") != manifest["model"]:
         return None
-    if committed is None:
+    if committed is None or "report_files" not in metrics:  # written before a report that failed
         return None
     expected = metrics_from_stats(committed)
     if any(metrics.get(key) != expected[key] for key in SCORED_KEYS):
@@ -536,6 +569,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run(spec)
+    except OutputFault as fault:  # the output filesystem failed: one line, from the main rank only
+        if fault.main_rank:
+            folders = [Path(spec.output.dir) / model_folder(name) for name in spec.models]
+            note = safe_note(spec.output.dir, folders if len(folders) > 1 else None)
+            print(f"batch-classify: {fault.line(note)}", file=sys.stderr)
+        leave_status(fault.exit_status)
+        return fault.exit_status
     except UserError as error:  # a mistake to fix, not a bug: the message, no traceback
         print(f"batch-classify: {error}", file=sys.stderr)
         return 2
