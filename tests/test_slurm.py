@@ -535,3 +535,16 @@ def test_a_rank_bound_to_fewer_cpus_than_allocated_sizes_for_them_and_warns(refe
     assert (f"may run on 1 CPU(s) (its affinity mask) but Slurm allocated {allocated}"
             in node_log), node_log
     assert "1 thread(s)" in node_log, node_log
+
+
+def test_a_job_whose_output_filesystem_fills_up_while_stopping_is_not_requeued(tmp_path):
+    # Preempted (USR1), the ranks' last commits find the disk full: they exit 74, the launchers 1
+    # (as torchrun reports any failed rank). The batch script must not requeue: a requeued run
+    # would stop the same way; it ends with 74 and says what to do.
+    cluster, args = _fake_job(tmp_path, "full")
+    job_id = _free_job_id()
+    assert _signal_when_running(cluster, args, job_id, "USR1") == 74, cluster.logs()
+    assert cluster.record("requeue.log") == []
+    main_log = cluster.log(f"classify-{job_id}.out")
+    assert "the output filesystem is full or failing" in main_log and "not requeueing" in main_log
+    assert "output filesystem fault" in cluster.log(f"classify-{job_id}-node0-localhost.out")

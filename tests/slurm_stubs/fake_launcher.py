@@ -7,6 +7,8 @@ FAKE_LAUNCH picks what every node's "launcher" does:
   fail  exit 3
   wait  wait for SIGTERM or SIGUSR1, then exit 75 as the job's ranks do (1 after 60 s without);
         the node named by FAKE_SLOW_STOP_NODE first "finishes its batch" for FAKE_STOP_S (1 s)
+  full  as wait, but the ranks' commits then find the output filesystem full: they leave 74 in
+        $BATCH_CLASSIFY_STATUS_FILE and the launcher exits 1, as torchrun does for a failed rank
 Each writes its arguments to $SLURM_STUB_STATE/launch-<node id>.json once it is ready, and its
 CPUs (affinity mask, SLURM_CPUS_ON_NODE, SLURM_CPUS_PER_TASK) to cpus-<node id>.json.
 """
@@ -44,6 +46,12 @@ def main() -> int:
     print(f"fake launcher on node {node}: {mode}", flush=True)
     if mode == "fail":
         return 3
+    if mode == "full":
+        deadline = time.monotonic() + 60
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        Path(os.environ["BATCH_CLASSIFY_STATUS_FILE"]).write_text("74\n")
+        return 1
     if mode == "wait":
         deadline = time.monotonic() + 60
         while not received and time.monotonic() < deadline:

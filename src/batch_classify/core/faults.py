@@ -148,7 +148,7 @@ class OutputFault(OSError):
 
     def line(self, safe: str | None = None) -> str:
         """The job's one line, with what is safe (the committed units) where known."""
-        return ". ".join(part[:1].upper() + part[1:] for part in (self.what, safe, self.fix) if part) + "."
+        return "; ".join(part for part in (self.what, safe, self.fix) if part)
 
     def detail(self) -> dict[str, Any]:
         """What other ranks need to say the same line (through the rendezvous store)."""

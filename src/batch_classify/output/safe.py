@@ -50,4 +50,4 @@ def safe_note(output_dir: str | Path, model_folders: list[Path] | None = None) -
         metrics = " and metrics.json is written" if (output / METRICS_FILE).exists() else ""
         return f"all {total} units are committed and safe{metrics}"
     of = f" of {total}" if total is not None else ""
-    return f"{done}{of} units are committed and safe; no partial unit file is kept"
+    return f"{done}{of} units are committed and safe, and no partial unit file is kept"
