@@ -24,7 +24,6 @@ from conftest import ROOT, job_command, read_rows, run_job
 from filesystems import compile_shim, mounted, used_bytes, without_capabilities
 
 from batch_classify.commands.cli import main as cli_main
-from batch_classify.core.labels import imagenet_classes
 from batch_classify.core.faults import (
     OUTPUT_FAULT_EXIT_STATUS,
     STATUS_FILE_VARIABLE,
@@ -35,6 +34,7 @@ from batch_classify.core.faults import (
     leave_status,
     output_fault,
 )
+from batch_classify.core.labels import imagenet_classes
 from batch_classify.output.room import UnitShape, parse_lfs_quota, unit_file_bytes
 from batch_classify.output.writer import write_unit
 from batch_classify.pipeline.retry import describe, read_with_retries
@@ -158,14 +158,14 @@ def test_disk_full_while_the_report_is_written_leaves_metrics_json(reference, ti
 
 def test_a_job_that_cannot_fit_is_refused_before_it_starts(tiny_models, corpus, tmp_path):
     with mounted() as mounts:
-        disk = mounts.tmpfs(tmp_path / "scratch", "256k")
+        disk = mounts.tmpfs(tmp_path / "scratch", "48k")  # room for the listing, not the units
         out = disk / "out"
         result = run_job(_args(tiny_models["efficientnet"], corpus, out), expect_ok=False)
         assert result.returncode == OUTPUT_FAULT_EXIT_STATUS, result.stderr
         lines = _job_lines(result)
         assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
         assert f"output.dir {out} has no room for this job: it needs about " in lines[0]
-        assert "for 11 items in 6 pending units and the report" in lines[0]
+        assert "for 11 items in 6 pending units, and 512.0 KiB for the report" in lines[0]
         assert "set output.check_space false to run anyway" in lines[0]
         assert not any((out / "predictions").iterdir())
 

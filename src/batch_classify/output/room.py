@@ -41,9 +41,9 @@ from batch_classify.output.writer import SCHEMA, UNIT_STATS_KEY, unit_stats
 
 log = logging.getLogger("batch_classify")
 
-REPORT_BYTES = 1 << 20
-"""The report beside the predictions: metrics, CSVs, two plots and a contact sheet (about
-0.3 MB measured with 1,000 classes), with room to spare."""
+REPORT_BYTES = 512 << 10
+"""The report beside the predictions: metrics, CSVs, two plots and a contact sheet (0.2 MB for
+the 11-image test corpus; the contact sheet's 24 tiles weigh most), with room to spare."""
 THIN_MARGIN = 1.5
 """Free space under this many times the estimate is worth a warning."""
 SAMPLE_ROWS = 512
@@ -115,16 +115,24 @@ def unit_file_bytes(shape: UnitShape, id_length: int = DEFAULT_ID_LENGTH,
 class Estimate:
     """The bytes a run would add to output.dir, and what they are made of."""
 
-    bytes: int
+    units_bytes: int
+    """The pending units' files, every model's."""
+    report_bytes: int
     pending_units: int
     pending_items: int | None
     """None where the item count is known only as the input is read (tars)."""
     note: str = ""
 
+    @property
+    def bytes(self) -> int:
+        return self.units_bytes + self.report_bytes
+
     def describe(self) -> str:
+        if not self.pending_units:
+            return "nothing pending"
         items = f"{self.pending_items} items in " if self.pending_items is not None else ""
-        return (f"about {human_size(self.bytes)} for {items}{self.pending_units} pending units and the "
-                f"report{self.note}")
+        return (f"about {human_size(self.units_bytes)} for {items}{self.pending_units} pending units"
+                f"{self.note}, and {human_size(self.report_bytes)} for the report")
 
 
 def mean_id_length(listing: Listing) -> int:
@@ -144,14 +152,17 @@ def estimate_output(listing: Listing, pending: Sequence[int], shapes: Sequence[U
     pending = [int(u) for u in pending]
     counts = [listing.unit_items(u) for u in pending]
     known = [c for c in counts if c is not None]
+    if not pending:
+        return Estimate(0, 0, 0, 0)
     id_length = mean_id_length(listing)
-    total = REPORT_BYTES * len(shapes) if pending else 0
+    units = 0
     for shape in shapes:
         per_row, per_file = unit_file_bytes(shape, id_length)
-        total += int(per_row * sum(known)) + per_file * len(pending)
+        units += int(per_row * sum(known)) + per_file * len(pending)
     unknown = len(counts) - len(known)
     note = (f"; {unknown} units (tars) counted without their rows, known only once read" if unknown else "")
-    return Estimate(total, len(pending), sum(known) if not unknown else None, note)
+    items = sum(known) if not unknown else None
+    return Estimate(units, REPORT_BYTES * len(shapes), len(pending), items, note)
 
 
 # ---------------------------------------------------------------- free space and quota
@@ -274,24 +285,27 @@ def room_of(output_dir: str | os.PathLike) -> Room:
     return Room(mount, free, total, quota)
 
 
-def check_room(output_dir: str | os.PathLike, estimate: Estimate, refuse: bool = True) -> str:
-    """Compare the estimate with the room left: raise OutputFault (exit 74) where it cannot fit
-    and ``refuse``; log a warning where the margin is thin. Returns the sentence for the log."""
+def check_room(output_dir: str | os.PathLike, estimate: Estimate, refuse: bool = True) -> str | None:
+    """Compare the estimate with the room left: raise OutputFault (exit 74) where the pending
+    units cannot fit and ``refuse``; log a warning where they may not (or the margin is thin).
+    Returns the sentence for the log, None where nothing is pending."""
+    if not estimate.pending_units:
+        return None
     room = room_of(output_dir)
     said = f"output: {estimate.describe()}; {room.describe()}"
     available = room.available
-    if available is None or estimate.bytes == 0:
+    if available is None:
         return said
+    if estimate.units_bytes > available and refuse:
+        raise OutputFault(
+            f"output.dir {output_dir} has no room for this job: it needs {estimate.describe()}, "
+            f"and its {room.describe()}",
+            "free space (or raise the quota), choose an output.dir with room, or set "
+            "output.check_space false to run anyway (committed units are kept if it fills up)",
+            OUTPUT_FAULT_EXIT_STATUS, os.fspath(output_dir))
     if estimate.bytes > available:
-        if refuse:
-            raise OutputFault(
-                f"output.dir {output_dir} has no room for this job: it needs {estimate.describe()}, "
-                f"and its {room.describe()}",
-                "free space (or raise the quota), choose an output.dir with room, or set "
-                "output.check_space false to run anyway (committed units are kept if it fills up)",
-                OUTPUT_FAULT_EXIT_STATUS, os.fspath(output_dir))
-        log.warning("%s: it may not fit (output.check_space is false, so the job runs; committed units "
-                    "are kept if the disk fills up)", said)
+        log.warning("%s: it may not fit%s; committed units are kept if the disk fills up", said,
+                    "" if refuse else " (output.check_space is false: the job runs)")
     elif estimate.bytes * THIN_MARGIN > available:
         log.warning("%s: a thin margin (under %.1fx); if the disk fills up the job stops with its "
                     "committed units kept", said, THIN_MARGIN)

@@ -425,9 +425,9 @@ def _prepare_outputs(spec: JobSpec, output: Path,
         log.info("resuming: %s", summary)
     if already_done is not None:
         already_done -= redo_rows  # rows classified again count once, when done
-    log.info("%s", check_room(output, estimate_output(listing, pending, [_unit_shape(spec, job, listing)
-                                                                         for job in jobs]),
-                              refuse=spec.output.check_space))  # output/room.py: refused if it cannot fit
+    shapes = [_unit_shape(spec, job, listing) for job in jobs]  # output/room.py: refused if it cannot fit
+    if said := check_room(output, estimate_output(listing, pending, shapes), refuse=spec.output.check_space):
+        log.info("%s", said)
     return listing, pending, already_done
 
 

@@ -197,8 +197,10 @@ def room_row(spec: JobSpec, listing: Listing, committed: set[int]) -> str:
     room = room_of(spec.output.dir)
     estimate = estimate_output(listing, pending, shapes)
     verdict = ""
-    if room.available is not None and estimate.bytes > room.available:
+    if room.available is not None and estimate.units_bytes > room.available:
         verdict = ": it does not fit; the job will refuse to start (output.check_space false runs it anyway)"
+    elif room.available is not None and estimate.bytes > room.available:
+        verdict = ": the report may not fit"
     return f"{estimate.describe()}; {room.describe()}{verdict}"
 
 
