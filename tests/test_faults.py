@@ -115,7 +115,9 @@ def test_disk_full_mid_job_on_two_ranks_then_the_rerun_equals_a_clean_run(refere
         names = sorted(p.name for p in (out / "predictions").iterdir())
         assert all(re.fullmatch(r"unit-\d{6}\.parquet", name) for name in names), names
         assert 1 <= len(names) < 6, names
-        assert f"{len(names)} of 6 units are committed and safe, and no partial unit file is kept" in line
+        said = re.search(r"; (\d) of 6 units are committed and safe, and no partial unit file is kept;", line)
+        # (a rank the launcher stopped may still have committed a unit after the line was printed)
+        assert said and 1 <= int(said.group(1)) <= len(names), line
         assert not (out / "metrics.json").exists()
 
         mounts.resize(disk, "2m")  # space is made

@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batch_classify.core.config import JobSpec
 from batch_classify.core.faults import (
     OUTPUT_FAULT_EXIT_STATUS,
     OutputFault,
@@ -64,6 +65,15 @@ class UnitShape:
     embedding_dim: int | None
     metadata: dict[str, Any]
     """The key-value metadata every unit file of the model carries (model, fingerprint, config)."""
+
+    @classmethod
+    def of(cls, spec: JobSpec, label_names: Sequence[str], identity: dict[str, Any],
+           listing: Listing) -> UnitShape:
+        """One model's unit files, from its single-model spec, labels and identity (not loaded)."""
+        metadata = {"model": identity, "dataset_fingerprint": listing.info["fingerprint"],
+                    "config": spec.to_dict()}
+        dim = embedding_dim_hint(spec.model.name) if spec.output.embeddings else None
+        return cls(spec.output.top_k, label_names, dim, metadata)
 
 
 def _parquet_bytes(table: pa.Table) -> int:

@@ -38,7 +38,7 @@ from batch_classify.output.manifest import (
 )
 from batch_classify.output.progress import ErrorLog, Progress
 from batch_classify.output.redo import Redo, plan_redo
-from batch_classify.output.room import UnitShape, check_room, embedding_dim_hint, estimate_output
+from batch_classify.output.room import UnitShape, check_room, estimate_output
 from batch_classify.output.safe import safe_note
 from batch_classify.output.units import metrics_from_stats
 from batch_classify.output.writer import UnitWriter
@@ -425,18 +425,10 @@ def _prepare_outputs(spec: JobSpec, output: Path,
         log.info("resuming: %s", summary)
     if already_done is not None:
         already_done -= redo_rows  # rows classified again count once, when done
-    shapes = [_unit_shape(spec, job, listing) for job in jobs]  # output/room.py: refused if it cannot fit
+    shapes = [UnitShape.of(job.spec, job.labels.names, job.identity, listing) for job in jobs]
     if said := check_room(output, estimate_output(listing, pending, shapes), refuse=spec.output.check_space):
-        log.info("%s", said)
+        log.info("%s", said)  # output/room.py: refused above where the pending units cannot fit
     return listing, pending, already_done
-
-
-def _unit_shape(spec: JobSpec, job: ModelJob, listing: Listing) -> UnitShape:
-    """What one model's unit files will hold, for the room check (the model is not loaded yet)."""
-    metadata = {"model": job.identity, "dataset_fingerprint": listing.info["fingerprint"],
-                "config": job.spec.to_dict()}
-    dim = embedding_dim_hint(job.spec.model.name) if spec.output.embeddings else None
-    return UnitShape(spec.output.top_k, job.labels.names, dim, metadata)
 
 
 def _run_rank(spec: JobSpec, state, stop: StopFlag, board: JobBoard) -> dict[str, Any] | None:
