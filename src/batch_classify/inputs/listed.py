@@ -26,6 +26,7 @@ class ListedKind(InputKind):
     """Items are files; their ids, labels and paths are in the listing's rows file."""
 
     folder = True
+    item_by_item = True
     handles = ("_rows_file", "_row_starts")
 
     def __init__(self, listing) -> None:

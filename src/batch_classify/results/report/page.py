@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,11 +164,17 @@ def _confusion_section(names: ClassNames, pairs: list[tuple[int, int, int]]) -> 
             table, ""]
 
 
-def _labelled_report(ctx: Context) -> tuple[list[str], dict[str, Any]]:
+def _scores(result: Scan, scores: list[ClassScore]) -> dict[str, Any]:
+    """What the report adds to metrics.json: macro top-1 and calibration (None when unlabelled)."""
+    if not result.n_scored:
+        return {"macro_top1": None, "ece": None, "n_classes_scored": 0}
+    return {"macro_top1": float(np.mean([s.top1 for s in scores])), "ece": result.calibration.ece(),
+            "n_classes_scored": len(scores)}
+
+
+def _labelled_report(ctx: Context, scores: list[ClassScore], extra: dict[str, Any]) -> list[str]:
     result = ctx.scan
-    scores = per_class(result, ctx.names)
-    macro = float(np.mean([s.top1 for s in scores]))
-    ece = result.calibration.ece()
+    macro, ece = extra["macro_top1"], extra["ece"]
     pairs = confusions(result)
     _write_class_files(ctx, scores, pairs)
     plot_accuracy(scores, result.calibration, macro, ctx.model_name, ctx.output / PER_CLASS_PLOT)
@@ -179,13 +186,13 @@ def _labelled_report(ctx: Context) -> tuple[list[str], dict[str, Any]]:
     lines = (summary + _class_section(scores) + _confusion_section(ctx.names, pairs)
              + _sheet_section(ctx, "Most confident mistakes",
                               [mistake_tile(pick, ctx.names) for pick in result.mistakes.picks()], MISTAKES))
-    return lines, {"macro_top1": macro, "ece": ece, "n_classes_scored": len(scores)}
+    return lines
 
 
 # ---------------------------------------------------------------- labelling mode: what was predicted
 
 
-def _labelling_report(ctx: Context) -> tuple[list[str], dict[str, Any]]:
+def _labelling_report(ctx: Context) -> list[str]:
     result, names = ctx.scan, ctx.names
     n_predicted = result.n_predicted
     ordered = sorted(result.predicted.items(), key=lambda x: (-x[1], x[0]))
@@ -209,16 +216,19 @@ def _labelling_report(ctx: Context) -> tuple[list[str], dict[str, Any]]:
         lines += ["No image was classified.", ""]
     lines += _sheet_section(ctx, "Least confident predictions",
                             [prediction_tile(pick, names) for pick in result.uncertain.picks()], UNCERTAIN)
-    return lines, {"macro_top1": None, "ece": None, "n_classes_scored": 0}
+    return lines
 
 
 # ---------------------------------------------------------------- entry point
 
 
 def write_report(output_dir: str | Path, metrics: dict[str, Any] | None = None,
-                 files: list[tuple[int, Path]] | None = None) -> dict[str, Any]:
+                 files: list[tuple[int, Path]] | None = None,
+                 scored: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Write report.md and its files next to metrics.json; return metrics to merge into it:
     ``macro_top1``, ``ece`` (both None in labelling mode), ``n_classes_scored``, ``report_files``.
+    ``scored`` is called with the scores before any of the report's files is written (aggregate
+    writes metrics.json then, so a report that cannot be written leaves the metrics in place).
 
     ``aggregate`` passes the metrics and unit files it already has; alone, this finds them."""
     output = Path(output_dir)
@@ -233,10 +243,14 @@ def write_report(output_dir: str | Path, metrics: dict[str, Any] | None = None,
         metrics["images_per_second"] = timing.get("images_per_second")
     result = scan(files)
     ctx = Context(output, manifest, result, class_names(manifest, result.model_names), metrics)
+    scores = per_class(result, ctx.names) if result.n_scored else []
+    extra = _scores(result, scores)
+    if scored is not None:
+        scored(extra)
     sheet = result.mistakes if result.n_scored else result.uncertain
     ctx.pictures = Pictures.read(manifest, output, page_pictures(result),
                                  [(pick.unit, pick.item_id) for pick in sheet.picks()])
-    body, extra = _labelled_report(ctx) if result.n_scored else _labelling_report(ctx)
+    body = _labelled_report(ctx, scores, extra) if result.n_scored else _labelling_report(ctx)
     (output / REPORT).write_text("\n".join(_header(ctx) + body).rstrip() + "\n")
     page_bytes = write_html(Page(output, manifest, metrics, result, ctx.names, ctx.pictures))
     ctx.written += [REPORT_HTML, *([REPORT_ASSETS] if ctx.pictures.written else [])]
