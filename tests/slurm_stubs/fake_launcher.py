@@ -9,7 +9,7 @@ FAKE_LAUNCH picks what every node's "launcher" does:
         launcher exits 1, as torchrun does for a failed rank
 Each writes its arguments to $SLURM_STUB_STATE/launch-<node id>.json once it is ready, and its
 CPUs (affinity mask, SLURM_CPUS_ON_NODE, SLURM_CPUS_PER_TASK) to cpus-<node id>.json. How real
-launchers stop, fail and get requeued is tested under a real Slurm: tests/test_slurm_cluster.py.
+launchers stop, fail and get requeued is tested under a real Slurm: tests/run/test_slurm_cluster.py.
 """
 
 from __future__ import annotations

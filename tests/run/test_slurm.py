@@ -2,7 +2,7 @@
 stub Slurm commands (tests/slurm_stubs).
 
 The scenarios themselves (whole jobs, preemption, requeues, a lost node, job arrays) run under a
-real Slurm in tests/test_slurm_cluster.py. The stubs emulate an allocation whose "nodes" are all
+real Slurm in tests/run/test_slurm_cluster.py. The stubs emulate an allocation whose "nodes" are all
 this host, for what that cluster does not exercise: the order in which nodes join, global rank 0
 on another node, srun binding tasks to CPUs (task/affinity), the launch line's options.
 """
@@ -284,7 +284,7 @@ def test_srun_stub_starts_one_task_per_node_and_handles_signals_like_srun(tmp_pa
 
 # --- with a fake launcher (a second per job): what a local Slurm 22.05 does not show ---------------
 # Whole jobs, preemption, requeues, cancelling, a lost node and job arrays run under a real Slurm
-# in tests/test_slurm_cluster.py. Here, what one machine's cluster does not exercise on purpose:
+# in tests/run/test_slurm_cluster.py. Here, what one machine's cluster does not exercise on purpose:
 # the ranks joining in reverse order, global rank 0 on a node other than node 0, the launch line
 # of several ranks on one node, the ROCm env file's per-job folders, and srun binding tasks to
 # CPUs (task/affinity, below).
