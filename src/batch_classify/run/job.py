@@ -225,8 +225,7 @@ class RankLoop:
         transform = (MultiTransform([m.inference.input_path.worker for m in work.models]) if self.several
                      else self.first.input_path.worker)
         if getattr(transform, "note", None):
-            log.info("%s; each model's predictions equal its run alone with runtime.reduced_decode off",
-                     transform.note)
+            log.info("%s; runtime.reduced_decode off decodes every pixel for all", transform.note)
         limits = Limits.from_runtime(spec.runtime)
         work.listing.limits = limits
         dataset = TaskDataset(transform, limits, spec.runtime.read_retries)
