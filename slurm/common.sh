@@ -150,6 +150,21 @@ failure_reason() {
     echo "the per-node logs say why ($(node_log_path '<n>' '<host>'))"
 }
 
+# Whether a node of this run said its ranks stopped because the output filesystem is full or
+# failing (launch-node.sh; status 74). Read from the logs: srun reports the highest status of
+# its tasks, which is that of a node stopped after the failing one (143) where there are several.
+output_fault_reported() {
+    local node_log run=$((${SLURM_RESTART_COUNT:-0} + 1))
+    local -a node_logs
+    mapfile -t node_logs < <(compgen -G "$(node_log_path '*' '*')")
+    for node_log in ${node_logs[@]+"${node_logs[@]}"}; do
+        if grep -q "(run $run): output filesystem fault" "$node_log"; then
+            return 0
+        fi
+    done
+    return 1
+}
+
 # Stop the running step gracefully: SIGTERM to every process of the job's steps (launchers and
 # ranks; never the batch shell). Not `kill -TERM <srun>`: srun answers SIGTERM by SIGKILLing its
 # tasks ("forcing job termination"), which would lose the ranks' chance to commit their work.
@@ -316,6 +331,12 @@ classify_main() {
         return 0
     fi
     local restarts=${SLURM_RESTART_COUNT:-0}
+    if [ "$status" = 74 ] || { [ "$status" != 0 ] && output_fault_reported; }; then
+        # Full, over quota or failing: a requeued run would stop the same way. Committed units stay.
+        log "the output filesystem is full or failing (status 74; the per-node logs say where):" \
+            "not requeueing. Free space and submit the same command again: it finishes the rest"
+        return 74
+    fi
     if [ "$preempted" = 1 ]; then
         # The ranks committed their finished units; the requeued job runs this same command and
         # resumes where they stopped (it keeps its job id, so its logs append to these).

@@ -51,8 +51,25 @@ fi
 # 15 death signal, shutting down workers", after up to TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s, for
 # them; accelerate's single-process launcher after 5 s). Real Slurm shows 143 on every node.
 status=0
+# --- output filesystem faults (README "When things go wrong") ---------------------------------
+# A rank stopped by its output filesystem (full, over quota, failing) exits 74, but the launcher
+# reports any failed rank as 1: the ranks also leave their status in this node-local file, and
+# this node then says so in its log for the batch script, which must not requeue such a job.
+export BATCH_CLASSIFY_STATUS_FILE="${TMPDIR:-/tmp}/batch-classify-status-${SLURM_JOB_ID:-0}-$SLURM_NODEID-$$"
+rm -f "$BATCH_CLASSIFY_STATUS_FILE"
 "${PYTHON:-python3}" -m accelerate.commands.launch --machine_rank "$SLURM_NODEID" \
     ${rendezvous[@]+"${rendezvous[@]}"} "$@" || status=$?
+rank_status=
+if [ -s "$BATCH_CLASSIFY_STATUS_FILE" ]; then
+    read -r rank_status <"$BATCH_CLASSIFY_STATUS_FILE" || true
+fi
+rm -f "$BATCH_CLASSIFY_STATUS_FILE"
+if [ "$status" != 0 ] && [ "$rank_status" = 74 ]; then
+    echo "node $SLURM_NODEID (run $((${SLURM_RESTART_COUNT:-0} + 1))): output filesystem fault:" \
+        "the ranks stopped because the output filesystem is full or failing (status 74)"
+    exit 74
+fi
+# ----------------------------------------------------------------------------------------------
 if [ "$status" = 75 ] || { [ -n "$stop_signal" ] && [ "$status" = 143 ]; }; then
     echo "node $SLURM_NODEID: the ranks stopped on request${stop_signal:+ (SIG$stop_signal)}" \
         "with their finished units committed (launcher status $status): task exits 0"

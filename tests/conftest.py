@@ -98,3 +98,37 @@ def read_rows(output_dir: Path) -> dict[str, dict]:
             assert row["id"] not in rows, f"id {row['id']} written twice"
             rows[row["id"]] = row
     return rows
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3 server on 127.0.0.1 behind a fault-injecting proxy (object_servers.py)."""
+    pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is not installed")
+    pytest.importorskip("moto.server", reason="moto[server] (the test extra) is not installed")
+    pytest.importorskip("aiohttp", reason="the http extra (aiohttp) is not installed")
+    import logging
+
+    from object_servers import S3Server
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = S3Server()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def in_store(tmp_path_factory, s3) -> dict:
+    """The same tars and Parquet files on local disk ("local") and in the bucket ("wds", "tables")."""
+    from object_servers import make_collection
+
+    return make_collection(tmp_path_factory.mktemp("collection"), s3)
+
+
+@pytest.fixture(scope="session")
+def local_tars(in_store, tiny_models, tmp_path_factory) -> Path:
+    """The job's output over the local copies of in_store's tars."""
+    from object_servers import store_job
+
+    out = tmp_path_factory.mktemp("local-tars") / "out"
+    store_job(tiny_models["beit"], str(in_store["local"] / "wds"), out)
+    return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import re
 import socket
@@ -15,6 +16,11 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from conftest import run_job
+from fixtures_wds import jpeg, make_wds, tiny_image
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1", "AWS_SESSION_TOKEN": "testing"}
@@ -262,3 +268,35 @@ class RangeFiles:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+COMPARED = ("id", "label", "target", "topk_ids", "topk_scores", "error")
+"""The columns of a prediction row that must not depend on where the input was read from."""
+
+
+def compared(rows: dict[str, dict]) -> dict[str, tuple]:
+    return {key: tuple(json.dumps(row[name]) for name in COMPARED) for key, row in rows.items()}
+
+
+def store_job(model: Path, data: str, out: Path, options: dict | None = None, expect_ok: bool = True):
+    """The job over ``data`` (a URL with its data.storage_options, or a path) into ``out``."""
+    args = ["--model.name", str(model), "--data.path", data, "--output.dir", str(out)]
+    if options is not None:
+        args += ["--data.storage_options", json.dumps(options)]
+    return run_job(args, expect_ok=expect_ok)
+
+
+def make_collection(root: Path, s3: S3Server) -> dict:
+    """14 labelled images as 3 tars and 2 Parquet files, on local disk and in the bucket."""
+    images = [(f"s{i:03d}", tiny_image(i, (40 + i, 36)), (i * 37) % 1000) for i in range(14)]
+    make_wds(root / "wds", images, per_tar=5)
+    (root / "tables").mkdir()
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    for shard in range(2):
+        rows = images[shard * 7:(shard + 1) * 7]
+        table = pa.table({"image": pa.array([{"bytes": jpeg(image), "path": None} for _, image, _ in rows],
+                                            image_type),
+                          "label": [label for _, _, label in rows], "key": [key for key, _, _ in rows]})
+        pq.write_table(table, root / "tables" / f"train-{shard:05d}.parquet", row_group_size=3)
+    return {"local": root, "wds": s3.upload(root / "wds", "bucket", "wds"),
+            "tables": s3.upload(root / "tables", "bucket", "tables")}

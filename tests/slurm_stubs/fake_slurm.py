@@ -24,7 +24,7 @@ Where real Slurm does something a batch script must respect, the stubs do it too
   with --batch only the batch shell (that is how `#SBATCH --signal=B:USR1@...` arrives).
 - scontrol show hostnames expands a hostlist (node[01-04],gpu7); scontrol requeue records it.
 
-Not emulated, and tested under a real Slurm instead (tests/test_slurm_cluster.py): Slurm's own
+Not emulated, and tested under a real Slurm instead (tests/run/test_slurm_cluster.py): Slurm's own
 SIGTERM to every process of a job it cancels, requeues or loses a node of, the Restarts count,
 the delay before a requeued job runs again, and what launchers exit with when stopped.
 

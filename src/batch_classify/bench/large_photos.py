@@ -10,9 +10,14 @@ device batches, without the model.
 
 from __future__ import annotations
 
+import logging
 import math
+import shutil
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -20,9 +25,11 @@ from PIL import Image
 from batch_classify.pipeline.decode import ItemKey, Task, TaskDataset, open_image
 from batch_classify.pipeline.distributed import Resources
 from batch_classify.pipeline.loader import make_loader
-from batch_classify.pipeline.preprocess import FastTransform, PixelSpec
+from batch_classify.pipeline.preprocess import FastTransform, MultiTransform, PixelSpec
 
 DEFAULT_SIZES = "4032x3024"
+
+log = logging.getLogger("batch_classify.bench.large_photos")
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -83,12 +90,27 @@ def loader_rate(transform: FastTransform, paths: list[str], max_pixels: int, bat
     return count / (time.perf_counter() - start)
 
 
-def measure(spec: PixelSpec, paths: list[str], max_pixels: int, batch_size: int,
-            resources: Resources) -> dict:
-    """Both settings of runtime.reduced_decode on the same files."""
+def over_sizes(sources: list, sizes: list[tuple[int, int]],
+               measure_paths: Callable[[list[str]], dict]) -> dict:
+    """``measure_paths`` on the sources upscaled to each size in turn (a temporary folder each)."""
+    report = {}
+    with tempfile.TemporaryDirectory(prefix="bench-large-photos-") as folder:
+        for width, height in sizes:
+            paths = upscaled_photos(sources, Path(folder) / f"{width}x{height}", (width, height))
+            log.info("bench: %d photos of %dx%d (JPEG q90) made from the bench's images", len(paths),
+                     width, height)
+            report[f"{width}x{height}"] = {"images": len(paths), "megapixels": round(width * height / 1e6, 1),
+                                           **measure_paths(paths)}
+            shutil.rmtree(Path(folder) / f"{width}x{height}")
+    return report
+
+
+def compare_settings(transform_for: Callable[[str], Any], paths: list[str], max_pixels: int,
+                     batch_size: int, resources: Resources) -> dict:
+    """Both settings of runtime.reduced_decode on the same files: ``transform_for(setting)``."""
     result: dict = {}
     for setting in ("off", "auto"):
-        transform = FastTransform(spec, reduce=setting == "auto")
+        transform = transform_for(setting)
         result[setting] = {
             "cpu_ms_per_image": round(cpu_ms_per_image(transform, paths, max_pixels), 2),
             "pipeline_images_per_s": round(loader_rate(transform, paths, max_pixels, batch_size,
@@ -96,4 +118,24 @@ def measure(spec: PixelSpec, paths: list[str], max_pixels: int, batch_size: int,
         }
     off, auto = result["off"]["cpu_ms_per_image"], result["auto"]["cpu_ms_per_image"]
     result["cpu_off/auto"] = round(off / auto, 2) if auto else None
+    return result
+
+
+def measure(spec: PixelSpec, paths: list[str], max_pixels: int, batch_size: int,
+            resources: Resources) -> dict:
+    """One model's transform, reduced_decode off and auto."""
+    return compare_settings(lambda setting: FastTransform(spec, reduce=setting == "auto"), paths,
+                            max_pixels, batch_size, resources)
+
+
+def measure_pass(specs: list[PixelSpec], paths: list[str], max_pixels: int, batch_size: int,
+                 resources: Resources) -> dict:
+    """Several models' transforms on one decode (a pass): with off every pixel is decoded (as a
+    pass of models with different resize targets did at auto too, before it shared a reduced
+    decode); with auto one reduced decode covers twice the largest target."""
+    def transform_for(setting: str) -> MultiTransform:
+        return MultiTransform([FastTransform(spec, reduce=setting == "auto") for spec in specs])
+
+    result = compare_settings(transform_for, paths, max_pixels, batch_size, resources)
+    result["auto_decode"] = transform_for("auto").note
     return result

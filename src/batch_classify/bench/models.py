@@ -15,11 +15,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from batch_classify.bench.large_photos import measure_pass, over_sizes
 from batch_classify.core.config import JobSpec
 from batch_classify.core.layout import MODELS_FILE
 from batch_classify.core.ownership import remove_output
-from batch_classify.pipeline.distributed import init_state
-from batch_classify.run.job import run
+from batch_classify.inputs.listing import load_items
+from batch_classify.models.model import load_model
+from batch_classify.pipeline.distributed import Resources, init_state
+from batch_classify.pipeline.preprocess import choose_input_path
+from batch_classify.run.job import resolve_runtime, run
 
 
 def _fresh(spec: JobSpec, folder: Path, state) -> JobSpec:
@@ -46,10 +52,38 @@ def _timed(spec: JobSpec, folder: Path, state) -> dict[str, float] | None:
     return {"seconds": _job_seconds(folder), "wall_seconds": wall} if state.is_main_process else None
 
 
-def run_models_bench(spec: JobSpec, bench_dir: Path) -> dict[str, Any] | None:
-    """k models in one pass against k separate jobs; the main rank writes bench_models.json."""
+def pass_photos(spec: JobSpec, resources: Resources, count: int, sizes: list[tuple[int, int]]) -> dict:
+    """The pass's workers on ``count`` of the images upscaled to each size: one decode for every
+    model's resize and crop, reduced_decode off (every pixel) against auto (one reduced decode
+    covering twice the largest target). CPU per image and the loader's rate, no model."""
+    specs = []
+    for name in spec.models:
+        single = spec.for_model(name, spec.output.dir)
+        loaded = load_model(single.model, torch.device("cpu"))
+        path = choose_input_path(loaded.processor, loaded.transform, single.runtime.preprocess)
+        if path.spec is None:
+            return {"skipped": f"{name}: the input path is the checkpoint's processor ({path.note})"}
+        specs.append(path.spec)
+        del loaded
+    items = load_items(spec.data, count)
+    sources = [items.paths[i] if items.paths is not None else items.open(i)
+               for i in range(min(count, len(items)))]
+    return over_sizes(sources, sizes, lambda paths: measure_pass(
+        specs, paths, spec.runtime.max_image_pixels, spec.runtime.batch_size, resources))
+
+
+def run_models_bench(spec: JobSpec, bench_dir: Path, large_photos: int = 0,
+                     large_sizes: list[tuple[int, int]] | None = None) -> dict[str, Any] | None:
+    """k models in one pass against k separate jobs; the main rank writes bench_models.json.
+    With ``large_photos`` the main rank first measures the pass's decode on upscaled photos."""
     state = init_state(spec.runtime.device, spec.runtime.timeout_s)
     names = spec.models
+    photos = None
+    if large_photos > 0 and state.is_main_process:
+        resolved = resolve_runtime(spec, state.device)
+        photos = pass_photos(resolved, Resources.plan(state, resolved.runtime.num_workers), large_photos,
+                             large_sizes or [(4032, 3024)])
+    state.wait_for_everyone()
     passes, separate = [], {}
     passes.append(_timed(spec, bench_dir / "pass", state))
     for index, name in enumerate(names):
@@ -79,6 +113,8 @@ def run_models_bench(spec: JobSpec, bench_dir: Path) -> dict[str, Any] | None:
         "ratio_wall": round(total["wall_seconds"] / one["wall_seconds"], 3),
         "folders": models_file["models"],
     }
+    if photos is not None:
+        report["large_photos"] = photos
     (bench_dir / "bench_models.json").write_text(json.dumps(report, indent=2) + "\n")
     print(format_models_bench(report), flush=True)
     return report
@@ -96,4 +132,14 @@ def format_models_bench(report: dict[str, Any]) -> str:
               f"(wall {report['separate_total']['wall_seconds']:.2f} s)",
               f"  separate / one pass  {report['ratio_separate_over_one_pass']:.2f}x "
               f"(wall {report['ratio_wall']:.2f}x)"]
+    for size, figures in report.get("large_photos", {}).items():
+        if size == "skipped":
+            lines.append(f"  large photos skipped: {figures}")
+            continue
+        lines.append(f"  large photos {size} ({figures['images']} JPEGs), the pass's decode, reduced_decode "
+                     f"off / auto ({figures['auto_decode'] or 'every pixel'}):")
+        off, auto = figures["off"], figures["auto"]
+        lines.append(f"    CPU ms/image {off['cpu_ms_per_image']:.1f} / {auto['cpu_ms_per_image']:.1f} "
+                     f"({figures['cpu_off/auto']}x less), loader images/s "
+                     f"{off['pipeline_images_per_s']:.1f} / {auto['pipeline_images_per_s']:.1f}")
     return "\n".join(lines)

@@ -27,9 +27,7 @@ import json
 import logging
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,7 +36,7 @@ from typing import Any
 import torch
 
 from batch_classify import __version__
-from batch_classify.bench.large_photos import DEFAULT_SIZES, parse_sizes, upscaled_photos
+from batch_classify.bench.large_photos import DEFAULT_SIZES, over_sizes, parse_sizes
 from batch_classify.bench.large_photos import measure as measure_large_photos
 from batch_classify.core.config import ConfigError, JobSpec, parse_args
 from batch_classify.core.limits import Limits
@@ -54,8 +52,7 @@ from batch_classify.run.job import resolve_runtime
 log = logging.getLogger("batch_classify.bench.stages")
 
 STAGES = ("model", "pipeline", "hf_pipeline", "seed_loop", "job")  # as reported
-SINGLE_MODEL_OPTIONS = ("--bench.stages", "--bench.limit", "--bench.baseline_limit", "--bench.rounds",
-                        "--bench.large_photos", "--bench.large_sizes")
+SINGLE_MODEL_OPTIONS = ("--bench.stages", "--bench.limit", "--bench.baseline_limit", "--bench.rounds")
 """What the several-model bench (``models_bench``) has no use for: refused, not ignored."""
 EXTRA_STAGES = ("large_photos",)  # reported apart: its own figures
 RATIOS = {"job/model": ("job", "model"), "job/hf_pipeline": ("job", "hf_pipeline"),
@@ -221,19 +218,10 @@ def stage_large_photos(spec, items: Items, indices: list[int], inference, resour
         return {"skipped": f"the input path is the checkpoint's processor ({inference.input_path.note})"}
     sources = [items.paths[i] if items.paths is not None else items.open(i)
                for i in indices[:plan.large_photos]]
-    report = {}
-    with tempfile.TemporaryDirectory(prefix="bench-large-photos-") as folder:
-        for width, height in plan.large_sizes or parse_sizes(DEFAULT_SIZES):
-            paths = upscaled_photos(sources, Path(folder) / f"{width}x{height}", (width, height))
-            log.info("bench: %d photos of %dx%d (JPEG q90) made from the bench's images", len(paths),
-                     width, height)
-            report[f"{width}x{height}"] = {
-                "images": len(paths), "megapixels": round(width * height / 1e6, 1),
-                **measure_large_photos(inference.input_path.spec, paths,
-                                       spec.runtime.max_image_pixels, spec.runtime.batch_size,
-                                       resources)}
-            shutil.rmtree(Path(folder) / f"{width}x{height}")
-    return report
+    return over_sizes(sources, plan.large_sizes or parse_sizes(DEFAULT_SIZES),
+                      lambda paths: measure_large_photos(inference.input_path.spec, paths,
+                                                         spec.runtime.max_image_pixels,
+                                                         spec.runtime.batch_size, resources))
 
 
 @dataclass
@@ -416,9 +404,10 @@ def main(argv: list[str]) -> int:
     every = (*STAGES, *EXTRA_STAGES)
     parser.add_argument("--bench.stages", dest="stages", default=",".join(every),
                         help=f"comma-separated subset of {','.join(every)}")
-    parser.add_argument("--bench.large_photos", dest="large_photos", type=int, default=16,
+    parser.add_argument("--bench.large_photos", dest="large_photos", type=int, default=None,
                         help="large_photos stage: how many of the bench's images to upscale "
-                             "(default 16)")
+                             "(default 16; with several models 0: set it to measure the pass's "
+                             "decode on photos)")
     parser.add_argument("--bench.large_sizes", dest="large_sizes", default=DEFAULT_SIZES,
                         help="large_photos stage: comma-separated WIDTHxHEIGHT sizes (default "
                              "4032x3024, 12 MP; 5656x4242 is 24 MP, 8000x6000 48 MP)")
@@ -432,7 +421,7 @@ def main(argv: list[str]) -> int:
             large_sizes = parse_sizes(args.large_sizes)
         except ValueError as error:
             raise ConfigError(f"bench.large_sizes: {error}") from None
-        if args.large_photos < 0:
+        if args.large_photos is not None and args.large_photos < 0:
             raise ConfigError(f"bench.large_photos: must be >= 0, got {args.large_photos}")
         for name, value in (("rounds", args.rounds), ("limit", args.limit),
                             ("baseline_limit", args.baseline_limit)):
@@ -451,10 +440,11 @@ def main(argv: list[str]) -> int:
         if len(spec.models) > 1:  # several models: one pass against one job per model
             from batch_classify.bench.models import run_models_bench
 
-            run_models_bench(spec, bench_dir)
+            run_models_bench(spec, bench_dir, args.large_photos or 0, large_sizes)
             return 0
+        large_photos = 16 if args.large_photos is None else args.large_photos
         run_bench(spec, BenchPlan(stages, bench_dir, args.limit, args.baseline_limit, args.rounds,
-                                  args.large_photos, large_sizes))
+                                  large_photos, large_sizes))
     except ConfigError as error:
         print(f"batch-classify bench: configuration error: {error}", file=sys.stderr)
         return 2

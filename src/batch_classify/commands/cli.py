@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from batch_classify.core.errors import UserError
+from batch_classify.core.faults import output_fault
 
 USAGE = """batch-classify <command> [options]
 
@@ -60,6 +61,12 @@ class FolderCommand:
         except self.errors as error:
             print(f"batch-classify {self.name}: {error}", file=sys.stderr)
             return self.error_status
+        except OSError as error:  # the folder's filesystem failed (full, read-only): one line
+            fault = output_fault(error, getattr(args, self.folders[0]))
+            if fault is None:
+                raise
+            print(f"batch-classify {self.name}: {fault.line()}", file=sys.stderr)
+            return fault.exit_status
         print(text)
         return status
 

@@ -143,6 +143,10 @@ class OutputConfig:
     models the image embedding), float16, 2 bytes per dimension per row before compression."""
     normalize_embeddings: bool = False
     """L2-normalise the embeddings (cosine similarity is then a dot product)."""
+    check_space: bool = True
+    """Before a run, compare the estimated size of the pending output with the free space and
+    quota of output.dir's filesystem: refuse to start (exit 74) where it cannot fit, warn where
+    the margin is thin. false: warn only, and run."""
 
     def __post_init__(self) -> None:
         _require(bool(self.dir), "output.dir", "is required (a folder to write to)")
@@ -207,6 +211,13 @@ class RuntimeConfig:
     max_row_group_bytes: int = 4 * 2**30
     """Uncompressed bytes of the columns read from one Parquet row group, as its footer
     declares them (default 4 GiB). A bigger row group is one error row per row, unread."""
+    read_retries: int = 3
+    """Reads of an image that fail with a transient error (EIO, ESTALE, ETIMEDOUT, EAGAIN, a
+    reset connection: a network mount's blip) are tried again this many times, 0.5, 1, 2, ...
+    s apart, before the item becomes an error row marked transient."""
+    retry_errors: Literal["none", "transient", "all"] = "none"
+    """On a rerun, classify again the error rows of committed units: those marked transient, or
+    all of them; each unit file holding one is rewritten whole (temporary file, then rename)."""
     max_error_fraction: float | None = None
     """Stop the job once more than this fraction of the items seen failed (default: never)."""
     timeout_s: int = 1800
@@ -235,6 +246,7 @@ class RuntimeConfig:
             "runtime.max_error_fraction",
             f"must be in [0, 1), got {self.max_error_fraction}",
         )
+        _require(self.read_retries >= 0, "runtime.read_retries", f"must be >= 0, got {self.read_retries}")
         _require(self.timeout_s >= 1, "runtime.timeout_s", "must be >= 1")
         _require(self.log_every_s > 0, "runtime.log_every_s", "must be > 0")
 

@@ -9,6 +9,7 @@
       input/                the listing: units.parquet, listing.parquet, listing.json, state.parquet
       predictions/          unit-000000.parquet ... (and _damaged/ for files a resume set aside)
       metrics.json, timing.json, report.md and its tables and pictures
+      report.html, report_files/   the report as a page, and its thumbnails
       models.json, side_by_side.md/.json, comparison.json   (several models in one pass)
 """
 
@@ -50,10 +51,14 @@ MISTAKES = "mistakes.jpg"
 PREDICTED = "predicted_classes.csv"
 PREDICTED_PLOT = "predicted_classes.png"
 UNCERTAIN = "least_confident.jpg"
-REPORT_FILES = (REPORT, PER_CLASS, CONFUSIONS, PER_CLASS_PLOT, MISTAKES, PREDICTED, PREDICTED_PLOT, UNCERTAIN)
+REPORT_HTML = "report.html"
+REPORT_FILES = (REPORT, PER_CLASS, CONFUSIONS, PER_CLASS_PLOT, MISTAKES, PREDICTED, PREDICTED_PLOT, UNCERTAIN,
+                REPORT_HTML)
+REPORT_ASSETS = "report_files"
+"""Beside report.html: its thumbnails (and only those), named by a digest of (unit, id)."""
 
 TOP_LEVEL = frozenset({MARKER, LOCK, PENDING_FILE, MANIFEST, CONFIG_FILE, METRICS, TIMING, COMPARISON,
-                       MODELS_FILE, *SIDE_BY_SIDE, *REPORT_FILES, INPUT_DIR, PREDICTIONS_DIR})
+                       MODELS_FILE, *SIDE_BY_SIDE, *REPORT_FILES, REPORT_ASSETS, INPUT_DIR, PREDICTIONS_DIR})
 """Every name the job may write at the top of an output folder (model sub-folders aside)."""
 
 

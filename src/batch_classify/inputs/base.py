@@ -285,6 +285,9 @@ class InputKind:
     """The data.* keys only this kind reads (set for another kind, they are refused)."""
     folder: ClassVar[bool] = False
     """data.path must be a folder: a file given instead is refused with the kind it looks like."""
+    item_by_item: ClassVar[bool] = False
+    """Every item is a file of its own, named in the listing: one item can be read again alone
+    (runtime.retry_errors redoes single rows), and ids are in the listing before any image is."""
     faults: ClassVar[tuple[type[BaseException], ...]] = (OSError, pa.ArrowException)
     """What reading a unit raises where the input cannot be read at all (gone, no permission, being
     rewritten): the unit fails, and a rerun retries it."""

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batch_classify.core.digests import add_digests, id_hash
-from batch_classify.core.errors import describe_error
+from batch_classify.core.faults import describe_read_error
 from batch_classify.core.layout import ROWS_FILE
 from batch_classify.core.storage import is_url, join, store_for
 from batch_classify.inputs.base import Cut, Enumeration, InputError, InputKind, Record, Sizing, row_units
@@ -30,6 +30,7 @@ class ListedKind(InputKind):
     """Items are files; their ids, labels and paths are in the listing's rows file."""
 
     folder = True
+    item_by_item = True
     handles = ("_rows_file", "_row_starts")
 
     def __init__(self, listing) -> None:
@@ -75,8 +76,8 @@ class ListedKind(InputKind):
         for record in batch:
             data = fetched.get(record.payload) if is_url(record.payload) else record.payload
             limit = self.listing.limits.max_image_bytes
-            if isinstance(data, BaseException):
-                yield Record(record.id, record.label, None, describe_error(data))
+            if isinstance(data, BaseException):  # after the store's retries: marked transient where so
+                yield Record(record.id, record.label, None, describe_read_error(data))
             elif isinstance(data, bytes) and len(data) > limit:
                 yield Record(record.id, record.label, None, f"FileTooLarge: {record.payload} is {len(data)} "
                              f"bytes, over runtime.max_image_bytes ({limit})")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ import pyarrow.parquet as pq
 
 from batch_classify.core.digests import ids_digest
 from batch_classify.core.errors import error_type
+from batch_classify.core.faults import with_path
 from batch_classify.core.layout import PREDICTIONS_DIR, unit_of, unit_path
 from batch_classify.models.embeddings import embedding_array, embedding_field
 from batch_classify.output.remote import publish_unit
@@ -90,10 +93,18 @@ def write_unit(output_dir: str | Path, unit: int, rows: dict[str, list], metadat
     table = table.replace_schema_metadata(
         {key: json.dumps(value) for key, value in {**metadata, **stats}.items()}
     )
-    pq.write_table(table, temporary, write_page_checksum=True)  # verify finds a damaged page
-    with open(temporary, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, final)
+    try:
+        pq.write_table(table, temporary, write_page_checksum=True)  # verify finds a damaged page
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, final)
+    except OSError as error:  # a full or failing disk: no partial file stays, the error names it
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        named = with_path(error, temporary)
+        if named is error:
+            raise
+        raise named from error
     publish_unit(output_dir, final)  # an output in a store: one PUT of the whole file
     return final
 
@@ -105,12 +116,19 @@ class UnitWriter:
         self.output_dir = output_dir
         self.metadata = metadata
         self.embedding_dim = embedding_dim
+        self.complete: Callable[[str | Path, int, dict[str, list]], dict[str, list]] | None = None
+        """Completes a unit's rows before they are written (runtime.retry_errors merges redone
+        rows into the committed file's: output/redo.py)."""
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer")
         self._pending: list[Future] = []
 
+    def _write(self, unit: int, rows: dict[str, list]) -> Path:
+        if self.complete is not None:
+            rows = self.complete(self.output_dir, unit, rows)
+        return write_unit(self.output_dir, unit, rows, self.metadata, self.embedding_dim)
+
     def submit(self, unit: int, rows: dict[str, list]) -> None:
-        self._pending.append(self._pool.submit(write_unit, self.output_dir, unit, rows, self.metadata,
-                                               self.embedding_dim))
+        self._pending.append(self._pool.submit(self._write, unit, rows))
         still_running = []
         for future in self._pending:
             if future.done():

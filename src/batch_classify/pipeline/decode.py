@@ -15,8 +15,10 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from batch_classify.core.errors import describe_error
+from batch_classify.core.errors import describe_error  # noqa: F401 - loader and job import it from here
 from batch_classify.core.limits import Limits, as_limits, open_regular, too_large
+from batch_classify.pipeline.retry import describe as describe_read
+from batch_classify.pipeline.retry import read_with_retries
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec, whose PyPI wheels
 # are CUDA builds; torchvision's come in every flavour torch does (ROCm included). If a later
@@ -446,20 +448,24 @@ class TaskDataset(torch.utils.data.Dataset):
     ``read_encoded``), else the RGB PIL image of ``open_image``.
     """
 
-    def __init__(self, preprocess: Callable[[Any], torch.Tensor], max_pixels: int | Limits):
+    def __init__(self, preprocess: Callable[[Any], torch.Tensor], max_pixels: int | Limits,
+                 read_retries: int = 0):
         self.preprocess = preprocess
         self.limits = as_limits(max_pixels)
         self.max_pixels = self.limits.max_pixels
         self.decode = getattr(preprocess, "decoder", open_image)
+        self.read_retries = read_retries
+        """runtime.read_retries: a read that fails with a transient error is tried again (retry.py)."""
 
     def __getitem__(self, task: Task) -> Sample:
         if task.error is not None:
             return Sample(task.key, None, task.error)
         try:
-            image = self.decode(task.source(), self.limits)
+            image = read_with_retries(lambda: self.decode(task.source(), self.limits), self.read_retries,
+                                      task.key.id)
             return Sample(task.key, self.preprocess(image), None)
         except Exception as error:  # every failure of one image is that image's row
-            return Sample(task.key, None, without_bytes(describe_error(error)))
+            return Sample(task.key, None, without_bytes(describe_read(error)))
 
 
 @dataclass

@@ -162,7 +162,12 @@ def default_store():
 
 
 class RankFailed(RuntimeError):
-    """Another rank of this job failed or stopped; the message carries its reason."""
+    """Another rank of this job failed or stopped; the message carries its reason, ``detail``
+    what a rank stopped by its output filesystem published (core/faults.OutputFault.detail)."""
+
+    def __init__(self, message: str, detail: dict | None = None):
+        super().__init__(message)
+        self.detail = detail
 
 
 class JobBoard:
@@ -186,15 +191,29 @@ class JobBoard:
     def _key(self, name: str) -> str:
         return self.namespace + "board/" + name
 
-    def report_failure(self, reason: str) -> None:
-        """Tell the other ranks why this one is leaving (best effort: the store may be gone)."""
+    def report_failure(self, reason: str, detail: dict | None = None) -> None:
+        """Tell the other ranks why this one is leaving (best effort: the store may be gone).
+        ``detail``: a fault of the output filesystem; the first one published stays."""
         if self.store is None:
             return
         try:
+            if detail is not None and not self.store.check([self._key("fault")]):
+                self.store.set(self._key("fault"), json.dumps(detail))
             self.store.set(self._key("failure"), f"rank {self.rank}: {reason}"[:2000])
             self.store.add(self._key("failures"), 1)
         except Exception:  # the store's host may already be gone; the timeout still bounds
             log.debug("could not publish the failure of rank %d", self.rank)
+
+    def fault(self) -> dict | None:
+        """The output-filesystem fault a rank of this job published, if any (best effort)."""
+        if self.store is None:
+            return None
+        try:
+            if self.store.check([self._key("fault")]):
+                return json.loads(self.store.get(self._key("fault")))
+        except Exception:  # the store's host may be gone
+            log.debug("could not read the job's fault from the store")
+        return None
 
     def _raise_if_failed(self, stop) -> None:
         if stop is not None and stop.requested:
@@ -203,7 +222,7 @@ class JobBoard:
             raise Preempted()
         if self.store.add(self._key("failures"), 0) > 0:
             reason = self.store.get(self._key("failure")).decode()
-            raise RankFailed(f"another rank of the job failed or stopped: {reason}")
+            raise RankFailed(f"another rank of the job failed or stopped: {reason}", self.fault())
 
     def _wait_for(self, counter: str, target: int, what: str, stop,
                   timeout_s: float | None = None) -> None:

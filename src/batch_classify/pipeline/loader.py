@@ -41,19 +41,28 @@ class UnitTasks:
     """Batches read ahead of the caller."""
 
     def __init__(self, units: UnitQueue, listing: Listing, batch_size: int,
-                 stopping: Callable[[], bool] = lambda: False):
+                 stopping: Callable[[], bool] = lambda: False,
+                 select: Callable[[int], set[str] | None] | None = None):
         self.units = units
         self.listing = listing
         self.batch_size = batch_size
         self.stopping = stopping
+        self.select = select
+        """The ids of a claimed unit to classify, None for all (runtime.retry_errors redoes a
+        committed unit's error rows only: output/redo.py)."""
 
     def _unit_tasks(self, unit: int) -> Iterator[Task]:
         previous = None
+        wanted = self.select(unit) if self.select is not None else None
         for record in self.listing.records(unit):
+            if wanted is not None and record.id not in wanted:
+                continue
             if previous is not None:
                 yield Task(ItemKey(unit, previous.id, previous.label), previous.payload, previous.error)
             previous = record
         if previous is None:
+            if wanted is not None:  # none of the rows to redo is listed any more: the file stays
+                return
             raise RuntimeError(f"unit {unit} ({self.listing.describe_unit(unit)}) holds no items")
         yield Task(ItemKey(unit, previous.id, previous.label, last=True), previous.payload, previous.error)
 

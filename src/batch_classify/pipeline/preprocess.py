@@ -340,8 +340,12 @@ class MultiTransform:
 
     The image is decoded once, into a tensor where any model's transform takes one (the
     pixels of ``open_image``, for less CPU); a transform that wants a PIL image gets that
-    tensor as one, so every model sees the pixels its own single-model run would (with
-    runtime.reduced_decode off, or where the models' reduced decodes coincide).
+    tensor as one. With runtime.reduced_decode auto for every model, a large image decodes
+    reduced to the smallest size that still covers twice the largest of the models' resize
+    targets (``shared_cover``), and each model resizes from that decode: a model whose target
+    is the largest sees the pixels of its own run alone, the others a larger decode than
+    their own. Where any model decodes every pixel (reduced_decode off, or the checkpoint's
+    own processor), every pixel is decoded for all: each model sees exactly its pixels of off.
     """
 
     def __init__(self, transforms: list[Any]):
@@ -349,13 +353,10 @@ class MultiTransform:
         decoders = [getattr(t, "decoder", open_image) for t in transforms]
         self.takes_tensor = [getattr(d, "func", d) is read_pixels for d in decoders]
         decoder = read_pixels if any(self.takes_tensor) else open_image
-        # A reduced decode (runtime.reduced_decode) is shared only where every model would
-        # decode to the same size alone; else every pixel is decoded, as with it off.
-        covers = {getattr(d, "keywords", {}).get("cover") for d in decoders}
-        cover = next(iter(covers)) if len(covers) == 1 else None
+        cover = shared_cover([getattr(d, "keywords", {}).get("cover") for d in decoders])
         self.decoder = functools.partial(decoder, cover=cover) if cover is not None else decoder
-        self.note = ("reduced decode off: the models' resize targets differ" if len(covers) > 1
-                     else None)
+        self.note = (f"one reduced decode for {len(transforms)} models, kept at least {cover[0]}x{cover[1]} "
+                     "(twice the largest resize target)" if cover is not None else None)
 
     def __call__(self, image: Image.Image | torch.Tensor) -> tuple[torch.Tensor, ...]:
         as_pil = image
@@ -363,6 +364,14 @@ class MultiTransform:
             as_pil = Image.fromarray(image.permute(1, 2, 0).numpy())
         return tuple(transform(image if tensor else as_pil)
                      for transform, tensor in zip(self.transforms, self.takes_tensor))
+
+
+def shared_cover(covers: list[Cover | None]) -> Cover | None:
+    """The cover one decode for several models keeps: the largest width and the largest height
+    any of them needs (so it covers each); None (every pixel) where any model needs every pixel."""
+    if not covers or any(cover is None for cover in covers):
+        return None
+    return max(cover[0] for cover in covers), max(cover[1] for cover in covers)
 
 
 @dataclass

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch_classify.core.errors import UserError, error_type
+from batch_classify.core.faults import output_fault
 from batch_classify.core.layout import METRICS, PREDICTIONS_DIR, TIMING, unit_of
 from batch_classify.core.text import percent, write_json
 from batch_classify.output.committed import Footer, Identity, describe_damage, first_unreadable, read_footers
@@ -193,7 +194,7 @@ def aggregate(output_dir: str | Path) -> dict[str, Any]:
     Refuses outputs with a damaged or foreign unit file, a missing or doubled unit, an id twice
     within a unit, or whose item count differs from the manifest. Totals come from the unit files'
     footers, so memory does not grow with the rows. Also writes the report (per_class.csv,
-    confusions.csv, report.md, plots, contact sheet).
+    confusions.csv, report.md, plots, contact sheet, report.html and its thumbnails).
     """
     output = Path(output_dir)
     manifest = read_manifest(output)
@@ -204,6 +205,8 @@ def aggregate(output_dir: str | Path) -> dict[str, Any]:
     try:
         return _score(output, manifest, files, footers)
     except (OSError, pa.ArrowException) as error:
+        if output_fault(error, output) is not None:
+            raise  # the output filesystem failed (full, read-only, ...), not a unit file
         # A footer can be sound and a page behind it not: name the file the failed read came
         # from (found again only now, so a sound folder is read once).
         found = first_unreadable(files)
@@ -239,7 +242,11 @@ def _score(output: Path, manifest: dict[str, Any], files: list[tuple[int, Path]]
             columns = ["id", "topk_ids", "error"]
             batches = (batch for _, path in files for batch in iter_batches(path, columns))
             metrics.update(real_accuracy(batches, real_labels_path(real)))
-    metrics.update(write_report(output, metrics, files))
+    # The small, precious file first: metrics.json is written once the report's scores are known,
+    # before its tables and pictures, and again with the list of report files once they are all
+    # written. A metrics.json without report_files means the report is incomplete (a full disk).
+    metrics.update(write_report(output, metrics, files,
+                                scored=lambda extra: write_json(output / METRICS, {**metrics, **extra})))
     write_json(output / METRICS, metrics)
     return metrics
 
@@ -262,5 +269,8 @@ def format_table(metrics: dict[str, Any]) -> str:
         rows.append(("labels", metrics["model"]["label_space"]))
     if metrics.get("accuracy_unavailable"):
         rows.append(("accuracy", "unavailable: " + metrics["accuracy_unavailable"]))
+    if metrics.get("report_page_bytes"):  # ---- the report page (results/report/html.py)
+        size = metrics["report_page_bytes"] / 1e6
+        rows.append(("report", f"report.html with its thumbnails, {size:.1f} MB"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

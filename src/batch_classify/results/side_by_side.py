@@ -14,6 +14,7 @@ from typing import Any
 from batch_classify.core.layout import METRICS, SIDE_BY_SIDE
 from batch_classify.core.text import markdown_table, percent, write_json
 from batch_classify.results.compare import compare
+from batch_classify.results.report.models_page import write_models_page
 
 """Top level of a several-model output: the models and their sub-folders."""
 
@@ -65,4 +66,6 @@ def side_by_side(output: str | Path, folders: list[Path]) -> tuple[str, dict[str
     (output / SIDE_BY_SIDE[0]).write_text(text)
     summary = {"models": models, "agreement": agreement}
     write_json(output / SIDE_BY_SIDE[1], summary)
+    # ---- the page: report.html (results/report/models_page.py)
+    write_models_page(output, folders, summary)
     return text, summary

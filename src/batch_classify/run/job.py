@@ -20,6 +20,7 @@ import torch
 from batch_classify import __version__
 from batch_classify.core.config import ConfigError, JobSpec, parse_args
 from batch_classify.core.errors import UserError
+from batch_classify.core.faults import OutputFault, leave_status, output_fault, reported_fault
 from batch_classify.core.labels import ModelLabels, class_subset, label_targets
 from batch_classify.core.layout import CONFIG_FILE, METRICS, MODELS_FILE, PENDING_FILE, TIMING
 from batch_classify.core.limits import Limits
@@ -33,7 +34,10 @@ from batch_classify.models.predict import Predictor, Scoring
 from batch_classify.output.committed import Identity, check_committed
 from batch_classify.output.manifest import FORMAT_VERSION, OutputLock, prepare_output, read_manifest
 from batch_classify.output.progress import ErrorLog, Progress
+from batch_classify.output.redo import Redo, plan_redo
 from batch_classify.output.remote import attach, push_staged
+from batch_classify.output.room import UnitShape, check_room, estimate_output
+from batch_classify.output.safe import safe_note
 from batch_classify.output.units import metrics_from_stats
 from batch_classify.output.writer import UnitWriter
 from batch_classify.pipeline.decode import Batch, TaskDataset, describe_error
@@ -208,20 +212,26 @@ class RankLoop:
         self.errors = ErrorLog(spec.runtime.log_every_s)
         self.models = [ModelRun(job, spec, resources.device, self.errors if index == 0 else _Quiet())
                        for index, job in enumerate(work.models)]
+        self.redo = Redo([job.output for job in work.models], work.listing.reader.item_by_item,
+                         spec.runtime.retry_errors)
+        for model in self.models:
+            # runtime.retry_errors: redone rows go into the committed file's
+            model.writer.complete = self.redo.merge
         self.processed = 0
 
     def _loader(self):
         spec, work = self.spec, self.work
         stopping = lambda: self.stop.requested  # noqa: E731
-        tasks = UnitTasks(work.units, work.listing, spec.runtime.batch_size, stopping=stopping)
+        tasks = UnitTasks(work.units, work.listing, spec.runtime.batch_size, stopping=stopping,
+                          select=self.redo.select)
         transform = (MultiTransform([m.inference.input_path.worker for m in work.models]) if self.several
                      else self.first.input_path.worker)
         if getattr(transform, "note", None):
-            log.info("%s; each model's predictions equal its run alone with runtime.reduced_decode off",
-                     transform.note)
+            log.info("%s; runtime.reduced_decode off decodes every pixel for all", transform.note)
         limits = Limits.from_runtime(spec.runtime)
         work.listing.limits = limits
-        return make_loader(TaskDataset(transform, limits), tasks, self.resources, stopping=stopping)
+        dataset = TaskDataset(transform, limits, spec.runtime.read_retries)
+        return make_loader(dataset, tasks, self.resources, stopping=stopping)
 
     def _launch(self, batch: Batch) -> list:
         return [model.launch(batch.model_input(index if self.several else None))
@@ -323,13 +333,21 @@ def run(spec: JobSpec, leave_process_group: bool = True) -> dict[str, Any] | Non
             return _run_rank(spec, state, stop, board)
     except Preempted:
         board.report_failure("stopped by a signal (preemption); its finished units are committed")
+        if (fault := reported_fault(board.fault(), state.is_main_process)) is not None:
+            raise fault from None  # stopped because a peer's output filesystem failed: its status
         raise
-    except RankFailed:
+    except RankFailed as error:
+        if (fault := reported_fault(error.detail, state.is_main_process)) is not None:
+            raise fault from None
         raise
     except UserError as error:
         board.report_failure(str(error))
         raise
     except BaseException as error:
+        if (fault := output_fault(error, spec.output.dir)) is not None:  # one line per job (core/faults.py)
+            fault.main_rank = state.is_main_process
+            board.report_failure(str(fault), fault.detail())
+            raise fault from None
         log.error("failed: %s", describe_error(error))
         board.report_failure(describe_error(error))
         raise
@@ -401,6 +419,7 @@ def _prepare_outputs(spec: JobSpec, output: Path,
     listing, _ = prepare_listing(spec, output)
     pending_units: set[int] = set()
     done_everywhere = set(range(listing.n_units))
+    redo_rows = 0
     for job in jobs:
         job.targets, unavailable = label_targets(listing.classes, job.labels)
         if listing.labelled is False:
@@ -415,7 +434,11 @@ def _prepare_outputs(spec: JobSpec, output: Path,
         checked = check_committed(job.output, listing.n_units, Identity.of(manifest))
         committed = checked.units
         job.committed = checked.totals
-        pending_units.update(u for u in range(listing.n_units) if u not in committed)
+        redo = plan_redo(job.output, committed, Identity.of(manifest), spec.runtime.retry_errors)
+        redo_rows = max(redo_rows, redo.rows)
+        if redo.units:
+            log.info("%s: %s", job.output, redo.describe(spec.runtime.retry_errors))
+        pending_units.update(u for u in range(listing.n_units) if u not in committed or u in redo.units)
         done_everywhere &= committed
     if len(jobs) > 1:
         (output / CONFIG_FILE).write_text(spec.to_yaml())
@@ -425,6 +448,11 @@ def _prepare_outputs(spec: JobSpec, output: Path,
     already_done, summary = committed_summary(listing, done_everywhere)
     if done_everywhere:
         log.info("resuming: %s", summary)
+    if already_done is not None:
+        already_done -= redo_rows  # rows classified again count once, when done
+    shapes = [UnitShape.of(job.spec, job.labels.names, job.identity, listing) for job in jobs]
+    if said := check_room(output, estimate_output(listing, pending, shapes), refuse=spec.output.check_space):
+        log.info("%s", said)  # output/room.py: refused above where the pending units cannot fit
     return listing, pending, already_done
 
 
@@ -542,7 +570,7 @@ def current_metrics(output: Path, committed: dict[str, Any] | None) -> dict[str,
     if not isinstance(metrics, dict) or metrics.get("dataset", {}).get("n_units") != \
             manifest["dataset"]["n_units"] or metrics.get("model") != manifest["model"]:
         return None
-    if committed is None:
+    if committed is None or "report_files" not in metrics:  # written before a report that failed
         return None
     expected = metrics_from_stats(committed)
     if any(metrics.get(key) != expected[key] for key in SCORED_KEYS):
@@ -559,6 +587,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run(spec)
+    except OutputFault as fault:  # the output filesystem failed: one line, from the main rank only
+        if fault.main_rank:
+            folders = [Path(spec.output.dir) / model_folder(name) for name in spec.models]
+            note = safe_note(spec.output.dir, folders if len(folders) > 1 else None)
+            print(f"batch-classify: {fault.line(note)}", file=sys.stderr)
+        leave_status(fault.exit_status)
+        return fault.exit_status
     except UserError as error:  # a mistake to fix, not a bug: the message, no traceback
         print(f"batch-classify: {error}", file=sys.stderr)
         return 2

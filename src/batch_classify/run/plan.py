@@ -17,6 +17,7 @@ from typing import Any
 
 from batch_classify.core.config import ConfigError, JobSpec, parse_args
 from batch_classify.core.errors import UserError
+from batch_classify.core.faults import output_fault
 from batch_classify.core.layout import DAMAGED_DIR, INPUT_DIR, MANIFEST
 from batch_classify.core.ownership import check_location, claim
 from batch_classify.core.storage import is_url
@@ -33,6 +34,13 @@ from batch_classify.inputs.tars import is_pattern, shard_root
 from batch_classify.output.committed import Identity, examine_committed
 from batch_classify.output.manifest import OutputLock, OutputMismatch, read_manifest
 from batch_classify.output.remote import attach, push_staged
+from batch_classify.output.room import (
+    UnitShape,
+    embedding_dim_hint,
+    estimate_output,
+    label_names_hint,
+    room_of,
+)
 from batch_classify.output.writer import committed_units
 from batch_classify.pipeline.distributed import CPU_BATCH_SIZE, GPU_BATCH_SIZE
 
@@ -181,10 +189,28 @@ def plan(spec: JobSpec) -> str:
         *damaged,
         ("files", f"{listing.n_units} prediction files in {output / 'predictions'}, about {REPORT_FILES} "
                   f"more beside them, {len(list((output / INPUT_DIR).iterdir()))} in {output / INPUT_DIR}"),
+        ("room", room_row(spec, listing, committed)),
     ]
     rows += [("note", note) for note in info["notes"]]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def room_row(spec: JobSpec, listing: Listing, committed: set[int]) -> str:
+    """The pending output's estimated size against output.dir's free space and quota (no model is
+    loaded: its label names and embedding size come from its config.json where it is a folder)."""
+    pending = [u for u in range(listing.n_units) if u not in committed]
+    shapes = [UnitShape(spec.output.top_k, label_names_hint(name),
+                        embedding_dim_hint(name) if spec.output.embeddings else None,
+                        {"config": spec.to_dict()}) for name in spec.models]
+    room = room_of(spec.output.dir)
+    estimate = estimate_output(listing, pending, shapes)
+    verdict = ""
+    if room.available is not None and estimate.units_bytes > room.available:
+        verdict = ": it does not fit; the job will refuse to start (output.check_space false runs it anyway)"
+    elif room.available is not None and estimate.bytes > room.available:
+        verdict = ": the report may not fit"
+    return f"{estimate.describe()}; {room.describe()}{verdict}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,4 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"batch-classify plan: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the output filesystem failed: one line (core/faults.py)
+        fault = output_fault(error, spec.output.dir)
+        if fault is None:
+            raise
+        print(f"batch-classify plan: {fault.line()}", file=sys.stderr)
+        return fault.exit_status
     return 0

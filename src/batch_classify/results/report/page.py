@@ -11,6 +11,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,9 @@ from batch_classify.core.layout import (
     PREDICTED,
     PREDICTED_PLOT,
     REPORT,
+    REPORT_ASSETS,
     REPORT_FILES,
+    REPORT_HTML,
     TIMING,
     UNCERTAIN,
 )
@@ -37,12 +41,11 @@ from batch_classify.output.units import (
     metrics_from_stats,
     unit_files,
 )
+from batch_classify.results.report.html import Page, page_pictures, write_html
 from batch_classify.results.report.names import ClassNames, class_names, shorten
 from batch_classify.results.report.pictures import (
-    Opener,
     Tile,
     contact_sheet,
-    image_opener,
     mistake_tile,
     prediction_tile,
 )
@@ -56,6 +59,9 @@ from batch_classify.results.report.scan import (
     per_class,
     scan,
 )
+from batch_classify.results.report.thumbnails import Pictures
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- files
 
@@ -83,6 +89,8 @@ class Context:
     names: ClassNames
     metrics: dict[str, Any]
     written: list[str] = dataclasses.field(default_factory=lambda: [REPORT])
+    pictures: Pictures | None = None
+    """Every picture of the report, read back unit by unit before anything is drawn."""
 
     @property
     def model_name(self) -> str:
@@ -108,19 +116,12 @@ def _summary(ctx: Context, extra: list[list[Any]]) -> list[str]:
     return ["## Summary", "", markdown_table(["", ""], rows + extra), ""]
 
 
-def _opener(manifest: dict[str, Any], output: Path) -> tuple[Opener | None, str | None]:
-    try:
-        return image_opener(manifest, output), None
-    except Exception as error:  # the report goes on without pictures
-        return None, f"{type(error).__name__}: {error}"
-
-
 def _sheet_section(ctx: Context, title: str, tiles: list[Tile], name: str) -> list[str]:
     lines = [f"## {title}", ""]
     if not tiles:
         return lines + ["None.", ""]
-    opener, opener_error = _opener(ctx.manifest, ctx.output)
-    opened = contact_sheet(tiles, opener, ctx.output / name)
+    opener_error = ctx.pictures.reading.unreachable
+    opened = contact_sheet(tiles, None if opener_error else ctx.pictures.tile, ctx.output / name)
     if opened:
         ctx.written.append(name)
         lines += [f"![{title.lower()}]({name})", ""]
@@ -163,11 +164,17 @@ def _confusion_section(names: ClassNames, pairs: list[tuple[int, int, int]]) -> 
             table, ""]
 
 
-def _labelled_report(ctx: Context) -> tuple[list[str], dict[str, Any]]:
+def _scores(result: Scan, scores: list[ClassScore]) -> dict[str, Any]:
+    """What the report adds to metrics.json: macro top-1 and calibration (None when unlabelled)."""
+    if not result.n_scored:
+        return {"macro_top1": None, "ece": None, "n_classes_scored": 0}
+    return {"macro_top1": float(np.mean([s.top1 for s in scores])), "ece": result.calibration.ece(),
+            "n_classes_scored": len(scores)}
+
+
+def _labelled_report(ctx: Context, scores: list[ClassScore], extra: dict[str, Any]) -> list[str]:
     result = ctx.scan
-    scores = per_class(result, ctx.names)
-    macro = float(np.mean([s.top1 for s in scores]))
-    ece = result.calibration.ece()
+    macro, ece = extra["macro_top1"], extra["ece"]
     pairs = confusions(result)
     _write_class_files(ctx, scores, pairs)
     plot_accuracy(scores, result.calibration, macro, ctx.model_name, ctx.output / PER_CLASS_PLOT)
@@ -179,13 +186,13 @@ def _labelled_report(ctx: Context) -> tuple[list[str], dict[str, Any]]:
     lines = (summary + _class_section(scores) + _confusion_section(ctx.names, pairs)
              + _sheet_section(ctx, "Most confident mistakes",
                               [mistake_tile(pick, ctx.names) for pick in result.mistakes.picks()], MISTAKES))
-    return lines, {"macro_top1": macro, "ece": ece, "n_classes_scored": len(scores)}
+    return lines
 
 
 # ---------------------------------------------------------------- labelling mode: what was predicted
 
 
-def _labelling_report(ctx: Context) -> tuple[list[str], dict[str, Any]]:
+def _labelling_report(ctx: Context) -> list[str]:
     result, names = ctx.scan, ctx.names
     n_predicted = result.n_predicted
     ordered = sorted(result.predicted.items(), key=lambda x: (-x[1], x[0]))
@@ -209,16 +216,19 @@ def _labelling_report(ctx: Context) -> tuple[list[str], dict[str, Any]]:
         lines += ["No image was classified.", ""]
     lines += _sheet_section(ctx, "Least confident predictions",
                             [prediction_tile(pick, names) for pick in result.uncertain.picks()], UNCERTAIN)
-    return lines, {"macro_top1": None, "ece": None, "n_classes_scored": 0}
+    return lines
 
 
 # ---------------------------------------------------------------- entry point
 
 
 def write_report(output_dir: str | Path, metrics: dict[str, Any] | None = None,
-                 files: list[tuple[int, Path]] | None = None) -> dict[str, Any]:
+                 files: list[tuple[int, Path]] | None = None,
+                 scored: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Write report.md and its files next to metrics.json; return metrics to merge into it:
     ``macro_top1``, ``ece`` (both None in labelling mode), ``n_classes_scored``, ``report_files``.
+    ``scored`` is called with the scores before any of the report's files is written (aggregate
+    writes metrics.json then, so a report that cannot be written leaves the metrics in place).
 
     ``aggregate`` passes the metrics and unit files it already has; alone, this finds them."""
     output = Path(output_dir)
@@ -233,8 +243,19 @@ def write_report(output_dir: str | Path, metrics: dict[str, Any] | None = None,
         metrics["images_per_second"] = timing.get("images_per_second")
     result = scan(files)
     ctx = Context(output, manifest, result, class_names(manifest, result.model_names), metrics)
-    body, extra = _labelled_report(ctx) if result.n_scored else _labelling_report(ctx)
+    scores = per_class(result, ctx.names) if result.n_scored else []
+    extra = _scores(result, scores)
+    if scored is not None:
+        scored(extra)
+    sheet = result.mistakes if result.n_scored else result.uncertain
+    ctx.pictures = Pictures.read(manifest, output, page_pictures(result),
+                                 [(pick.unit, pick.item_id) for pick in sheet.picks()])
+    body = _labelled_report(ctx, scores, extra) if result.n_scored else _labelling_report(ctx)
     (output / REPORT).write_text("\n".join(_header(ctx) + body).rstrip() + "\n")
+    page_bytes = write_html(Page(output, manifest, metrics, result, ctx.names, ctx.pictures))
+    ctx.written += [REPORT_HTML, *([REPORT_ASSETS] if ctx.pictures.written else [])]
+    log.info("report: %s with %d thumbnails in %s/, %.1f MB; pictures read back from %d unit(s)", REPORT_HTML,
+             len(ctx.pictures.written), REPORT_ASSETS, page_bytes / 1e6, ctx.pictures.reading.units_read)
     for stale in set(REPORT_FILES) - set(ctx.written):  # left by an earlier report of other results
         (output / stale).unlink(missing_ok=True)
-    return {**extra, "report_files": ctx.written}
+    return {**extra, "report_files": ctx.written, "report_page_bytes": page_bytes}

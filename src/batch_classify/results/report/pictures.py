@@ -1,4 +1,4 @@
-"""Pictures: the images behind rows, reopened from the input, drawn as contact sheets."""
+"""Contact sheets: the images behind rows (read back by thumbnails.py), drawn in a grid with captions."""
 
 from __future__ import annotations
 
@@ -6,12 +6,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from batch_classify.inputs.listing import item_sources
-from batch_classify.pipeline.decode import open_image
 from batch_classify.results.report.names import ClassNames
 from batch_classify.results.report.scan import Pick
 
@@ -29,17 +26,7 @@ CELL = (THUMB + 2 * PAD, THUMB + 3 * PAD + CAPTION_LINES * LINE)
 
 
 Opener = Callable[[int, str], Image.Image]
-"""Opens the image behind (unit, row id)."""
-
-
-def image_opener(manifest: dict[str, Any], output_dir: str | Path) -> Opener:
-    """Open the image behind a row (its unit and id). Raises when the dataset itself cannot be reached.
-
-    Where the folder has its input listing, the item is looked up in its unit (a tar, a
-    row-group run, a range of listed files); hand-made folders without one name files by id."""
-    max_pixels = manifest.get("config", {}).get("runtime", {}).get("max_image_pixels", 128_000_000)
-    source = item_sources(output_dir, manifest)
-    return lambda unit, item_id: open_image(source(unit, item_id), max_pixels)
+"""Opens the image behind (unit, row id): thumbnails.Pictures.tile."""
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:

@@ -19,6 +19,7 @@ from batch_classify.output.units import (
     top1_and_decoded,
     top1_names,
 )
+from batch_classify.results.report.examples import Examples
 from batch_classify.results.report.names import ClassNames
 
 ECE_BINS = 15
@@ -112,6 +113,8 @@ class Batch:
     """Decoded and predicted: error null and at least one class kept."""
     top5_kept: np.ndarray
     model_names: dict[int, str]
+    errors: pa.Array | None = None
+    """The error column (its messages), for the page's examples of each error type."""
 
     @classmethod
     def read(cls, batch: pa.RecordBatch) -> Batch:
@@ -126,7 +129,7 @@ class Batch:
         scores = Lists(batch.column("topk_scores"))
         confidence = scores.first(ok, np.nan, np.float64)
         return cls(batch.column("id"), int_column(batch.column("label")), target, top1, confidence, in_top5,
-                   ok, topk.lengths >= 5, top1_names(batch, top1, ok))
+                   ok, topk.lengths >= 5, top1_names(batch, top1, ok), batch.column("error"))
 
 
 SCAN_COLUMNS = ["id", "label", "target", "topk_ids", "topk_labels", "topk_scores", "error"]
@@ -151,6 +154,8 @@ class Scan:
     """Model class -> how many decoded rows have it as top-1."""
     model_names: dict[int, str] = dataclasses.field(default_factory=dict)
     """Model class index -> the name the model gives it, for every index predicted."""
+    examples: Examples = dataclasses.field(default_factory=Examples)
+    """The page's examples: bounded per class (examples.py)."""
 
     def add(self, unit: int, first_row: int, batch: Batch) -> None:
         scored = batch.ok & (batch.label >= 0) & (batch.target >= 0)
@@ -167,6 +172,7 @@ class Scan:
             pairs, counts = np.unique(np.stack([batch.label[wrong], batch.top1[wrong]], axis=1), axis=0,
                                       return_counts=True)
             self.confused.update(dict(zip(map(tuple, pairs.tolist()), counts.tolist())))
+        self.examples.add(unit, first_row, batch, scored, correct)
         self.mistakes.add(unit, first_row, wrong, batch)
         self.uncertain.add(unit, first_row, batch.ok, batch)
         self.n_predicted += int(batch.ok.sum())
@@ -192,6 +198,7 @@ def scan(files: list[tuple[int, Path]]) -> Scan:
         for record_batch in iter_batches(path, SCAN_COLUMNS):
             result.add(unit, first_row, Batch.read(record_batch))
             first_row += record_batch.num_rows
+        result.examples.end_unit(unit, first_row, result.confused)
     return result
 
 

@@ -23,6 +23,7 @@ from batch_classify.results import compare as compare_module
 from batch_classify.results.aggregate import AggregateError, aggregate
 from batch_classify.results.compare import compare
 from batch_classify.results.report import page as report
+from batch_classify.results.report import thumbnails
 from batch_classify.results.report.scan import SHEET_MAX
 
 NAMES = ["cat", "dog", "fox", "owl", "eel", "yak"]
@@ -224,20 +225,32 @@ def test_report_does_not_depend_on_batch_size(tmp_path: Path, monkeypatch):
     assert {name: (out / name).read_bytes() for name in files} == small
 
 
-def test_contact_sheet_opens_each_row_with_its_unit(tmp_path: Path, monkeypatch):
+def test_pictures_are_read_with_their_units_once(tmp_path: Path, monkeypatch):
     unit_rows = random_units(seed=4)
     out = write_output(tmp_path / "out", unit_rows)
     unit_of_id = {row["id"]: unit for unit, rows in enumerate(unit_rows) for row in rows}
-    opened = []
+    asked = []
 
-    def opener(manifest, output_dir):
+    def read_back(manifest, output_dir, wanted, use):
         assert Path(output_dir) == out
-        return lambda unit, item_id: opened.append((unit, item_id)) or Image.new("RGB", (8, 8))
+        wanted = sorted(wanted)
+        asked.extend(wanted)
+        for unit, item_id in wanted:
+            use(unit, item_id, Image.new("RGB", (8, 8)))
+        return thumbnails.Reading(opened=set(wanted))
 
-    monkeypatch.setattr(report, "image_opener", opener)
+    monkeypatch.setattr(thumbnails, "read_back", read_back)
+    drawn = {}
+
+    def sheet(tiles, opener, path):
+        drawn[path.name] = [opener(tile.unit, tile.item_id) for tile in tiles]
+        return len(tiles)
+
+    monkeypatch.setattr(report, "contact_sheet", sheet)
     report.write_report(out)
-    assert len(opened) == SHEET_MAX
-    assert all(unit_of_id[item_id] == unit for unit, item_id in opened)
+    assert len(drawn["mistakes.jpg"]) == SHEET_MAX  # every tile found among what was read back
+    assert len(asked) == len(set(asked)) > SHEET_MAX  # the page's pictures too, each asked for once
+    assert all(unit_of_id[item_id] == unit for unit, item_id in asked)
 
 
 def test_missing_units_are_named(tmp_path: Path):

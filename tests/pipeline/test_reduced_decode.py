@@ -27,10 +27,12 @@ from batch_classify.pipeline.decode import (
 )
 from batch_classify.pipeline.preprocess import (
     FastTransform,
+    MultiTransform,
     PixelSpec,
     choose_input_path,
     pixel_spec,
     reduced_cover,
+    shared_cover,
 )
 
 LIMIT = 128_000_000
@@ -251,3 +253,28 @@ def test_no_image_is_decoded_while_holding_the_exif_lock(tmp_path, monkeypatch, 
     read_pixels(path, LIMIT, cover=COVER)
     open_image(path, LIMIT, cover=COVER)
     assert under_lock.count(True) == 0, under_lock
+
+
+def test_a_pass_of_models_with_different_targets_shares_one_reduced_decode(tmp_path):
+    small = PixelSpec("shortest", (128,), Image.Resampling.BILINEAR, (112, 112), (1.0,) * 3, (0.0,) * 3)
+    large = PixelSpec("exact", (300, 400), Image.Resampling.BICUBIC, None, (1.0,) * 3, (0.0,) * 3)
+    assert shared_cover([reduced_cover(small), reduced_cover(large)]) == (800, 600)
+    assert shared_cover([reduced_cover(small), None]) is None
+    alone = [FastTransform(spec, reduce=True) for spec in (small, large)]
+    several = MultiTransform(alone)
+    assert several.decoder.keywords["cover"] == (800, 600)
+    assert "one reduced decode for 2 models, kept at least 800x600" in several.note
+    # 4000x3000: the small model alone decodes at 1/8 (500x375), the pass at 1/4 (1000x750).
+    path = _save(_picture(4000, 3000, seed=3), tmp_path / "photo.jpg", quality=92)
+    decoded = several.decoder(path, LIMIT)
+    assert tuple(decoded.shape) == (3, 750, 1000)
+    small_out, large_out = several(decoded)
+    # The model with the largest target sees exactly the pixels of its own run alone ...
+    assert torch.equal(large_out, alone[1](alone[1].decoder(path, LIMIT)))
+    # ... the other the same shape from a larger decode, within a level or two of its own.
+    own = alone[0](alone[0].decoder(path, LIMIT))
+    assert small_out.shape == own.shape == (112, 112, 3)
+    assert (small_out.float() - own.float()).abs().mean() < 2
+    # Any model decoding every pixel: every pixel is decoded for all (each sees its off pixels).
+    mixed = MultiTransform([FastTransform(small, reduce=True), FastTransform(large)])
+    assert mixed.decoder is read_pixels and mixed.note is None

@@ -12,7 +12,7 @@ what its scenario ended as, with `scontrol show job` (no accounting database her
 `batch-classify verify`, and the predictions of a one-process run of the same config.
 
 Needs root and the packages (apt-get install slurm-wlm munge; .ci/run installs them); skipped
-otherwise. Run alone: python -m pytest tests/test_slurm_cluster.py (or -m slurm);
+otherwise. Run alone: python -m pytest tests/run/test_slurm_cluster.py (or -m slurm);
 SLURM_SCENARIOS=usr1,lost-node runs only those scenarios. With SLURM_SCENARIO_TABLE=<file> the
 scenarios' table (state, restarts, exit code, time) is written there. Where a test failed, the
 cluster's folder (its logs, the jobs' logs and outputs) is kept, and its path printed.

@@ -114,9 +114,15 @@ def test_several_models_bench_one_pass_against_separate_jobs(tiny_models, corpus
     bench_dir = tmp_path / "bench"
     names = json.dumps([str(tiny_models["mobilenet_v1"]), str(tiny_models["beit"])])
     result = run_bench(["--model.name", names, "--data.path", str(corpus), "--bench.dir", str(bench_dir),
-                        "--runtime.batch_size", "4"])
+                        "--runtime.batch_size", "4", "--bench.large_photos", "2",
+                        "--bench.large_sizes", "1600x1200"])
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((bench_dir / "bench_models.json").read_text())
+    photos = report["large_photos"]["1600x1200"]  # the pass's one decode, off against auto
+    assert photos["images"] == 2 and "one reduced decode for 2 models" in photos["auto_decode"]
+    for setting in ("off", "auto"):
+        assert photos[setting]["cpu_ms_per_image"] > 0 and photos[setting]["pipeline_images_per_s"] > 0
+    assert "large photos 1600x1200 (2 JPEGs), the pass's decode" in result.stdout
     assert len(report["separate_jobs"]) == 2 and len(report["one_pass_rounds"]) == 2
     rounds = [r["seconds"] for r in report["one_pass_rounds"]]  # before and after the separate jobs
     assert min(rounds) <= report["one_pass"]["seconds"] <= max(rounds)

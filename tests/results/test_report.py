@@ -131,7 +131,7 @@ def test_labelled_report(animals: Path):
     # right), |1 - 1.94| (0.95 wrong, 0.99 right); over 10 rows.
     assert extra["ece"] == pytest.approx(3.72 / 10, abs=1e-6)
     assert set(extra["report_files"]) == {"report.md", "per_class.csv", "confusions.csv",
-                                          "per_class.png", "mistakes.jpg"}
+                                          "per_class.png", "mistakes.jpg", "report.html", "report_files"}
 
     per_class = read_csv(animals / "per_class.csv")
     assert [(r["class_index"], r["wnid"], r["name"], r["n"]) for r in per_class] == [
@@ -233,7 +233,7 @@ def test_labelling_mode(tmp_path: Path):
     extra = write_report(out)
     assert extra["macro_top1"] is None and extra["ece"] is None and extra["n_classes_scored"] == 0
     assert set(extra["report_files"]) == {"report.md", "predicted_classes.csv", "predicted_classes.png",
-                                          "least_confident.jpg"}
+                                          "least_confident.jpg", "report.html", "report_files"}
     counts = read_csv(out / "predicted_classes.csv")
     assert [(r["predicted_name"], r["count"]) for r in counts] == [("dog", "4"), ("cat", "2"), ("fox", "1")]
     report = (out / "report.md").read_text()

@@ -10,7 +10,7 @@ from accelerate.commands.config.config_args import ClusterConfig
 
 from batch_classify.core.config import ConfigError, JobSpec, load_spec, parse_args
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 MINIMAL = {"model": {"name": "m"}, "data": {"path": "d"}, "output": {"dir": "o"}}
 
 

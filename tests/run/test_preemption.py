@@ -2,68 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import queue
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, job_command, make_corpus, read_rows, run_job
+from background import Background
+from conftest import make_corpus, read_rows, run_job
 from fixtures_images import write_bad_images
 from stall import Stall, stall_reads
 
 from batch_classify.commands.cli import main as cli_main
 from batch_classify.core.preemption import PREEMPTED_EXIT_STATUS
-
-
-class Background:
-    """A job in its own process group, its output lines collected on a thread."""
-
-    def __init__(self, args: list[str], processes: int):
-        self.process = subprocess.Popen(
-            job_command(args, processes), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, cwd=ROOT, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.log: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.put(line)
-
-    def wait_for_line(self, text: str, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.5)
-            except queue.Empty:
-                assert self.process.poll() is None, "job ended early:\n" + "".join(self.log)
-                continue
-            self.log.append(line)
-            if text in line:
-                return
-        raise AssertionError(f"no line with {text!r}:\n" + "".join(self.log))
-
-    def wait_for_units(self, folder: Path, count: int, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while len(list((folder / "predictions").glob("unit-*.parquet"))) < count:
-            assert self.process.poll() is None, "job ended early"
-            assert time.monotonic() < deadline, "units never committed"
-            time.sleep(0.2)
-
-    def finish(self, timeout: float = 120) -> int:
-        try:
-            return self.process.wait(timeout=timeout)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
 
 
 def _stalled_corpus(tmp_path: Path, monkeypatch, blocked_index: int) -> tuple[Path, Stall]:

@@ -1,16 +1,12 @@
 """Inputs in object stores, against real servers on localhost with real clients: moto's S3 server
 (s3fs), a Range-capable HTTP server (fsspec's HTTP filesystem), and a proxy that injects
 faults (a connection dropped mid-object, 503 SlowDown, a stall past the client's timeout,
-403, 404). The job over objects must give the rows the same job gives over local copies."""
+403, 404). The job over objects must give the rows the same job gives over local copies.
+The servers and the collection are fixtures of tests/conftest.py (tests/object_servers.py)."""
 
 from __future__ import annotations
 
-import io
 import json
-import logging
-import os
-import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,78 +14,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import read_rows, run_job
-from fixtures_wds import jpeg, make_wds, tiny_image
+from fixtures_wds import jpeg
+from object_servers import RangeFiles, compared, store_job
 from PIL import Image
 
 from batch_classify.core import storage
 from batch_classify.core.config import DataConfig
-from batch_classify.core.storage import (
-    MAX_TRIES,
-    StoreError,
-    fault_kind,
-    is_url,
-    retry_counts,
-    store_for,
-)
+from batch_classify.core.storage import MAX_TRIES, StoreError, fault_kind, is_url, retry_counts, store_for
 from batch_classify.inputs.base import InputError
 from batch_classify.inputs.listing import load_items, write_listing
 from batch_classify.inputs.parquet import FOOTER_BYTES
 from batch_classify.pipeline.loader import UnitTasks
 from batch_classify.pipeline.shard import UnitQueue
-
-pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is not installed")
-pytest.importorskip("moto.server", reason="moto[server] (the test extra) is not installed")
-pytest.importorskip("aiohttp", reason="the http extra (aiohttp) is not installed")
-
-from object_servers import RangeFiles, S3Server  # noqa: E402
-
-logging.getLogger("werkzeug").setLevel(logging.ERROR)
-COMPARED = ("id", "label", "target", "topk_ids", "topk_scores", "error")
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server = S3Server()
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
-def collection(tmp_path_factory, s3) -> dict:
-    """The same tars and Parquet files on local disk and in the bucket."""
-    root = tmp_path_factory.mktemp("collection")
-    images = [(f"s{i:03d}", tiny_image(i, (40 + i, 36)), (i * 37) % 1000) for i in range(14)]
-    make_wds(root / "wds", images, per_tar=5)
-    (root / "tables").mkdir()
-    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    for shard in range(2):
-        rows = images[shard * 7:(shard + 1) * 7]
-        table = pa.table({"image": pa.array([{"bytes": jpeg(image), "path": None} for _, image, _ in rows],
-                                            image_type),
-                          "label": [label for _, _, label in rows], "key": [key for key, _, _ in rows]})
-        pq.write_table(table, root / "tables" / f"train-{shard:05d}.parquet", row_group_size=3)
-    return {"local": root, "wds": s3.upload(root / "wds", "bucket", "wds"),
-            "tables": s3.upload(root / "tables", "bucket", "tables")}
-
-
-@pytest.fixture(scope="module")
-def local_tars(collection, tiny_models, tmp_path_factory) -> Path:
-    """The job's output over the local copies of the tars."""
-    out = tmp_path_factory.mktemp("local-tars") / "out"
-    _job(tiny_models["beit"], str(collection["local"] / "wds"), out)
-    return out
-
-
-def _compared(rows: dict[str, dict]) -> dict[str, tuple]:
-    return {key: tuple(json.dumps(row[name]) for name in COMPARED) for key, row in rows.items()}
-
-
-def _job(model: Path, data: str, out: Path, options: dict | None = None, expect_ok: bool = True):
-    args = ["--model.name", str(model), "--data.path", data, "--output.dir", str(out)]
-    if options is not None:
-        args += ["--data.storage_options", json.dumps(options)]
-    return run_job(args, expect_ok=expect_ok)
-
 
 # ------------------------------------------------------------------ the store layer, no job
 
@@ -105,10 +41,10 @@ def test_urls_and_fault_kinds():
     assert fault_kind(ValueError("bad request")) is None
 
 
-def test_a_tar_is_read_in_large_ranged_gets_resuming_after_faults(collection, s3, monkeypatch):
+def test_a_tar_is_read_in_large_ranged_gets_resuming_after_faults(in_store, s3, monkeypatch):
     monkeypatch.setattr(storage, "BACKOFF_S", 0.01)
-    url = collection["wds"] + "/00001.tar"
-    local = (collection["local"] / "wds" / "00001.tar").read_bytes()
+    url = in_store["wds"] + "/00001.tar"
+    local = (in_store["local"] / "wds" / "00001.tar").read_bytes()
     store = store_for(url, s3.options(block_size=1 << 16))
     s3.faults.set([], "00001.tar")
     before = s3.faults.gets("00001.tar")
@@ -154,14 +90,14 @@ def test_parquet_units_read_only_their_row_groups_and_columns(s3, tmp_path):
     assert unit_images <= fetched <= unit_images + 2 * FOOTER_BYTES + 4096  # not the other 6 images
 
 
-def test_https_tars_equal_local_ones_through_faults(collection):
-    server = RangeFiles(collection["local"] / "wds")
+def test_https_tars_equal_local_ones_through_faults(in_store):
+    server = RangeFiles(in_store["local"] / "wds")
     try:
         pattern = server.url + "/{00000..00002}.tar"
         server.faults.set(["503", "drop", "stall"], "00002.tar")
         server.faults.stall_s = 0.1  # fsspec's HTTP timeout is long: the stall only delays here
         remote = load_items(DataConfig(path=pattern, storage_options={"block_size": 1 << 16}))
-        local = load_items(DataConfig(path=str(collection["local"] / "wds")))
+        local = load_items(DataConfig(path=str(in_store["local"] / "wds")))
         assert remote.kind == local.kind == "webdataset"
         assert (remote.ids, remote.labels, remote.payloads) == (local.ids, local.labels, local.payloads)
         assert server.faults.done["503"] == 1 and server.faults.done["drop"] == 1
@@ -171,9 +107,9 @@ def test_https_tars_equal_local_ones_through_faults(collection):
         server.close()
 
 
-def test_a_missing_object_is_the_unit_error_of_a_missing_file(collection, s3, tmp_path):
-    listing = write_listing(DataConfig(path=collection["wds"], storage_options=s3.options()), tmp_path)
-    assert listing.n_units == 3 and listing.root == collection["wds"]
+def test_a_missing_object_is_the_unit_error_of_a_missing_file(in_store, s3, tmp_path):
+    listing = write_listing(DataConfig(path=in_store["wds"], storage_options=s3.options()), tmp_path)
+    assert listing.n_units == 3 and listing.root == in_store["wds"]
     s3.faults.set(["404"], "00001.tar")
     tasks = UnitTasks(UnitQueue(np.array([1])), listing, 4)
     with pytest.raises(InputError, match=r"unit 1 of the input \(s3://bucket/wds/00001.tar\) cannot be "
@@ -182,10 +118,10 @@ def test_a_missing_object_is_the_unit_error_of_a_missing_file(collection, s3, tm
         list(tasks)
     s3.faults.set([], "00001.tar")
     with pytest.raises(InputError, match="no object or prefix of that name"):
-        write_listing(DataConfig(path=collection["wds"] + "-gone", kind="webdataset",
+        write_listing(DataConfig(path=in_store["wds"] + "-gone", kind="webdataset",
                                  storage_options=s3.options()), tmp_path / "gone")
     with pytest.raises(InputError, match="reads local paths only"):
-        write_listing(DataConfig(path=collection["wds"], kind="hf", storage_options=s3.options()),
+        write_listing(DataConfig(path=in_store["wds"], kind="hf", storage_options=s3.options()),
                       tmp_path / "hf")
 
 
@@ -224,14 +160,14 @@ def test_folders_and_lists_of_objects_give_the_items_of_local_ones(corpus, s3, t
 # ------------------------------------------------------------------ whole jobs
 
 
-def test_tars_in_a_bucket_give_the_rows_of_local_copies_through_faults(collection, s3, tiny_models, tmp_path,
+def test_tars_in_a_bucket_give_the_rows_of_local_copies_through_faults(in_store, s3, tiny_models, tmp_path,
                                                                        local_tars):
     model = tiny_models["beit"]
     s3.faults.set(["503", "503", "drop", "stall"], "wds/00001.tar")
-    result = _job(model, collection["wds"] + "/{00000..00002}.tar", tmp_path / "s3", s3.options())
+    result = store_job(model, in_store["wds"] + "/{00000..00002}.tar", tmp_path / "s3", s3.options())
     assert dict(s3.faults.done) == {"503": 2, "drop": 1, "stall": 1}
     local, remote = read_rows(local_tars), read_rows(tmp_path / "s3")
-    assert len(remote) == 14 and _compared(remote) == _compared(local)  # none lost, none twice
+    assert len(remote) == 14 and compared(remote) == compared(local)  # none lost, none twice
     for kind in ("SlowDown", "connection", "timeout"):
         said = [line for line in result.stderr.splitlines() if f": {kind} (" in line and "retrying" in line]
         assert len(said) == 1, said
@@ -243,99 +179,29 @@ def test_tars_in_a_bucket_give_the_rows_of_local_copies_through_faults(collectio
         assert metrics_remote[key] == metrics_local[key], key
 
 
-def test_parquet_in_a_bucket_gives_the_rows_of_local_copies(collection, s3, tiny_models, tmp_path):
+def test_parquet_in_a_bucket_gives_the_rows_of_local_copies(in_store, s3, tiny_models, tmp_path):
     model = tiny_models["beit"]
-    _job(model, str(collection["local"] / "tables"), tmp_path / "local")
+    store_job(model, str(in_store["local"] / "tables"), tmp_path / "local")
     s3.faults.set(["503", "drop"], "tables/train-00001")
-    _job(model, collection["tables"], tmp_path / "s3", s3.options())
+    store_job(model, in_store["tables"], tmp_path / "s3", s3.options())
     assert dict(s3.faults.done) == {"503": 1, "drop": 1}
     local, remote = read_rows(tmp_path / "local"), read_rows(tmp_path / "s3")
-    assert len(remote) == 14 and _compared(remote) == _compared(local)
+    assert len(remote) == 14 and compared(remote) == compared(local)
 
 
-def test_a_forbidden_tar_stops_the_job_with_one_line_and_a_rerun_finishes(collection, s3, tiny_models,
+def test_a_forbidden_tar_stops_the_job_with_one_line_and_a_rerun_finishes(in_store, s3, tiny_models,
                                                                          tmp_path):
     model, out = tiny_models["beit"], tmp_path / "s3"
     s3.faults.set(["always-403"], "wds/00002.tar")
-    failed = _job(model, collection["wds"], out, s3.options(), expect_ok=False)
+    failed = store_job(model, in_store["wds"], out, s3.options(), expect_ok=False)
     s3.faults.set([], "wds/00002.tar")
     assert failed.returncode == 2, failed.stderr[-2000:]
     said = [line for line in failed.stderr.splitlines() if line.startswith("batch-classify: ")]
     assert len(said) == 1 and "s3://bucket/wds/00002.tar" in said[0] and "access denied (403)" in said[0]
     assert "Traceback" not in failed.stderr
-    run_job(["--model.name", str(model), "--data.path", collection["wds"], "--output.dir", str(out),
+    run_job(["--model.name", str(model), "--data.path", in_store["wds"], "--output.dir", str(out),
              "--data.storage_options", json.dumps(s3.options())], processes=2)  # each rank opens the store
     rows = read_rows(out)
     assert len(rows) == 14 and all(row["error"] is None for row in rows.values())
 
 
-def test_outputs_in_a_bucket_survive_a_kill_with_nothing_lost_doubled_or_partial(
-        collection, s3, tiny_models, tmp_path, monkeypatch, local_tars):
-    import signal
-
-    from test_preemption import Background
-
-    from batch_classify.commands.cli import main as cli_main
-
-    model, url = tiny_models["beit"], "s3://outputs/run"
-    fs = s3.filesystem()
-    if not fs.exists("outputs"):
-        fs.mkdir("outputs")
-    args = ["--model.name", str(model), "--data.path", str(collection["local"] / "wds"), "--output.dir", url,
-            "--output.storage_options", json.dumps(s3.options()),
-            "--output.staging", str(tmp_path / "staging")]
-    s3.faults.put_delay_s, s3.faults.put_pattern = 1.5, re.compile("/outputs/run/predictions/")
-    try:
-        job = Background(args, processes=1)
-        deadline = time.monotonic() + 120
-        while not fs.glob("outputs/run/predictions/unit-*.parquet", refresh=True):
-            assert time.monotonic() < deadline and job.process.poll() is None, "".join(job.log)
-            time.sleep(0.1)
-        os.killpg(job.process.pid, signal.SIGKILL)
-        job.process.wait()
-    finally:
-        s3.faults.put_delay_s = 0.0
-    committed = fs.glob("outputs/run/predictions/*", refresh=True)
-    assert 1 <= len(committed) < 3, committed  # killed mid-run
-    for key in committed:  # every object there is a whole unit file
-        assert pq.read_table(io.BytesIO(fs.cat_file(key))).num_rows == 5
-    assert fs.exists("outputs/run/.lease.json")  # the killed job's
-    # Resumed from another staging folder (another machine): what the bucket holds is its start.
-    args[-1] = str(tmp_path / "staging-2")
-    resumed = run_job(args)
-    assert "resuming" in resumed.stderr and "taking over the lease" in resumed.stderr
-    assert not fs.exists("outputs/run/.lease.json")
-    for name in ("manifest.json", "metrics.json", "config.yaml", "input/listing.json", "input/units.parquet"):
-        assert fs.exists(f"outputs/run/{name}"), name
-    copy = tmp_path / "copy"
-    fs.get("outputs/run/predictions", str(copy / "predictions"), recursive=True)
-    rows = read_rows(copy)  # fails on an id written twice
-    assert _compared(rows) == _compared(read_rows(local_tars))
-    monkeypatch.setenv("BATCH_CLASSIFY_STORAGE_OPTIONS", json.dumps(s3.options()))
-    monkeypatch.setenv("BATCH_CLASSIFY_CACHE", str(tmp_path / "cache"))
-    assert cli_main(["verify", url]) == 0
-    assert cli_main(["aggregate", url]) == 0
-    assert cli_main(["compare", url, str(local_tars)]) == 0
-
-
-def test_a_second_job_on_an_output_in_a_bucket_is_refused(s3, tmp_path, monkeypatch):
-    from batch_classify.output import remote as remote_module
-    from batch_classify.output.remote import LEASE, OutputElsewhere, attach
-
-    fs = s3.filesystem()
-    if not fs.exists("outputs"):
-        fs.mkdir("outputs")
-    fs.pipe(f"outputs/held/{LEASE}", json.dumps({"host": "node-7", "pid": 4242, "since": 0}).encode())
-    remote = attach("s3://outputs/held", s3.options(), str(tmp_path / "staging"))
-    with pytest.raises(OutputElsewhere, match=r"in use by another job \(pid 4242 on node-7 since 1970"):
-        remote.acquire()
-    fs.rm(f"outputs/held/{LEASE}")
-    remote.acquire()
-    assert json.loads(fs.cat(f"outputs/held/{LEASE}"))["pid"] == os.getpid()
-    other = attach("s3://outputs/held", s3.options(), str(tmp_path / "other"))
-    with monkeypatch.context() as patch:  # a job on another host, while this one holds the lease
-        patch.setattr(remote_module.socket, "gethostname", lambda: "elsewhere")
-        with pytest.raises(OutputElsewhere, match="in use by another job"):
-            other.acquire()
-    remote.release()
-    assert not fs.exists(f"outputs/held/{LEASE}")

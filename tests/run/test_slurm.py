@@ -2,7 +2,7 @@
 stub Slurm commands (tests/slurm_stubs).
 
 The scenarios themselves (whole jobs, preemption, requeues, a lost node, job arrays) run under a
-real Slurm in tests/test_slurm_cluster.py. The stubs emulate an allocation whose "nodes" are all
+real Slurm in tests/run/test_slurm_cluster.py. The stubs emulate an allocation whose "nodes" are all
 this host, for what that cluster does not exercise: the order in which nodes join, global rank 0
 on another node, srun binding tasks to CPUs (task/affinity), the launch line's options.
 """
@@ -284,7 +284,7 @@ def test_srun_stub_starts_one_task_per_node_and_handles_signals_like_srun(tmp_pa
 
 # --- with a fake launcher (a second per job): what a local Slurm 22.05 does not show ---------------
 # Whole jobs, preemption, requeues, cancelling, a lost node and job arrays run under a real Slurm
-# in tests/test_slurm_cluster.py. Here, what one machine's cluster does not exercise on purpose:
+# in tests/run/test_slurm_cluster.py. Here, what one machine's cluster does not exercise on purpose:
 # the ranks joining in reverse order, global rank 0 on a node other than node 0, the launch line
 # of several ranks on one node, the ROCm env file's per-job folders, and srun binding tasks to
 # CPUs (task/affinity, below).
@@ -405,3 +405,26 @@ def test_a_rank_bound_to_fewer_cpus_than_allocated_sizes_for_them_and_warns(refe
     assert (f"may run on 1 CPU(s) (its affinity mask) but Slurm allocated {allocated}"
             in node_log), node_log
     assert "1 thread(s)" in node_log, node_log
+
+
+def test_a_job_whose_output_filesystem_fills_up_while_stopping_is_not_requeued(tmp_path):
+    # Preempted (USR1), the ranks' last commits find the disk full: they exit 74, the launchers 1
+    # (as torchrun reports any failed rank). The batch script must not requeue: a requeued run
+    # would stop the same way; it ends with 74 and says what to do.
+    cluster, args = _fake_job(tmp_path, FAKE_LAUNCH="full")
+    job_id = _free_job_id()
+    with cluster.submitted(args, job_id) as sbatch:
+        deadline = time.monotonic() + 30
+        while not all((cluster.state / f"launch-{node}.json").exists() for node in (0, 1)):
+            assert sbatch.poll() is None, cluster.logs()
+            assert time.monotonic() < deadline, cluster.logs()
+            time.sleep(0.05)
+        _stub("scancel", "--batch", "--signal=USR1", job_id, env=cluster.env)
+        try:
+            assert sbatch.wait(timeout=30) == 74, cluster.logs()
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the job did not stop after SIGUSR1\n{cluster.logs()}")
+    assert cluster.record("requeue.log") == []
+    main_log = cluster.log(f"classify-{job_id}.out")
+    assert "the output filesystem is full or failing" in main_log and "not requeueing" in main_log
+    assert "output filesystem fault" in cluster.log(f"classify-{job_id}-node0-localhost.out")

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from background import Background
 from conftest import _photo, read_rows, run_job
 from fixtures_wds import flawed_tars, make_wds
 from stall import stall_reads
-from test_preemption import Background
 
 from batch_classify.commands.cli import main as cli_main
 from batch_classify.core.labels import imagenet_classes
