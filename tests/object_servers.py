@@ -46,21 +46,23 @@ class Faults:
         self.requests: list[tuple[str, str, str | None]] = []
         self.lock = threading.Lock()
         self.stall_s = 3.0
+        self.methods: tuple[str, ...] = ("GET",)
+        """The methods the plan applies to."""
         self.put_delay_s = 0.0
         self.put_pattern = re.compile("$^")
         """PUTs whose path matches wait put_delay_s before they are forwarded (a slow upload)."""
         self.sent = 0
         """Body bytes sent for GETs so far."""
 
-    def set(self, plan: list[str], pattern: str = ".") -> None:
+    def set(self, plan: list[str], pattern: str = ".", methods: tuple[str, ...] = ("GET",)) -> None:
         with self.lock:
-            self.plan, self.pattern = list(plan), re.compile(pattern)
+            self.plan, self.pattern, self.methods = list(plan), re.compile(pattern), methods
             self.done.clear()
 
     def take(self, method: str, path: str, range_header: str | None) -> str | None:
         with self.lock:
             self.requests.append((method, path, range_header))
-            if method == "GET" and self.plan and self.pattern.search(path):
+            if method in self.methods and self.plan and self.pattern.search(path):
                 fault = self.plan[0]
                 if fault.startswith("always-"):
                     fault = fault[len("always-"):]
@@ -133,12 +135,13 @@ class FaultProxy:
 
             def _forward(self) -> None:
                 fault = faults.take(self.command, self.path, self.headers.get("Range"))
-                if fault is not None and _inject(self, fault, faults):
+                if fault is not None:
                     length = int(self.headers.get("Content-Length") or 0)
-                    if length:
+                    if length:  # the request's body read first: a PUT answered 503 as S3 does
                         self.rfile.read(length)
-                    return
-                length = int(self.headers.get("Content-Length") or 0)
+                    if _inject(self, fault, faults):
+                        return
+                length = int(self.headers.get("Content-Length") or 0) if fault is None else 0
                 body = self.rfile.read(length) if length else None
                 if length and len(body) < length:  # the client died mid-upload: S3 stores nothing
                     self.close_connection = True

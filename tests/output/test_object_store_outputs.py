@@ -84,3 +84,29 @@ def test_a_second_job_on_an_output_in_a_bucket_is_refused(s3, tmp_path, monkeypa
             other.acquire()
     remote.release()
     assert not fs.exists(f"outputs/held/{LEASE}")
+
+
+def test_a_unit_the_store_refuses_is_one_line_and_stays_committed_in_staging(s3, tmp_path, monkeypatch):
+    from batch_classify.core import storage
+    from batch_classify.output.remote import OutputStoreError
+
+    monkeypatch.setattr(storage, "BACKOFF_S", 0.01)
+    fs = s3.filesystem()
+    if not fs.exists("outputs"):
+        fs.mkdir("outputs")
+    remote = attach("s3://outputs/refused", s3.options(), str(tmp_path / "staging"))
+    unit = remote.local / "predictions" / "unit-000000.parquet"
+    unit.parent.mkdir(parents=True)
+    unit.write_bytes(b"PAR1 a committed unit PAR1")
+    s3.faults.set(["always-503"], "/outputs/refused/", methods=("PUT",))
+    try:
+        with pytest.raises(OutputStoreError, match=(
+                r"output.dir s3://outputs/refused: unit-000000.parquet could not be committed there "
+                r"\(StoreError: .*still failing after 6 tries.*SlowDown.*\); it is committed in the "
+                r"staging folder .*the same command run again sends it")):
+            remote.publish(unit, create_only=True)
+    finally:
+        s3.faults.set([], methods=("GET",))
+    assert not fs.exists("outputs/refused/predictions/unit-000000.parquet")  # nothing partial either
+    assert remote.push() == 1
+    assert fs.cat("outputs/refused/predictions/unit-000000.parquet") == unit.read_bytes()

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batch_classify.core.errors import UserError
+from batch_classify.core.errors import UserError, describe_error
 from batch_classify.core.layout import DAMAGED_DIR, LOCK, MARKER, PENDING_FILE, PREDICTIONS_DIR, REMOTE_FILE
 from batch_classify.core.storage import Store, is_url, join, store_for
 
@@ -44,6 +44,10 @@ SINGLE_PUT_BYTES = 64 << 20
 
 class OutputElsewhere(UserError, RuntimeError):
     """Another job holds the lease of an output in a store."""
+
+
+class OutputStoreError(UserError, RuntimeError):
+    """A file could not be committed to the output's store (after the store layer's retries)."""
 
 
 def default_staging(url: str) -> Path:
@@ -110,6 +114,16 @@ class RemoteOutput:
             else:
                 store.fs.pipe_file(store.path(url), data)
 
+        try:
+            self._put(url, put, data)
+        except OSError as error:
+            raise OutputStoreError(
+                f"output.dir {self.url}: {path.name} could not be committed there ({describe_error(error)}); "
+                f"it is committed in the staging folder {path.parent}, and the same command run again "
+                "sends it") from error
+
+    def _put(self, url: str, put: Any, data: bytes | None) -> None:
+        store = self.store
         try:
             store.call(url, put)
         except FileExistsError:  # created only if absent, and present: the same bytes, or not ours

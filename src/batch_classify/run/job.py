@@ -330,7 +330,10 @@ def run(spec: JobSpec, leave_process_group: bool = True) -> dict[str, Any] | Non
             folders = [model_folder(name) for name in spec.models] if len(spec.models) > 1 else []
             claim(spec.output.dir, folders)
         with lock:
-            return _run_rank(spec, state, stop, board)
+            result = _run_rank(spec, state, stop, board)
+        if remote is not None and remote.held:  # metrics and report: the job ends once they are there
+            push_staged(remote.local)
+        return result
     except Preempted:
         board.report_failure("stopped by a signal (preemption); its finished units are committed")
         if (fault := reported_fault(board.fault(), state.is_main_process)) is not None:
@@ -353,10 +356,10 @@ def run(spec: JobSpec, leave_process_group: bool = True) -> dict[str, Any] | Non
         raise
     finally:
         if remote is not None and remote.held:  # another job's output is left alone
-            try:
-                push_staged(remote.local)
-            finally:
-                remote.release()
+            if sys.exc_info()[0] is not None:  # failed or stopped: send what is committed, if it goes
+                with contextlib.suppress(UserError, OSError):
+                    push_staged(remote.local)
+            remote.release()
         retried = retry_summary()
         if retried:  # counted in this process (DataLoader workers count and warn on their own)
             log.info(retried)
