@@ -122,7 +122,7 @@ def run_models_bench(spec: JobSpec, bench_dir: Path, large_photos: int = 0,
 
 def format_models_bench(report: dict[str, Any]) -> str:
     lines = [f"{len(report['models'])} models, {report['world_size']} rank(s) on {report['device']}, "
-             f"batch {report['batch_size']}, {report['precision']}",
+             f"batch {report['batch_size'] or 'auto'}, {report['precision']}",
              f"  one pass (mean)   {report['one_pass']['seconds']:8.2f} s  "
              f"(wall {report['one_pass']['wall_seconds']:.2f} s, the side-by-side table included)"]
     for name, timing in report["separate_jobs"].items():
