@@ -12,8 +12,10 @@ nothing of the project but the error base class.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -243,3 +245,20 @@ def leave_status(status: int) -> None:
         return
     with os.fdopen(descriptor, "w") as handle:
         handle.write(f"{status}\n")
+
+
+@contextlib.contextmanager
+def replacing(final: Path, temporary: Path, named: Path | None = None) -> Iterator[None]:
+    """Write ``temporary`` inside the block; it then replaces ``final`` by a rename. On an
+    OSError (a full or failing disk) no temporary file stays and the error names ``named``
+    (default ``final``)."""
+    try:
+        yield
+        os.replace(temporary, final)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        renamed = with_path(error, named or final)
+        if renamed is error:
+            raise
+        raise renamed from error

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import Any
 
-from batch_classify.core.faults import with_path
+from batch_classify.core.faults import replacing
 
 
 def percent(value: float | None) -> str:
@@ -23,13 +22,5 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
 def write_json(path: Path, value: Any) -> None:
     """Write JSON atomically (temporary file, then rename)."""
     temporary = path.with_name(f".{path.name}.tmp")
-    try:
+    with replacing(path, temporary):  # a full disk: no half-written file left beside the old one
         temporary.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n")
-        temporary.replace(path)
-    except OSError as error:  # a full disk: no half-written file left beside the old one
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)
-        named = with_path(error, path)
-        if named is error:
-            raise
-        raise named from error

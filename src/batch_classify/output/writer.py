@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections import Counter
@@ -16,7 +15,7 @@ import pyarrow.parquet as pq
 
 from batch_classify.core.digests import ids_digest
 from batch_classify.core.errors import error_type
-from batch_classify.core.faults import with_path
+from batch_classify.core.faults import replacing
 from batch_classify.core.layout import PREDICTIONS_DIR, unit_of, unit_path
 from batch_classify.models.embeddings import embedding_array, embedding_field
 from batch_classify.output.remote import publish_unit
@@ -93,18 +92,10 @@ def write_unit(output_dir: str | Path, unit: int, rows: dict[str, list], metadat
     table = table.replace_schema_metadata(
         {key: json.dumps(value) for key, value in {**metadata, **stats}.items()}
     )
-    try:
+    with replacing(final, temporary, named=temporary):  # a full disk: no partial file stays
         pq.write_table(table, temporary, write_page_checksum=True)  # verify finds a damaged page
         with open(temporary, "rb") as handle:
             os.fsync(handle.fileno())
-        os.replace(temporary, final)
-    except OSError as error:  # a full or failing disk: no partial file stays, the error names it
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)
-        named = with_path(error, temporary)
-        if named is error:
-            raise
-        raise named from error
     publish_unit(output_dir, final)  # an output in a store: one PUT of the whole file
     return final
 
