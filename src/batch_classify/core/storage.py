@@ -70,6 +70,51 @@ def join(root: str, rel: str) -> str:
     return f"{root.rstrip('/')}/{rel}" if rel else root
 
 
+FOLDER_MARKERS = ("/", "_$folder$")
+"""How zero-byte folder markers end: ``val/`` (what storage consoles create for a folder) and
+``val_$folder$`` (Hadoop's S3 clients)."""
+
+
+def is_folder_marker(name: str, size: int | None) -> bool:
+    """Whether a listed object is a zero-byte folder marker rather than data."""
+    return not size and str(name).endswith(FOLDER_MARKERS)
+
+
+SCHEME_ALIASES = {"s3a": "s3", "s3n": "s3", "gcs": "gs", "abfs": "az", "abfss": "az"}
+"""Schemes that name the same store (one fsspec filesystem)."""
+
+
+def normal_key(key: str) -> str | None:
+    """A key with repeated slashes, ``.`` segments and a trailing slash dropped and ``..``
+    segments resolved, as a path is; None where ``..`` climbs above the bucket."""
+    parts: list[str] = []
+    for part in key.split("/"):
+        if part == "..":
+            if not parts:
+                return None
+            parts.pop()
+        elif part not in ("", "."):
+            parts.append(part)
+    return "/".join(parts)
+
+
+def canonical_url(url: str) -> str:
+    """One spelling of a URL, for telling whether two name the same object or prefix: the
+    scheme's usual name (``s3a://`` is ``s3://``) and the key as ``normal_key`` makes it
+    (HTTP(S) paths are kept as written: a server may tell them apart). ValueError where
+    ``..`` climbs above the bucket."""
+    head, rest = url.split("://", 1)
+    protocol = SCHEME_ALIASES.get(head.lower(), head.lower())
+    if protocol in ("http", "https"):
+        host, slash, path = rest.partition("/")
+        return f"{protocol}://{host.lower()}{slash}{path}".rstrip("/")
+    bucket, _, key = rest.lstrip("/").partition("/")
+    normal = normal_key(key)
+    if normal is None:
+        raise ValueError(f"{url}: '..' leads above the bucket {bucket!r}")
+    return f"{protocol}://{bucket}/{normal}".rstrip("/")
+
+
 # ------------------------------------------------------------------ faults
 
 
@@ -285,14 +330,12 @@ class Store:
         """{url: size} of every object under the prefix ``url``, in name order, from the store's
         paginated listing (no object is read)."""
         found = self.call(url, lambda: self.fs.find(self.path(url).rstrip("/"), detail=True))
-        return {self.to_url(path): int(entry.get("size") or 0)
-                for path, entry in sorted(found.items()) if entry.get("type", "file") == "file"}
+        return _objects(self, found)
 
     def glob(self, pattern: str) -> dict[str, int]:
         """{url: size} of the objects a glob matches, in name order."""
         found = self.call(pattern, lambda: self.fs.glob(self.path(pattern), detail=True))
-        return {self.to_url(path): int(entry.get("size") or 0)
-                for path, entry in sorted(found.items()) if entry.get("type", "file") == "file"}
+        return _objects(self, found)
 
     def read_range(self, url: str, start: int, stop: int) -> bytes:
         """Bytes ``start`` to ``stop`` (exclusive) of an object, in one ranged GET (retried)."""
@@ -345,6 +388,15 @@ class Store:
         if size is None:
             size = self.size(url)
         return RangedReader(self, url, size, block_size or self.block_size)
+
+
+def _objects(store: Store, found: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """{url: size} of the objects of a listing in name order: its folders and folder markers
+    left out."""
+    return {store.to_url(path): int(entry.get("size") or 0) for path, entry in sorted(found.items())
+            if entry.get("type", "file") == "file"
+            and not is_folder_marker(entry.get("Key", path), entry.get("size"))
+            and not is_folder_marker(path, entry.get("size"))}
 
 
 class MissingClient(UserError, ImportError):

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from batch_classify.core.config import DataConfig
-from batch_classify.core.storage import is_url
+from batch_classify.core.storage import canonical_url, is_url, join
 from batch_classify.inputs.base import Enumeration, Found, InputError, Repeats, chunked
 from batch_classify.inputs.listed import ListedKind
 from batch_classify.inputs.objects import object_lines
@@ -138,18 +138,39 @@ def file_list(list_path: Path) -> Enumeration:
 
 
 def object_list(cfg: DataConfig) -> Enumeration:
-    """A list that is itself an object: lines are URLs, or keys relative to the list's prefix."""
+    """A list that is itself an object: lines are URLs, or keys relative to the list's prefix,
+    named as a local list names files (``./x``, ``x//y`` and ``d/../x`` are ``x``, ``x/y`` and
+    ``x``; ``s3a://`` is ``s3://``). Ids are the lines as written; an object named twice, in any
+    spelling, is refused."""
     root = cfg.path.rsplit("/", 1)[0]
     notes: list[str] = []
+
+    def named(number: int, line: str) -> tuple[str, str]:
+        """(the URL the line names, read as written by scheme; its one spelling for comparing)."""
+        url = line if is_url(line) else join(root, line)
+        try:
+            key = canonical_url(url)
+        except ValueError as error:
+            raise InputError(f"data.path {cfg.path}, line {number}: {line!r} names no object ({error}); "
+                             "name the objects inside the bucket") from None
+        return f"{url.split('://', 1)[0]}://{key.split('://', 1)[1]}", key
 
     def rows() -> Iterator[tuple[str, None, str | None]]:
         repeats = Repeats()
         for number, line in object_lines(cfg):
-            if repeats.candidate(line):
-                first = next((n for n, text in object_lines(cfg) if n < number and text == line), None)
-                if first is not None:
-                    raise InputError(f"data.path {cfg.path}: {line!r} is listed twice (again on line "
-                                     f"{number}), first on line {first}; list each object once")
-            yield line, None, line if is_url(line) else None
+            url, key = named(number, line)
+            if repeats.checking:
+                if repeats.candidate(key):
+                    first = next(((n, text) for n, text in object_lines(cfg)
+                                  if n < number and named(n, text)[1] == key), None)
+                    if first is not None:
+                        again = (f"{line!r} is listed twice (again on line {number}), first on line "
+                                 f"{first[0]}" if first[1] == line else
+                                 f"line {number} {line!r} and line {first[0]} {first[1]!r} name the "
+                                 f"same object {key}")
+                        raise InputError(f"data.path {cfg.path}: {again}; list each object once")
+                if not repeats.checking:
+                    notes.append(f"repeated objects checked for the first {Repeats.LIMIT} lines only")
+            yield line, None, url if is_url(line) or url != join(root, line) else None
 
     return Enumeration("file_list", root, notes=notes, rows=chunked(rows()))

@@ -161,6 +161,10 @@ def image_folder(root: Path | str, state: StateRecorder | None = None,
     parts of their names)."""
     if names is not None:
         class_dirs = sorted({name.split("/", 1)[0] for name in names if "/" in name})
+        odd = next((name for name in names if name.split("/", 1)[0] in ("", ".", "..") and "/" in name), None)
+        if odd is not None:  # a key no local folder could hold: which class is it?
+            raise InputError(f"data.path {root}: the object {root}/{odd} lies in no class prefix (its "
+                             f"first part is {odd.split('/', 1)[0]!r}); rename it, or use data.kind: images")
     else:
         class_dirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not class_dirs:

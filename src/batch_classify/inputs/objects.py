@@ -5,12 +5,13 @@ is read). The kinds that read from a URL (``InputKind.urls``) build on these."""
 from __future__ import annotations
 
 import glob
+import io
 import posixpath
 from collections.abc import Iterator
 from pathlib import Path
 
 from batch_classify.core.config import DataConfig
-from batch_classify.core.storage import Store, is_url, store_for
+from batch_classify.core.storage import Store, is_folder_marker, is_url, store_for
 from batch_classify.inputs.base import (
     HF_MARKERS,
     SPARK_MARKERS,
@@ -43,7 +44,17 @@ def url_root(spec: str, is_file: bool) -> str:
 
 
 def relative(url: str, root: str) -> str:
-    return url[len(root):].lstrip("/")
+    """``url``'s key below ``root``, as written: one separator dropped, never more (the keys
+    ``a//b`` and ``a/b`` are two objects)."""
+    rest = url[len(root):]
+    return rest[1:] if rest.startswith("/") and not root.endswith("/") else rest
+
+
+def skipped(rel: str, prefixes: tuple[str, ...] = (".",)) -> bool:
+    """Whether a key below a prefix is left out as a local file would be: a part of it starts
+    with one of ``prefixes`` (a hidden name). The parts ``.`` and ``..`` hide nothing: in a key
+    they are names like any other, read as written."""
+    return any(part.startswith(prefixes) and part not in (".", "..") for part in rel.split("/"))
 
 
 def found_url(cfg: DataConfig) -> Found:
@@ -71,8 +82,12 @@ def found_url(cfg: DataConfig) -> Found:
 
 def _top_level(store: Store, url: str) -> TopLevel:
     top = TopLevel()
-    entries = store.call(url, lambda: store.fs.ls(store.path(url).rstrip("/"), detail=True))
+    listed = store.path(url).rstrip("/")
+    entries = store.call(url, lambda: store.fs.ls(listed, detail=True))
     for entry in entries:
+        if entry["name"].rstrip("/") == listed or entry.get("type") != "directory" and is_folder_marker(
+                entry.get("Key", entry["name"]), entry.get("size")):
+            continue  # the prefix's own marker (``val/``), or a folder's beside it (``n01_$folder$``)
         name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
         if name.startswith(".") or name in SPARK_MARKERS:
             continue
@@ -106,7 +121,7 @@ def expand_urls(cfg: DataConfig, search: ShardSearch, notes: list[str]) -> tuple
     root = url_root(spec, False)
     found = {url: size for url, size in store.find(root).items()
              if url.lower().endswith(search.suffixes)
-             and not any(part.startswith(search.skip_prefixes) for part in relative(url, root).split("/"))}
+             and not skipped(relative(url, root), search.skip_prefixes)}
     if not found:
         raise InputError(f"{what}: no {', '.join(search.suffixes)} objects under it")
     return root, found
@@ -153,7 +168,7 @@ def _listing(store: Store, prefix: str) -> dict[str, int]:
     except FileNotFoundError:
         return {}
     return {store.to_url(entry["name"]): int(entry.get("size") or 0) for entry in entries
-            if entry.get("type", "file") == "file"}
+            if entry.get("type", "file") == "file" and not is_folder_marker(entry["name"], entry.get("size"))}
 
 
 def _head(store: Store, url: str) -> int | None:
@@ -166,12 +181,12 @@ def _head(store: Store, url: str) -> int | None:
 def object_images(cfg: DataConfig) -> tuple[str, list[str]]:
     """(root, the image objects under it relative to it, in path order) from one paginated
     listing: no object is read. Names with a part starting with '.' are skipped, as local
-    hidden files are."""
+    hidden files are; folder markers are no images."""
     root = cfg.path.rstrip("/")
     names = []
     for url in store_of(cfg).find(root):
         rel = relative(url, root)
-        if is_image(rel) and not any(part.startswith(".") for part in rel.split("/")):
+        if is_image(rel.rsplit("/", 1)[-1]) and not skipped(rel):
             names.append(rel)
     return root, names
 
@@ -185,9 +200,12 @@ def object_lines(cfg: DataConfig) -> Iterator[tuple[int, str]]:
     except UnicodeDecodeError as error:
         raise InputError(f"data.path {cfg.path}: not UTF-8 text ({error.reason}); save the list as UTF-8"
                          ) from None
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(io.StringIO(text, newline=""), 1):  # lines end as a local list's do
         line = line.strip()
         if line and not line.startswith("#"):
+            if "\0" in line:
+                raise InputError(f"data.path {cfg.path}, line {number}: a NUL byte: this is not a text "
+                                 "list of image paths (data.kind: file_list)")
             yield number, line
 
 
