@@ -27,6 +27,7 @@ from batch_classify.core.layout import (
     PREDICTIONS_DIR,
     TOP_LEVEL,
 )
+from batch_classify.core.storage import canonical_url
 
 MARKER_TEXT = ("This folder was created by batch-classify: it holds one job's listing, predictions "
                "and report.\n")
@@ -48,22 +49,23 @@ def _is_within(path: Path, folder: Path) -> bool:
 
 
 def check_location(output_dir: str | os.PathLike, data_root: str | os.PathLike | None,
-                   input_files: Iterable[str | os.PathLike] = ()) -> None:
+                   input_files: Iterable[str | os.PathLike] = (), key: str = "output.dir") -> None:
     """Refuse an output folder inside, equal to or above ``data_root`` (a folder the input
-    is read from, or the one input file), or one whose own files would be ``input_files``."""
+    is read from, or the one input file), or one whose own files would be ``input_files``.
+    ``key``: the setting that names the folder (``output.staging`` for a store's staging folder)."""
     output = _resolved(output_dir)
     if data_root is not None and os.path.exists(data_root):
         data = _resolved(data_root)
         if _is_within(data, output):
             where = "is" if data == output else "contains"
             raise OutputLocationError(
-                f"output.dir {output_dir} {where} data.path {data_root} (resolved: {data}): the job "
-                "writes input/, predictions/ and report files into output.dir and would mix them "
-                "with the data; choose an output.dir outside the data")
+                f"{key} {output_dir} {where} data.path {data_root} (resolved: {data}): the job "
+                f"writes input/, predictions/ and report files into {key} and would mix them "
+                f"with the data; choose an {key} outside the data")
         if data.is_dir() and _is_within(output, data):
             raise OutputLocationError(
-                f"output.dir {output_dir} lies inside data.path {data_root} (resolved: {data}): its "
-                "files would become part of the input; choose an output.dir outside the data")
+                f"{key} {output_dir} lies inside data.path {data_root} (resolved: {data}): its "
+                f"files would become part of the input; choose an {key} outside the data")
     for name in input_files:
         if name is None or not os.path.exists(name):
             continue
@@ -73,6 +75,27 @@ def check_location(output_dir: str | os.PathLike, data_root: str | os.PathLike |
             raise OutputLocationError(
                 f"{name} lies where the job writes its own files in output.dir {output_dir}; move it, "
                 "or choose another output.dir")
+
+
+def check_url_location(output_url: str, data_url: str) -> None:
+    """Refuse an output.dir URL inside, equal to or above ``data_url`` (the prefix or object the
+    input is read from) in the same store, the URLs compared in one spelling (``s3a://`` as
+    ``s3://``, repeated slashes, ``.`` and ``..`` segments, trailing slashes). No request is made:
+    a data.path that is an object has nothing inside it, so the test is safe for objects too."""
+    try:
+        output, data = canonical_url(output_url), canonical_url(data_url)
+    except ValueError as error:
+        raise OutputLocationError(f"output.dir {output_url} or data.path {data_url}: {error}") from None
+    if output == data or data.startswith(output + "/"):
+        where = "is" if output == data else "contains"
+        raise OutputLocationError(
+            f"output.dir {output_url} {where} data.path {data_url} (as {data}): the job writes input/, "
+            "predictions/ and report files into output.dir and would mix them with the data; choose an "
+            "output.dir outside the data")
+    if output.startswith(data + "/"):
+        raise OutputLocationError(
+            f"output.dir {output_url} lies inside data.path {data_url} (as {data}): its files would "
+            "become part of the input; choose an output.dir outside the data")
 
 
 def is_owned(output: Path) -> bool:

@@ -56,7 +56,12 @@ from batch_classify.pipeline.preprocess import MultiTransform
 from batch_classify.pipeline.shard import UnitQueue
 from batch_classify.results.aggregate import AggregateError, aggregate, format_table, real_labels_path
 from batch_classify.results.side_by_side import side_by_side
-from batch_classify.run.plan import check_output_location, committed_summary, prepare_listing
+from batch_classify.run.plan import (
+    check_output_location,
+    check_store_location,
+    committed_summary,
+    prepare_listing,
+)
 
 log = logging.getLogger("batch_classify")
 
@@ -314,6 +319,7 @@ def run(spec: JobSpec, leave_process_group: bool = True) -> dict[str, Any] | Non
     configure_logging(state.process_index, state.is_main_process)
     remote = None
     if is_url(spec.output.dir):  # written into a staging folder, each file committed by one PUT
+        check_store_location(spec)  # on every rank, before the staging folder is made: no rank waits
         remote = attach(spec.output.dir, spec.output.storage_options, spec.output.staging)
         spec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, dir=str(remote.local)))
     stop = StopFlag().install()

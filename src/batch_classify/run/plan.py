@@ -19,7 +19,7 @@ from batch_classify.core.config import ConfigError, JobSpec, parse_args
 from batch_classify.core.errors import UserError
 from batch_classify.core.faults import output_fault
 from batch_classify.core.layout import DAMAGED_DIR, INPUT_DIR, MANIFEST
-from batch_classify.core.ownership import check_location, claim
+from batch_classify.core.ownership import check_location, check_url_location, claim
 from batch_classify.core.storage import is_url
 from batch_classify.inputs.listing import (
     LISTING_FORMAT,
@@ -30,10 +30,11 @@ from batch_classify.inputs.listing import (
     write_listing,
 )
 from batch_classify.inputs.listing import matches as listing_matches
+from batch_classify.inputs.objects import url_pattern, url_root
 from batch_classify.inputs.tars import is_pattern, shard_root
 from batch_classify.output.committed import Identity, examine_committed
 from batch_classify.output.manifest import OutputLock, OutputMismatch, read_manifest
-from batch_classify.output.remote import attach, push_staged
+from batch_classify.output.remote import attach, default_staging, push_staged
 from batch_classify.output.room import (
     UnitShape,
     embedding_dim_hint,
@@ -94,6 +95,21 @@ def check_output_location(spec: JobSpec) -> None:
                     *(name for name in spec.models if os.path.exists(name))])
 
 
+def check_store_location(spec: JobSpec) -> None:
+    """Where output.dir is a URL, before its staging folder is made: refuse an output.dir inside,
+    equal to or above a data.path in the same store, and a staging folder inside, equal to or
+    above a local data.path."""
+    data = spec.data
+    if is_url(data.path):
+        root = url_root(data.path, False) if url_pattern(data.path) else data.path
+        check_url_location(spec.output.dir, root)
+        return
+    staging = spec.output.staging or default_staging(spec.output.dir)
+    root = data.path if os.path.exists(data.path) else (
+        str(shard_root(data.path)) if is_pattern(data.path) else None)
+    check_location(staging, root, key="output.staging")
+
+
 def prepare_listing(spec: JobSpec, output: Path) -> tuple[Listing, bool]:
     """Main rank: the folder's listing where it is this job's and its input is unchanged, else
     a new one (refused where it would orphan another job's committed predictions). Returns
@@ -143,6 +159,7 @@ def committed_summary(listing: Listing, committed: set[int]) -> tuple[int | None
 def plan(spec: JobSpec) -> str:
     """List (or reuse the listing), then describe the job's units and the output folder."""
     if is_url(spec.output.dir):  # an output in a store: planned in its staging folder, then sent
+        check_store_location(spec)
         remote = attach(spec.output.dir, spec.output.storage_options, spec.output.staging)
         remote.pull()
         text = plan(dataclasses.replace(spec, output=dataclasses.replace(spec.output, dir=str(remote.local))))
