@@ -196,7 +196,7 @@ def test_a_local_list_naming_one_file_twice_is_refused_alike(tmp_path):
 
 
 CHARS = ["n01514668/q?x.JPEG", "n01514668/h#x.JPEG", "n01514668/sp ace%20.JPEG",
-         "n01514668/caf\u00e9-\u732b.JPEG", "n01514668/q?versionId=1.JPEG", "n01440764/100%.JPEG",
+         "n01514668/caf\u00e9-\u732b.JPEG", "n01514668/q?version=1.JPEG", "n01440764/100%.JPEG",
          "n01440764/a+b&c=d;e.JPEG"]
 """Keys holding characters that URLs and clients treat specially."""
 PATHS = ["n01514668/a/../up.JPEG", "n01514668/./dot.JPEG", "n01514668/d//double.JPEG",
@@ -210,17 +210,37 @@ def test_keys_holding_any_character_are_listed_and_read_as_written(s3, bucket, t
     for key, body in bodies.items():
         put(bucket, f"odd/{key}", body)
     url = f"s3://{BUCKET}/odd"
+    lines = [*(f"odd/{key}" for key in CHARS[:4]), *(f"{url}/{key}" for key in CHARS[4:])]
+    put(bucket, "odd-list.txt", "\n".join(lines).encode())  # the same keys named by a list object
     items = load_items(DataConfig(path=url, storage_options=s3.options()))
-    assert items.kind == "imagefolder"
-    assert items.ids == sorted(key for key in ODD if "/.hidden/" not in key)  # none dropped, but hidden ones
-    assert items.payloads == [bodies[key] for key in sorted(ODD)]  # none a 404
-    assert items.labels == [0 if key.startswith("n01440764") else 7 for key in sorted(ODD)]
-    # The same keys named by a list object, as keys and as URLs.
-    lines = [*CHARS[:4], *(f"{url}/{key}" for key in CHARS[4:])]
-    put(bucket, "odd/list.txt", "\n".join(lines).encode())
-    got = records(DataConfig(path=f"{url}/list.txt", storage_options=s3.options()), tmp_path / "list")
+    listed = sorted(key for key in ODD if "/.hidden/" not in key)  # a hidden part hides, as locally
+    assert items.kind == "imagefolder" and items.ids == listed  # none dropped
+    assert items.payloads == [bodies[key] for key in listed]  # none a 404
+    assert items.labels == [0 if key.startswith("n01440764") else 7 for key in listed]
+    got = records(DataConfig(path=f"s3://{BUCKET}/odd-list.txt", storage_options=s3.options()),
+                  tmp_path / "list")
     assert [record.id for record in got] == lines
     assert [record.payload for record in got] == [bodies[key] for key in CHARS]
+
+
+def test_a_key_the_client_reads_as_a_version_is_refused_in_one_line(s3, bucket, tmp_path):
+    """s3fs reads '?versionId=' in any path as the start of a version id: such a key is refused,
+    naming it, for a prefix, a list object and a tar."""
+    body = jpeg(tiny_image(3, (30, 30)))
+    put(bucket, "versioned/n01440764/a.JPEG", body)
+    put(bucket, "versioned/n01440764/b?versionId=7.JPEG", body)
+    put(bucket, "versioned-list.txt", b"versioned/n01440764/a.JPEG\nversioned/n01440764/b?versionId=7.JPEG\n")
+    put(bucket, "versioned-tars/t?versionId=1.tar", b"\0" * 1024)
+    url = f"s3://{BUCKET}/versioned"
+    for kind in ("imagefolder", "images"):
+        with pytest.raises(InputError, match=rf"the object {url}/n01440764/b\?versionId=7\.JPEG cannot be "
+                                             r"read: its key holds '\?versionId=', which the s3:// client"):
+            records(DataConfig(path=url, kind=kind, storage_options=s3.options()), tmp_path / kind)
+    with pytest.raises(InputError, match=r"line 2: 'versioned/n01440764/b\?versionId=7\.JPEG' cannot be "):
+        records(DataConfig(path=f"{url}-list.txt", storage_options=s3.options()), tmp_path / "list")
+    with pytest.raises(InputError, match=r"versioned-tars/t\?versionId=1\.tar cannot be read"):
+        records(DataConfig(path=f"s3://{BUCKET}/versioned-tars", storage_options=s3.options()),
+                tmp_path / "tars")
 
 
 def test_a_key_with_no_class_prefix_is_refused_in_one_line(s3, bucket, tmp_path):

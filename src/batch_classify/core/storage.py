@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 from batch_classify.core.errors import UserError
 
@@ -78,6 +79,29 @@ FOLDER_MARKERS = ("/", "_$folder$")
 def is_folder_marker(name: str, size: int | None) -> bool:
     """Whether a listed object is a zero-byte folder marker rather than data."""
     return not size and str(name).endswith(FOLDER_MARKERS)
+
+
+VERSION_MARKS = {"s3": "?versionId=", "s3a": "?versionId=", "az": "?versionid=", "abfs": "?versionid=",
+                 "abfss": "?versionid="}
+"""What each store's client reads as the start of a version id in a path, whatever follows."""
+
+
+def unnamable(url: str, options: dict[str, Any] | None = None) -> str | None:
+    """Why the store's client cannot name the object ``url`` (its key holds what the client takes
+    for a version id: s3fs ``?versionId=``, adlfs ``?versionid=``, gcsfs with version_aware a
+    ``#<number>`` or ``?generation=<number>``), or None. Other characters (``?``, ``#``, ``%``,
+    spaces, any Unicode) are read as written."""
+    protocol, key = scheme(url), url.split("://", 1)[-1]
+    mark = VERSION_MARKS.get(protocol or "")
+    if mark and mark in key:
+        return f"its key holds {mark!r}, which the {protocol}:// client reads as a version id"
+    if protocol in ("gs", "gcs") and (options or {}).get("version_aware"):
+        parts = urlsplit(key)
+        generation = parts.fragment or parse_qs(parts.query).get("generation", [""])[0]
+        if generation.strip().isdigit():
+            return f"its key holds {'#' if parts.fragment else '?generation='}{generation}, which the " \
+                   "gs:// client reads as a generation with version_aware"
+    return None
 
 
 SCHEME_ALIASES = {"s3a": "s3", "s3n": "s3", "gcs": "gs", "abfs": "az", "abfss": "az"}

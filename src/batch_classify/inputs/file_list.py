@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from batch_classify.core.config import DataConfig
-from batch_classify.core.storage import canonical_url, is_url, join
+from batch_classify.core.storage import canonical_url, is_url, join, unnamable
 from batch_classify.inputs.base import Enumeration, Found, InputError, Repeats, chunked
 from batch_classify.inputs.listed import ListedKind
 from batch_classify.inputs.objects import object_lines
@@ -96,6 +96,12 @@ class Spellings:
         return os.path.normpath(os.path.join(self.root, name))
 
 
+def refuse_unnamable(list_path: Path | str, number: int, line: str, why: str | None) -> None:
+    if why is not None:
+        raise InputError(f"data.path {list_path}, line {number}: {line!r} cannot be read ({why}); rename "
+                         "the object, or copy it to a key without that")
+
+
 def file_list(list_path: Path) -> Enumeration:
     """Unlabelled images named one per line in a text file (relative to the file's folder).
     Ids are the lines as written (stripped); a file named twice, in any spelling, is refused."""
@@ -114,6 +120,8 @@ def file_list(list_path: Path) -> Enumeration:
                 if "\0" in line:
                     raise InputError(f"data.path {list_path}, line {number}: a NUL byte: this is not a text "
                                      "list of image paths (data.kind: file_list)")
+                if is_url(line):
+                    refuse_unnamable(list_path, number, line, unnamable(line))
                 yield number, line
 
     def rows() -> Iterator[tuple[str, None, str | None]]:
@@ -153,7 +161,9 @@ def object_list(cfg: DataConfig) -> Enumeration:
         except ValueError as error:
             raise InputError(f"data.path {cfg.path}, line {number}: {line!r} names no object ({error}); "
                              "name the objects inside the bucket") from None
-        return f"{url.split('://', 1)[0]}://{key.split('://', 1)[1]}", key
+        url = f"{url.split('://', 1)[0]}://{key.split('://', 1)[1]}"
+        refuse_unnamable(cfg.path, number, line, unnamable(url, cfg.storage_options))
+        return url, key
 
     def rows() -> Iterator[tuple[str, None, str | None]]:
         repeats = Repeats()

@@ -7,11 +7,11 @@ from __future__ import annotations
 import glob
 import io
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from batch_classify.core.config import DataConfig
-from batch_classify.core.storage import Store, is_folder_marker, is_url, store_for
+from batch_classify.core.storage import Store, is_folder_marker, is_url, store_for, unnamable
 from batch_classify.inputs.base import (
     HF_MARKERS,
     SPARK_MARKERS,
@@ -55,6 +55,15 @@ def skipped(rel: str, prefixes: tuple[str, ...] = (".",)) -> bool:
     with one of ``prefixes`` (a hidden name). The parts ``.`` and ``..`` hide nothing: in a key
     they are names like any other, read as written."""
     return any(part.startswith(prefixes) and part not in (".", "..") for part in rel.split("/"))
+
+
+def check_nameable(cfg: DataConfig, urls: Iterable[str]) -> None:
+    """Refuse, in one line, an object that the store's client would read as another one."""
+    for url in urls:
+        why = unnamable(url, cfg.storage_options)
+        if why is not None:
+            raise InputError(f"data.path {cfg.path}: the object {url} cannot be read: {why}; rename it, "
+                             "or copy it to a key without that")
 
 
 def found_url(cfg: DataConfig) -> Found:
@@ -110,7 +119,10 @@ def expand_urls(cfg: DataConfig, search: ShardSearch, notes: list[str]) -> tuple
     what = f"data.path {spec!r}"
     try:
         if url_pattern(spec):
-            return url_root(spec, False), _pattern(store, spec, what, notes)
+            found = _pattern(store, spec, what, notes)
+            check_nameable(cfg, found)
+            return url_root(spec, False), found
+        check_nameable(cfg, [spec])
         info = store.info(spec)
     except FileNotFoundError:
         raise InputError(f"{what}: no object or prefix of that name") from None
@@ -124,6 +136,7 @@ def expand_urls(cfg: DataConfig, search: ShardSearch, notes: list[str]) -> tuple
              and not skipped(relative(url, root), search.skip_prefixes)}
     if not found:
         raise InputError(f"{what}: no {', '.join(search.suffixes)} objects under it")
+    check_nameable(cfg, found)
     return root, found
 
 
@@ -187,6 +200,7 @@ def object_images(cfg: DataConfig) -> tuple[str, list[str]]:
     for url in store_of(cfg).find(root):
         rel = relative(url, root)
         if is_image(rel.rsplit("/", 1)[-1]) and not skipped(rel):
+            check_nameable(cfg, [url])
             names.append(rel)
     return root, names
 
