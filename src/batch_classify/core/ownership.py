@@ -4,8 +4,8 @@ An output folder the job creates, or adopts because it is empty, gets a marker f
 (``.batch-classify``). Folders the job removes (``input/`` before a new listing,
 ``predictions/`` under ``output.overwrite``) are removed only inside a marked output folder
 and only when every entry in them has a name the job writes. An ``output.dir`` that is
-inside, equal to or above ``data.path`` (symlinks resolved) is refused before anything is
-created, as is one whose files would land on an input file.
+inside, equal to or above ``data.path`` (symlinks resolved; for URLs, in one spelling) is
+refused before anything is created, as is one whose files would land on an input file.
 """
 
 from __future__ import annotations

@@ -352,7 +352,7 @@ class Store:
 
     def find(self, url: str) -> dict[str, int]:
         """{url: size} of every object under the prefix ``url``, in name order, from the store's
-        paginated listing (no object is read)."""
+        paginated listing (no object is read); folder markers are no objects."""
         found = self.call(url, lambda: self.fs.find(self.path(url).rstrip("/"), detail=True))
         return _objects(self, found)
 

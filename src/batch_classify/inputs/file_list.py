@@ -154,7 +154,7 @@ def object_list(cfg: DataConfig) -> Enumeration:
     notes: list[str] = []
 
     def named(number: int, line: str) -> tuple[str, str]:
-        """(the URL the line names, read as written by scheme; its one spelling for comparing)."""
+        """(the URL the line names, in the line's scheme; the same in one spelling, for comparing)."""
         url = line if is_url(line) else join(root, line)
         try:
             key = canonical_url(url)
