@@ -54,6 +54,7 @@ from batch_classify.core.layout import (
     PREDICTIONS_DIR,
     REMOTE_FILE,
     TIMING,
+    unit_of,
 )
 from batch_classify.core.storage import (
     Store,
@@ -272,8 +273,18 @@ class RemoteOutput:
         """Create the lease object only if absent. One found is taken over only where its holder
         died on this host, and only by a replace at the exact version seen (If-Match), so that
         of two jobs taking over one lease at once exactly one runs; a live holder stops this job."""
-        store, url = self.store, self.lease_url
         token = secrets.token_hex(16)
+        with _LOCK:  # live from its first PUT on: a job of this process reading it sees it held
+            _LIVE_TOKENS.add(token)
+        try:
+            self._acquire(token)
+        except BaseException:
+            with _LOCK:
+                _LIVE_TOKENS.discard(token)
+            raise
+
+    def _acquire(self, token: str) -> None:
+        store, url = self.store, self.lease_url
         body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(),
                            "staging": str(self.local), "token": token}).encode()
         if not conditional_writes(store):
@@ -320,11 +331,10 @@ class RemoteOutput:
 
     def _hold(self, tag: str | None, token: str) -> None:
         self.held, self.lease = True, (tag, token)
-        with _LOCK:
-            _LIVE_TOKENS.add(token)
         held = self.local / HELD_FILE  # for the other ranks, which check the lease before each PUT
         temporary = held.with_name(f".{held.name}.tmp-{os.getpid()}")
-        temporary.write_text(json.dumps({"tag": tag, "token": token}))
+        temporary.write_text(json.dumps({"tag": tag, "token": token, "host": socket.gethostname(),
+                                         "pid": os.getpid()}))
         os.chmod(temporary, 0o600)
         os.replace(temporary, held)
 
@@ -334,9 +344,13 @@ class RemoteOutput:
         if self.lease is None:
             try:
                 saved = json.loads((self.local / HELD_FILE).read_text())
-                self.lease = (saved.get("tag"), str(saved["token"]))
+                main = (saved.get("host"), saved.get("pid"))
+                tag, token = saved.get("tag"), str(saved["token"])
             except (OSError, ValueError, KeyError, TypeError):
                 return None
+            if main[0] == socket.gethostname() and _gone({"host": main[0], "pid": main[1], "token": token}):
+                return None  # left by a job that is gone: no job of this folder holds a lease
+            self.lease = (tag, token)
         return self.lease
 
     def check_lease(self, kept: str) -> None:
@@ -615,3 +629,28 @@ def push_staged(output_dir: str | Path, end: bool = True) -> None:
             log.info("output %s: %d file(s) committed", remote.url, pushed)
 
 
+
+
+def store_note(url: str, options: dict[str, Any] | None, staging: str | None,
+               folders: list[str] | None = None) -> str | None:
+    """What is safe in the store after a fault: '3 of 6 units are committed in s3://b/run', from
+    one listing of each folder's predictions there (the count of units from the staging
+    folder's listing); None where the store does not answer."""
+    local = Path(staging) if staging else default_staging(url)
+    try:
+        n_units: int | None = int(json.loads((local / INPUT_DIR / INFO_FILE).read_text())["n_units"])
+    except (OSError, ValueError, KeyError, TypeError):
+        n_units = None
+    store, parts = store_for(url, options), []
+    for folder in folders or [""]:
+        prefix = join(join(url.rstrip("/"), folder), PREDICTIONS_DIR)
+        try:
+            found = store.find(prefix)
+        except FileNotFoundError:
+            found = {}
+        except (OSError, UserError):
+            return None
+        done = sum(1 for name in found if unit_of(Path(name)) is not None)
+        of = f" of {n_units}" if n_units is not None else ""
+        parts.append(f"{done}{of}" + (f" for {folder}" if folder else ""))
+    return f"units committed in {url}: {', '.join(parts)} (each one whole)"
