@@ -205,20 +205,21 @@ def test_completion_markers_go_up_after_what_they_mark(s3, tmp_path):
              "input/listing.parquet": _parquet(), "input/state.parquet": _parquet(), "manifest.json": b"{}",
              "config.yaml": b"a: 1\n", "predictions/unit-000000.parquet": _parquet(), "metrics.json": b"{}",
              "timing.json": b"{}", "report.md": b"# r\n", "report.html": b"<p>", "report_files/t.jpg": b"jpg",
-             "per_class.csv": b"c\n"}
+             "per_class.csv": b"c\n", ".batch-classify": b"{}"}
     for rel, data in files.items():
         (job.local / rel).parent.mkdir(parents=True, exist_ok=True)
         (job.local / rel).write_bytes(data)
     s3.faults.requests.clear()
-    assert job.push(end=False) == 7  # the job's start: the listing, manifest, config and units only
+    assert job.push(end=False) == 8  # the job's start: the listing, manifest, config and units only
     assert job.push() == 6
     puts = [path.split("?")[0].removeprefix("/outputs/order/") for method, path, _ in s3.faults.requests
             if method == "PUT" and LEASE not in path]
     position = {rel: puts.index(rel) for rel in files}
+    assert position[".batch-classify"] == 0  # the marker first: the folder is a job's
     for table in ("input/units.parquet", "input/listing.parquet", "input/state.parquet"):
         assert position[table] < position["input/listing.json"]
     assert position["manifest.json"] < position["predictions/unit-000000.parquet"]
-    assert max(position.values()) == position["metrics.json"]
+    assert max(position.values()) == position["metrics.json"] and min(position.values()) == 0
     assert all(position[rel] > position["predictions/unit-000000.parquet"] for rel in
                ("timing.json", "report.md", "report.html", "report_files/t.jpg", "per_class.csv"))
     assert job.push() == 0  # nothing changed: nothing sent again (versions compared, no GET)

@@ -513,15 +513,17 @@ def whole_problem(path: Path, data: bytes | None) -> str | None:
     return None
 
 
-START_FILES = frozenset({MARKER, MANIFEST, CONFIG_FILE, MODELS_FILE})
+START_FILES = frozenset({MANIFEST, CONFIG_FILE, MODELS_FILE})
 END_FILES = 4
 """Push order from here on: files the job writes at its end (timing, the report, metrics.json)."""
 
 
 def _push_order(rel: Path) -> int:
-    """The listing's tables, then listing.json (which marks the listing whole), then the job's
-    start files (the manifest), the units, timing.json, the report, and metrics.json last
-    (which marks the report whole)."""
+    """The folder's marker (it says the folder is a job's), the listing's tables, then
+    listing.json (which marks the listing whole), then the job's start files (the manifest),
+    the units, timing.json, the report, and metrics.json last (which marks the report whole)."""
+    if rel.name == MARKER:
+        return -1
     if INPUT_DIR in rel.parts:
         return 1 if rel.name == INFO_FILE else 0
     if PREDICTIONS_DIR in rel.parts:
