@@ -110,3 +110,37 @@ def test_a_job_killed_while_its_report_goes_up_is_completed_by_a_resume_from_els
         assert fs.exists(f"outputs/report-kill/{name}"), name
     for key in fs.find("outputs/report-kill", refresh=True):
         assert fs.info(key)["size"] > 0, key
+
+
+def test_a_full_staging_disk_sends_no_partial_file_and_counts_the_units_in_the_bucket(
+        s3, tiny_models, in_store, tmp_path):
+    from filesystems import mounted, used_bytes
+
+    from batch_classify.core.faults import OUTPUT_FAULT_EXIT_STATUS
+    from batch_classify.output.remote import attach
+
+    url = "s3://outputs/full"
+    args = _args(s3, tiny_models, in_store, url, tmp_path / "first")
+    run_job(args)
+    fs = s3.filesystem()
+    for key in fs.find("outputs/full", refresh=True):  # the units are there, the report is not
+        if "/predictions/" not in key and "/input/" not in key and not key.endswith(
+                ("manifest.json", "config.yaml", ".batch-classify")):
+            fs.rm(key)
+    with mounted() as mounts:
+        disk = mounts.tmpfs(tmp_path / "scratch", "2m")
+        staging = disk / "staging"
+        attach(url, s3.options(), str(staging)).pull()  # what the job would pull: already here
+        mounts.resize(disk, used_bytes(disk) + 12 * 1024)  # no room for the report
+        args[-1] = str(staging)
+        result = run_job(args, expect_ok=False)
+    assert result.returncode == OUTPUT_FAULT_EXIT_STATUS, result.stdout + result.stderr
+    text = result.stdout + result.stderr
+    lines = [line for line in text.splitlines() if line.startswith("batch-classify:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"the staging folder {staging} of output.dir {url} is full (ENOSPC" in lines[0], lines[0]
+    assert f"units committed in {url}: 3 of 3" in lines[0], lines[0]
+    fs.invalidate_cache()
+    for key in fs.find("outputs/full"):
+        assert fs.info(key)["size"] > 0, key  # no empty (or partial) file was sent
+    assert not fs.exists("outputs/full/per_class.csv") and not fs.exists("outputs/full/report.md")
