@@ -196,7 +196,8 @@ class RemoteOutput:
         store = self.store
         if data is None:  # too large for one PUT from memory: the client's upload, unconditional
             store.call(url, lambda: store.fs.put_file(str(path), store.path(url)))
-            return None
+            found = fresh_info(store, url)  # its version, so that the next push or pull knows it
+            return version_tag(found) if found is not None else None
         if not create_only:  # a file the job rewrites (manifest, metrics): its latest version
             return _overwrite(store, url, data)
         try:
@@ -292,7 +293,7 @@ class RemoteOutput:
             return
         for _ in range(REPLACE_TRIES):
             try:
-                self._hold(put_if_absent(store, url, body), token)
+                self._hold(put_if_absent(store, url, body) or self._version_of_mine(token), token)
                 return
             except FileExistsError:
                 pass
@@ -316,6 +317,13 @@ class RemoteOutput:
                 continue
         raise OutputElsewhere(f"output.dir {self.url}: other jobs took the lease {url} each time this "
                               "one looked; run it again once they have ended")
+
+    def _version_of_mine(self, token: str) -> str | None:
+        """The version of the lease just created, where the store's answer did not name it: a
+        HEAD, then the body read to see that the version is still this job's."""
+        found = fresh_info(self.store, self.lease_url)
+        holder = self._holder(self.lease_url) if found is not None else None
+        return version_tag(found) if holder is not None and holder.get("token") == token else None
 
     def _acquire_unconditionally(self, body: bytes, token: str) -> None:
         """A store without conditional writes: a lease another job holds is seen and refused,
