@@ -144,3 +144,19 @@ def test_a_full_staging_disk_sends_no_partial_file_and_counts_the_units_in_the_b
     for key in fs.find("outputs/full"):
         assert fs.info(key)["size"] > 0, key  # no empty (or partial) file was sent
     assert not fs.exists("outputs/full/per_class.csv") and not fs.exists("outputs/full/report.md")
+
+
+def test_every_rank_checks_the_lease_before_each_unit_it_sends(
+        s3, tiny_models, in_store, local_tars, tmp_path):
+    from batch_classify.output.remote import HELD_FILE, LEASE
+
+    url = "s3://outputs/two-ranks"
+    args = _args(s3, tiny_models, in_store, url, tmp_path / "staging")
+    s3.faults.requests.clear()
+    run_job(args, processes=2)
+    heads = [path for method, path, _ in s3.faults.requests if method == "HEAD" and path.endswith(LEASE)]
+    assert len(heads) >= 3, heads  # one before each of the 3 units, whichever rank sent it
+    fs = s3.filesystem()
+    assert not fs.exists(f"outputs/two-ranks/{LEASE}") and not (tmp_path / "staging" / HELD_FILE).exists()
+    rows, local = _bucket_rows(s3, "outputs/two-ranks", tmp_path), read_rows(local_tars)
+    assert {i: r["topk_ids"] for i, r in rows.items()} == {i: r["topk_ids"] for i, r in local.items()}
