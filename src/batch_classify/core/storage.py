@@ -479,8 +479,10 @@ def _forget(store: Store, path: str) -> None:
 
 
 def _precondition(error: BaseException) -> bool:
+    """Whether ``error`` is a store's refusal of a conditional request (HTTP 412, any client)."""
     text = f"{type(error).__name__} {error}".lower()
-    return (getattr(error, "status", None) == 412 or "precondition" in text or "pre-condition" in text
+    status = getattr(error, "status", None) or getattr(error, "status_code", None)
+    return (status == 412 or "resourcemodified" in text or "precondition" in text or "pre-condition" in text
             or "conditionnotmet" in text or "condition not met" in text)
 
 
@@ -566,7 +568,7 @@ def put_if_match(store: Store, url: str, data: bytes, tag: str) -> str | None:
             return _replace(store, path, data, tag)
         except FileNotFoundError as error:  # gone since: not the version named either
             raise _refused(url, error) from error
-        except OSError as error:
+        except Exception as error:  # each client has its own 412 (azure's is no OSError)
             if _precondition(error) or isinstance(error, FileExistsError):
                 raise _refused(url, error) from error
             raise
@@ -587,7 +589,7 @@ def delete_if_match(store: Store, url: str, tag: str) -> None:
             _delete(store, path, tag)
         except FileNotFoundError:
             return
-        except OSError as error:
+        except Exception as error:  # each client has its own 412 (azure's is no OSError)
             if _precondition(error) or isinstance(error, FileExistsError):
                 raise _refused(url, error) from error
             raise
@@ -608,13 +610,17 @@ def _replace(store: Store, path: str, data: bytes, tag: str) -> Any:
     if store.protocol in ("s3", "s3a"):
         bucket, key, _ = fs.split_path(path)
         return fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=f'"{tag}"')
-    if store.protocol in ("gs", "gcs"):
+    if store.protocol in ("gs", "gcs"):  # gcsfs's own single-request upload, with the generation
+        import json
         from urllib.parse import quote
 
         bucket, key, _ = fs.split_path(path)
-        return fs.call("POST", f"{fs._location}/upload/storage/v1/b/{quote(bucket)}/o", uploadType="media",
-                       name=key, ifGenerationMatch=str(tag), data=data, json_out=True,
-                       headers={"Content-Type": "application/octet-stream"})
+        head = (f'--==0==\nContent-Type: application/json; charset=UTF-8\n\n{json.dumps({"name": key})}'
+                "\n--==0==\nContent-Type: application/octet-stream\n\n")
+        upload = f"{fs._location}/upload/storage/v1/b/{quote(bucket)}/o"
+        return fs.call("POST", upload, uploadType="multipart",
+                       headers={"Content-Type": 'multipart/related; boundary="==0=="'}, json_out=True,
+                       data=head.encode() + data + b"\n--==0==--", ifGenerationMatch=str(tag))
     if store.protocol in ("az", "abfs", "abfss"):
         from azure.core import MatchConditions
 
