@@ -330,10 +330,7 @@ def run(spec: JobSpec, leave_process_group: bool = True) -> dict[str, Any] | Non
             folders = [model_folder(name) for name in spec.models] if len(spec.models) > 1 else []
             claim(spec.output.dir, folders)
         with lock:
-            result = _run_rank(spec, state, stop, board)
-        if remote is not None and remote.held:  # metrics and report: the job ends once they are there
-            push_staged(remote.local)
-        return result
+            return _run_rank(spec, state, stop, board)
     except Preempted:
         board.report_failure("stopped by a signal (preemption); its finished units are committed")
         if (fault := reported_fault(board.fault(), state.is_main_process)) is not None:
@@ -521,15 +518,15 @@ def _run_rank(spec: JobSpec, state, stop: StopFlag, board: JobBoard) -> dict[str
         metrics = current_metrics(job.output, job.committed) if not len(pending) else None
         if metrics is None:
             metrics = aggregate(job.output)
-        print(format_table(metrics), flush=True)
         results.append(metrics)
-    if len(jobs) > 1:
-        table, summary = side_by_side(output, [job.output for job in jobs])
+    table, summary = side_by_side(output, [job.output for job in jobs]) if len(jobs) > 1 else (None, None)
+    push_staged(output)  # an output in a store: every end-of-job file there before the job says it is done
+    for metrics in results:
+        print(format_table(metrics), flush=True)
+    if table is not None:
         print(table, flush=True)
-        board.release(stop)
-        return summary
     board.release(stop)
-    return results[0]
+    return summary if len(jobs) > 1 else results[0]
 
 
 def _write_timing(job: ModelJob, timings: list[dict[str, Any]], index: int, state,
