@@ -175,6 +175,28 @@ class FaultProxy:
         self.server.server_close()
 
 
+_MOTO_WRITES = threading.Lock()
+
+
+def _atomic_conditions() -> None:
+    """S3 checks If-Match / If-None-Match and writes in one step; moto checks, then writes, with
+    no lock between, so two conditional PUTs racing could both pass. Its PUT and DELETE
+    handlers run one at a time here, as the store's conditional writes are atomic."""
+    from moto.s3.responses import S3Response
+
+    for name in ("put_object", "delete_object"):
+        handler = getattr(S3Response, name)
+        if getattr(handler, "atomic", False):
+            continue
+
+        def atomic(self, _handler=handler):
+            with _MOTO_WRITES:
+                return _handler(self)
+
+        atomic.atomic = True
+        setattr(S3Response, name, atomic)
+
+
 class S3Server:
     """moto's S3 server on 127.0.0.1, with a fault proxy in front (``endpoint``)."""
 
@@ -182,6 +204,7 @@ class S3Server:
         from moto.server import ThreadedMotoServer
 
         os.environ.update(CREDENTIALS)
+        _atomic_conditions()
         self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.moto.start()
         host, port = self.moto.get_host_and_port()

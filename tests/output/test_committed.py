@@ -233,6 +233,9 @@ def test_stored_metrics_count_only_while_they_match_the_footers(tmp_path):
     checked = check_committed(folder, 3, IDENTITY)
     assert current_metrics(folder, checked.totals) == json.loads(
         (folder / "metrics.json").read_text())
+    (folder / "report.html").rename(folder / "report.html.away")  # a report file since lost
+    assert current_metrics(folder, checked.totals) is None  # (the report is written again)
+    (folder / "report.html.away").rename(folder / "report.html")
     write_json(folder / "metrics.json", {**metrics, "top1": 0.0})  # older than a redone unit, say
     assert current_metrics(folder, checked.totals) is None
     (folder / "metrics.json").write_text('{"n": 3')  # cut short

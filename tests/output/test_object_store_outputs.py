@@ -12,6 +12,7 @@ import re
 import signal
 import time
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from background import Background
@@ -97,7 +98,7 @@ def test_a_unit_the_store_refuses_is_one_line_and_stays_committed_in_staging(s3,
     remote = attach("s3://outputs/refused", s3.options(), str(tmp_path / "staging"))
     unit = remote.local / "predictions" / "unit-000000.parquet"
     unit.parent.mkdir(parents=True)
-    unit.write_bytes(b"PAR1 a committed unit PAR1")
+    pq.write_table(pa.table({"id": ["a"]}), unit)  # a whole Parquet file (no other is sent)
     s3.faults.set(["always-503"], "/outputs/refused/", methods=("PUT",))
     try:
         with pytest.raises(OutputStoreError, match=(

@@ -493,3 +493,238 @@ class RangedReader(io.RawIOBase):
 
     def readall(self) -> bytes:
         return self.read(-1)
+
+
+# ------------------------------------------------------------------ conditional writes
+#
+# Writes tied to an object's version: created only if absent, replaced or deleted only at the
+# version seen (S3: If-None-Match / If-Match with the ETag; GCS: ifGenerationMatch; Azure:
+# If-Match with the ETag). Stores without them (hf://, https://, local) say so through
+# ``conditional_writes``, and their callers fall back to detecting what they cannot prevent.
+
+CONDITIONAL_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
+"""Schemes whose client can replace or delete an object only at a given version."""
+
+
+class VersionChanged(OSError):
+    """A conditional write or delete refused (HTTP 412): the object is not at the version named,
+    or is gone."""
+
+
+def conditional_writes(store: Store) -> bool:
+    """Whether the store replaces and deletes only at a version named (else: detect, not prevent)."""
+    return store.protocol in CONDITIONAL_SCHEMES
+
+
+def _unquoted(tag: Any) -> str | None:
+    return None if tag in (None, "") else str(tag).strip('"')
+
+
+def version_tag(info: dict[str, Any]) -> str | None:
+    """The version of an object as its store names it (S3 and Azure: ETag; GCS: generation)."""
+    for key in ("generation", "ETag", "etag"):
+        if info.get(key) not in (None, ""):
+            return _unquoted(info[key])
+    return None
+
+
+def content_md5(info: dict[str, Any]) -> str | None:
+    """The MD5 (hex) of an object's bytes where its listing or HEAD gives it: S3's ETag of a
+    single-part upload (a multipart one has a ``-``), GCS's md5Hash, Azure's content_md5."""
+    import base64
+    import binascii
+
+    etag = _unquoted(info.get("ETag"))
+    if etag and re.fullmatch(r"[0-9a-f]{32}", etag):
+        return etag
+    if info.get("md5Hash"):
+        try:
+            return base64.b64decode(info["md5Hash"]).hex()
+        except (binascii.Error, ValueError):
+            return None
+    settings = info.get("content_settings") or {}
+    md5 = settings.get("content_md5") if isinstance(settings, dict) else None
+    return bytes(md5).hex() if md5 else None
+
+
+def _forget(store: Store, path: str) -> None:
+    """Drop what the client's listing cache holds for ``path`` (a write or a refusal changed it)."""
+    invalidate = getattr(store.fs, "invalidate_cache", None)
+    if invalidate is not None:
+        invalidate(path)
+
+
+def _precondition(error: BaseException) -> bool:
+    """Whether ``error`` is a store's refusal of a conditional request (HTTP 412, any client)."""
+    text = f"{type(error).__name__} {error}".lower()
+    status = getattr(error, "status", None) or getattr(error, "status_code", None)
+    return (status == 412 or "resourcemodified" in text or "precondition" in text or "pre-condition" in text
+            or "conditionnotmet" in text or "condition not met" in text)
+
+
+def fresh_info(store: Store, url: str) -> dict[str, Any] | None:
+    """An object's details from a request made now (a HEAD), never from the client's listing
+    cache (which answers for an object written or refused a moment ago); None where absent."""
+    path = store.path(url)
+
+    def head() -> dict[str, Any]:
+        REQUESTS.add("head")
+        _forget(store, path)
+        if store.protocol in ("s3", "s3a"):  # HEAD alone (s3fs lists the prefix after a 404)
+            bucket, key, _ = store.fs.split_path(path)
+            try:
+                out = store.fs.call_s3("head_object", Bucket=bucket, Key=key)
+            except FileNotFoundError:
+                raise
+            except OSError as error:
+                if "not found" in str(error).lower() or "404" in str(error):
+                    raise FileNotFoundError(errno.ENOENT, f"{url}: no such object") from error
+                raise
+            return {"ETag": out.get("ETag"), "size": out["ContentLength"], "name": path, "type": "file"}
+        try:
+            return store.fs.info(path, refresh=True)
+        except TypeError:  # a client without the refresh keyword (it has no listing cache to skip)
+            return store.fs.info(path)
+
+    try:
+        info = store.call(url, head)
+    except FileNotFoundError:
+        return None
+    return info if info.get("type", "file") == "file" else None
+
+
+def find_versions(store: Store, url: str) -> dict[str, dict[str, Any]]:
+    """{url: {"size", "tag", "md5"}} of every object under the prefix ``url``, from one listing."""
+    def listing() -> dict[str, Any]:
+        REQUESTS.add("list")
+        return store.fs.find(store.path(url).rstrip("/"), detail=True)
+
+    found = store.call(url, listing)
+    return {store.to_url(path): {"size": int(entry.get("size") or 0), "tag": version_tag(entry),
+                                 "md5": content_md5(entry)}
+            for path, entry in sorted(found.items()) if entry.get("type", "file") == "file"}
+
+
+def _refused(what: str, error: BaseException) -> VersionChanged:
+    why = "it is gone" if isinstance(error, FileNotFoundError) else "412 Precondition Failed"
+    return VersionChanged(errno.EEXIST, f"{what}: refused, the object is not at the version seen ({why})")
+
+
+def put_if_absent(store: Store, url: str, data: bytes) -> str | None:
+    """One PUT of ``data`` that creates ``url`` only if absent (FileExistsError where present);
+    returns the new object's version where the store says it in its answer."""
+    path = store.path(url)
+
+    def put() -> Any:
+        REQUESTS.add("put")
+        if store.protocol in ("s3", "s3a"):
+            bucket, key, _ = store.fs.split_path(path)
+            try:
+                return store.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            except OSError as error:
+                if _precondition(error) or isinstance(error, FileExistsError):
+                    raise FileExistsError(errno.EEXIST, f"{url}: exists") from error
+                raise
+            finally:
+                _forget(store, path)
+        return store.fs.pipe_file(path, data, mode="create")
+
+    answer = store.call(url, put)
+    return _answer_tag(answer)
+
+
+def put_if_match(store: Store, url: str, data: bytes, tag: str) -> str | None:
+    """One PUT of ``data`` that replaces ``url`` only at version ``tag`` (VersionChanged where it
+    is at another, or gone); returns the new version where the store says it."""
+    path = store.path(url)
+
+    def put() -> Any:
+        REQUESTS.add("put")
+        try:
+            return _replace(store, path, data, tag)
+        except FileNotFoundError as error:  # gone since: not the version named either
+            raise _refused(url, error) from error
+        except Exception as error:  # each client has its own 412 (azure's is no OSError)
+            if _precondition(error) or isinstance(error, FileExistsError):
+                raise _refused(url, error) from error
+            raise
+        finally:
+            _forget(store, path)
+
+    return _answer_tag(store.call(url, put))
+
+
+def delete_if_match(store: Store, url: str, tag: str) -> None:
+    """Delete ``url`` only at version ``tag`` (VersionChanged where it is at another); an object
+    already gone is no error."""
+    path = store.path(url)
+
+    def delete() -> None:
+        REQUESTS.add("delete")
+        try:
+            _delete(store, path, tag)
+        except FileNotFoundError:
+            return
+        except Exception as error:  # each client has its own 412 (azure's is no OSError)
+            if _precondition(error) or isinstance(error, FileExistsError):
+                raise _refused(url, error) from error
+            raise
+        finally:
+            _forget(store, path)
+
+    store.call(url, delete)
+
+
+def _answer_tag(answer: Any) -> str | None:
+    if isinstance(answer, dict):
+        return version_tag(answer)
+    return None
+
+
+def _replace(store: Store, path: str, data: bytes, tag: str) -> Any:
+    fs = store.fs
+    if store.protocol in ("s3", "s3a"):
+        bucket, key, _ = fs.split_path(path)
+        return fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=f'"{tag}"')
+    if store.protocol in ("gs", "gcs"):  # gcsfs's own single-request upload, with the generation
+        import json
+        from urllib.parse import quote
+
+        bucket, key, _ = fs.split_path(path)
+        head = (f'--==0==\nContent-Type: application/json; charset=UTF-8\n\n{json.dumps({"name": key})}'
+                "\n--==0==\nContent-Type: application/octet-stream\n\n")
+        upload = f"{fs._location}/upload/storage/v1/b/{quote(bucket)}/o"
+        return fs.call("POST", upload, uploadType="multipart",
+                       headers={"Content-Type": 'multipart/related; boundary="==0=="'}, json_out=True,
+                       data=head.encode() + data + b"\n--==0==--", ifGenerationMatch=str(tag))
+    if store.protocol in ("az", "abfs", "abfss"):
+        from azure.core import MatchConditions
+
+        return fs.pipe_file(path, data, overwrite=True, etag=f'"{tag}"',
+                            match_condition=MatchConditions.IfNotModified)
+    raise NotImplementedError(f"{store.protocol}:// has no conditional replace")
+
+
+def _delete(store: Store, path: str, tag: str) -> None:
+    fs = store.fs
+    if store.protocol in ("s3", "s3a"):
+        bucket, key, _ = fs.split_path(path)
+        fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=f'"{tag}"')
+        return
+    if store.protocol in ("gs", "gcs"):
+        bucket, key, _ = fs.split_path(path)
+        fs.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=str(tag))
+        return
+    if store.protocol in ("az", "abfs", "abfss"):
+        from azure.core import MatchConditions
+        from fsspec.asyn import sync
+
+        container, blob, _ = fs.split_path(path)
+
+        async def remove() -> None:
+            async with fs.service_client.get_blob_client(container=container, blob=blob) as client:
+                await client.delete_blob(etag=f'"{tag}"', match_condition=MatchConditions.IfNotModified)
+
+        sync(fs.loop, remove)
+        return
+    raise NotImplementedError(f"{store.protocol}:// has no conditional delete")

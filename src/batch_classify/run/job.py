@@ -35,7 +35,7 @@ from batch_classify.output.committed import Identity, check_committed
 from batch_classify.output.manifest import FORMAT_VERSION, OutputLock, prepare_output, read_manifest
 from batch_classify.output.progress import ErrorLog, Progress
 from batch_classify.output.redo import Redo, plan_redo
-from batch_classify.output.remote import attach, push_staged
+from batch_classify.output.remote import attach, push_staged, store_note
 from batch_classify.output.room import UnitShape, check_room, estimate_output
 from batch_classify.output.safe import safe_note
 from batch_classify.output.units import metrics_from_stats
@@ -336,10 +336,7 @@ def run(spec: JobSpec, leave_process_group: bool = True) -> dict[str, Any] | Non
             folders = [model_folder(name) for name in spec.models] if len(spec.models) > 1 else []
             claim(spec.output.dir, folders)
         with lock:
-            result = _run_rank(spec, state, stop, board)
-        if remote is not None and remote.held:  # metrics and report: the job ends once they are there
-            push_staged(remote.local)
-        return result
+            return _run_rank(spec, state, stop, board)
     except Preempted:
         board.report_failure("stopped by a signal (preemption); its finished units are committed")
         if (fault := reported_fault(board.fault(), state.is_main_process)) is not None:
@@ -355,6 +352,9 @@ def run(spec: JobSpec, leave_process_group: bool = True) -> dict[str, Any] | Non
     except BaseException as error:
         if (fault := output_fault(error, spec.output.dir)) is not None:  # one line per job (core/faults.py)
             fault.main_rank = state.is_main_process
+            if remote is not None:  # the disk that failed is the staging folder's, not the store
+                staging = f"the staging folder {remote.local} of output.dir {remote.url}"
+                fault.what = fault.what.replace("the output filesystem", staging, 1)
             board.report_failure(str(fault), fault.detail())
             raise fault from None
         log.error("failed: %s", describe_error(error))
@@ -362,9 +362,9 @@ def run(spec: JobSpec, leave_process_group: bool = True) -> dict[str, Any] | Non
         raise
     finally:
         if remote is not None and remote.held:  # another job's output is left alone
-            if sys.exc_info()[0] is not None:  # failed or stopped: send what is committed, if it goes
-                with contextlib.suppress(UserError, OSError):
-                    push_staged(remote.local)
+            if sys.exc_info()[0] is not None:  # failed or stopped: send the units committed, if they go
+                with contextlib.suppress(UserError, OSError):  # (the end-of-job files once a run ends)
+                    push_staged(remote.local, end=False)
             remote.release()
         retried = retry_summary()
         if retried:  # counted in this process (DataLoader workers count and warn on their own)
@@ -481,7 +481,7 @@ def _run_rank(spec: JobSpec, state, stop: StopFlag, board: JobBoard) -> dict[str
     if state.is_main_process:
         listing, pending, already_done = _prepare_outputs(spec, output, jobs)
         _write_pending(output, pending)
-        push_staged(output)  # an output in a store: its listing, manifest and config there first
+        push_staged(output, end=False)  # an output in a store: its listing, manifest and config first
         board.announce("output ready")
     else:
         board.wait_for_main("output ready", stop)
@@ -524,15 +524,15 @@ def _run_rank(spec: JobSpec, state, stop: StopFlag, board: JobBoard) -> dict[str
         metrics = current_metrics(job.output, job.committed) if not len(pending) else None
         if metrics is None:
             metrics = aggregate(job.output)
-        print(format_table(metrics), flush=True)
         results.append(metrics)
-    if len(jobs) > 1:
-        table, summary = side_by_side(output, [job.output for job in jobs])
+    table, summary = side_by_side(output, [job.output for job in jobs]) if len(jobs) > 1 else (None, None)
+    push_staged(output)  # an output in a store: every end-of-job file there before the job says it is done
+    for metrics in results:
+        print(format_table(metrics), flush=True)
+    if table is not None:
         print(table, flush=True)
-        board.release(stop)
-        return summary
     board.release(stop)
-    return results[0]
+    return summary if len(jobs) > 1 else results[0]
 
 
 def _write_timing(job: ModelJob, timings: list[dict[str, Any]], index: int, state,
@@ -581,6 +581,8 @@ def current_metrics(output: Path, committed: dict[str, Any] | None) -> dict[str,
         return None
     if committed is None or "report_files" not in metrics:  # written before a report that failed
         return None
+    if not all((output / name).exists() for name in metrics["report_files"]):  # a file since lost:
+        return None  # (e.g. a store's staging folder, pulled before the report went up) written anew
     expected = metrics_from_stats(committed)
     if any(metrics.get(key) != expected[key] for key in SCORED_KEYS):
         return None
@@ -599,7 +601,11 @@ def main(argv: list[str] | None = None) -> int:
     except OutputFault as fault:  # the output filesystem failed: one line, from the main rank only
         if fault.main_rank:
             folders = [Path(spec.output.dir) / model_folder(name) for name in spec.models]
-            note = safe_note(spec.output.dir, folders if len(folders) > 1 else None)
+            if is_url(spec.output.dir):  # what the store holds: the staging folder may not say
+                names = [model_folder(name) for name in spec.models] if len(folders) > 1 else None
+                note = store_note(spec.output.dir, spec.output.storage_options, spec.output.staging, names)
+            else:
+                note = safe_note(spec.output.dir, folders if len(folders) > 1 else None)
             print(f"batch-classify: {fault.line(note)}", file=sys.stderr)
         leave_status(fault.exit_status)
         return fault.exit_status
