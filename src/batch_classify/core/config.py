@@ -10,6 +10,8 @@ from typing import Any, Literal
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
+from batch_classify.core.secrets import redact_config
+
 SourceKind = Literal["auto", "imagefolder", "images", "file_list", "webdataset", "parquet", "hf"]
 
 
@@ -277,7 +279,9 @@ class JobSpec:
         return JobSpec(model, self.data, output, runtime)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The spec as it is saved and shown (config.yaml, the manifest, unit footers, logs):
+        credentials in storage options and URLs redacted (core/secrets.py)."""
+        return redact_config(dataclasses.asdict(self))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -72,7 +72,7 @@ class ListedKind(InputKind):
         if not urls:
             yield from batch
             return
-        fetched = store_for(urls[0], self.listing.info.get("storage_options")).read_many(urls)
+        fetched = store_for(urls[0], self.listing.storage_options).read_many(urls)
         for record in batch:
             data = fetched.get(record.payload) if is_url(record.payload) else record.payload
             limit = self.listing.limits.max_image_bytes
