@@ -11,6 +11,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from batch_classify.core.secrets import redact_config
+from batch_classify.core.storage import StoreMistake, check_options, check_scheme
 
 SourceKind = Literal["auto", "imagefolder", "images", "file_list", "webdataset", "parquet", "hf"]
 
@@ -22,6 +23,15 @@ class ConfigError(ValueError):
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{key}: {message}")
+
+
+def _check_store(url: str, options: dict[str, Any] | None, key: str, options_key: str) -> None:
+    """An unknown scheme, or an option the store's client does not take, refused now (one line)."""
+    try:
+        check_scheme(url, key)
+        check_options(url, options, options_key)
+    except StoreMistake as error:
+        raise ConfigError(str(error)) from None
 
 
 OVERRIDABLE = ("precision", "preprocess", "channels_last", "fold_batchnorm", "compile")
@@ -118,6 +128,7 @@ class DataConfig:
         block = (self.storage_options or {}).get("block_size")
         _require(block is None or (isinstance(block, int) and block >= 1 << 16), "data.storage_options",
                  "block_size is bytes per ranged read: an integer of at least 65536 (64 KiB)")
+        _check_store(self.path, self.storage_options, "data.path", "data.storage_options")
 
 
 @dataclass
@@ -152,6 +163,7 @@ class OutputConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.dir), "output.dir", "is required (a folder to write to)")
+        _check_store(self.dir, self.storage_options, "output.dir", "output.storage_options")
         _require(self.top_k >= 1, "output.top_k", f"must be at least 1, got {self.top_k}")
         _require(self.unit_size >= 0, "output.unit_size", f"must be >= 0, got {self.unit_size}")
 

@@ -27,7 +27,7 @@ from batch_classify.core.limits import Limits
 from batch_classify.core.ownership import claim
 from batch_classify.core.preemption import Preempted, StopFlag
 from batch_classify.core.secrets import keep_live, redact_text, redact_url
-from batch_classify.core.storage import is_url, retry_summary
+from batch_classify.core.storage import is_url, retry_summary, side_mistake
 from batch_classify.core.text import write_json
 from batch_classify.inputs.listing import Listing, read_listing, share_listing
 from batch_classify.models.model import Inference, LoadedModel, describe_model, load_model, prepare_inference
@@ -315,6 +315,7 @@ def run(spec: JobSpec, leave_process_group: bool = True) -> dict[str, Any] | Non
     configure_logging(state.process_index, state.is_main_process)
     keep_live(spec.data.path, spec.data.storage_options)  # for reads that find no config (the report)
     remote = None
+    sides = {"data.path": spec.data.path, "output.dir": spec.output.dir}
     if is_url(spec.output.dir):  # written into a staging folder, each file committed by one PUT
         remote = attach(spec.output.dir, spec.output.storage_options, spec.output.staging)
         spec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, dir=str(remote.local)))
@@ -349,6 +350,9 @@ def run(spec: JobSpec, leave_process_group: bool = True) -> dict[str, Any] | Non
         board.report_failure(str(error))
         raise
     except BaseException as error:
+        if (mistake := side_mistake(error, sides)) is not None:  # a store refused: which one, and why
+            board.report_failure(str(mistake))
+            raise mistake from None
         if (fault := output_fault(error, spec.output.dir)) is not None:  # one line per job (core/faults.py)
             fault.main_rank = state.is_main_process
             board.report_failure(str(fault), fault.detail())
