@@ -119,8 +119,12 @@ def _inject(handler: BaseHTTPRequestHandler, fault: str, faults: Faults) -> bool
     return False
 
 
-def _send_body(handler: BaseHTTPRequestHandler, body: bytes, drop: bool, faults: Faults) -> None:
-    """The body, or (``drop``) half of it and then the connection closed."""
+def _send_body(handler: BaseHTTPRequestHandler, body: bytes, drop: bool, faults: Faults,
+               corrupt: bool = False) -> None:
+    """The body, or (``drop``) half of it and then the connection closed, or (``corrupt``) all of it
+    with one byte changed (what a faulty network or disk gives: the store's checksum no longer fits)."""
+    if corrupt and body:
+        body = body[:len(body) // 2] + bytes([body[len(body) // 2] ^ 0xFF]) + body[len(body) // 2 + 1:]
     with faults.lock:
         faults.sent += len(body) // 2 if drop else len(body)
     if drop:
@@ -176,7 +180,7 @@ class FaultProxy:
                 self.send_header("Content-Length", upstream_length if head else str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
-                    _send_body(self, data, fault == "drop", faults)
+                    _send_body(self, data, fault == "drop", faults, corrupt=fault == "corrupt")
                 upstream_connection.close()
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
