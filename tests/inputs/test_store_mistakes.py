@@ -45,11 +45,13 @@ def _bucket(s3, name: str) -> None:
 
 
 @pytest.mark.parametrize(("args", "said"), [
-    (["--data.path", "s4://bucket/wds"], r"data.path s4://bucket/wds: s4:// is no store scheme \(input store\); "
-                                         r"did you mean s3://\?"),
-    (["--output.dir", "gz://bucket/run"], r"output.dir gz://bucket/run: gz:// is no store scheme \(output store\)"),
+    (["--data.path", "s4://bucket/wds"],
+     r"data.path s4://bucket/wds: s4:// is no store scheme \(input store\); did you mean s3://\?"),
+    (["--output.dir", "gz://bucket/run"],
+     r"output.dir gz://bucket/run: gz:// is no store scheme \(output store\)"),
     (["--data.storage_options", '{"endpont_url": "http://x"}'],
-     r"data.storage_options.endpont_url: not an option of s3:// stores \(input store\); did you mean endpoint_url\?"),
+     r"data.storage_options.endpont_url: not an option of s3:// stores \(input store\); did you mean "
+     r"endpoint_url\?"),
     (["--data.storage_options", "{config_kwargs: {read_timout: 2}}"],
      r"data.storage_options.config_kwargs.read_timout: .*\(input store\); did you mean read_timeout\?"),
     (["--output.dir", "s3://out/run", "--output.storage_options", '{"client_kwargs": {"regoin_name": "x"}}'],
@@ -57,7 +59,8 @@ def _bucket(s3, name: str) -> None:
     (["--output.dir", "gs://out/run", "--output.storage_options", '{"tokn": "x"}'],
      r"output.storage_options.tokn: not an option of gs:// stores \(output store\); did you mean token\?"),
     (["--data.path", "az://container/wds", "--data.storage_options", '{"acount_name": "x"}'],
-     r"data.storage_options.acount_name: not an option of az:// stores \(input store\); did you mean account_name"),
+     r"data.storage_options.acount_name: not an option of az:// stores \(input store\); did you mean "
+     r"account_name"),
 ])
 def test_an_unknown_scheme_or_option_is_refused_naming_it_and_the_closest(args, said):
     base = {"--model.name": "m", "--data.path": "s3://bucket/wds", "--output.dir": "/tmp/out"}
@@ -70,7 +73,8 @@ def test_an_unknown_scheme_or_option_is_refused_naming_it_and_the_closest(args, 
 def test_the_options_a_store_takes_are_accepted():
     spec = parse_args(["--model.name", "m", "--data.path", "s3://bucket/wds", "--output.dir", "https://host/x",
                        "--data.storage_options", json.dumps({
-                           "endpoint_url": "http://x", "anon": False, "profile": "dev", "requester_pays": True,
+                           "endpoint_url": "http://x", "anon": False, "profile": "dev",
+                           "requester_pays": True,
                            "block_size": 1 << 20, "skip_instance_cache": True, "key": "k", "secret": "s",
                            "config_kwargs": {"read_timeout": 2, "retries": {"max_attempts": 1}},
                            "client_kwargs": {"region_name": "eu-west-1"}}),
@@ -112,8 +116,8 @@ def test_a_missing_bucket_is_one_line_on_either_side(in_store, s3, tiny_models, 
                            "(input store s3://nobucket)"), said
     said = _one_line(_job(model, str(in_store["local"] / "wds"), "s3://nobucket-out/run", None, s3.options(),
                           tmp_path / "staging"))
-    assert said.startswith("batch-classify: output.dir s3://nobucket-out/run: the bucket nobucket-out does not "
-                           "exist (output store s3://nobucket-out); create it"), said
+    assert said.startswith("batch-classify: output.dir s3://nobucket-out/run: the bucket nobucket-out does "
+                           "not exist (output store s3://nobucket-out); create it"), said
     # A pattern names objects of a bucket that is not there: the bucket is named, not each object.
     said = _one_line(_job(model, "s3://nobucket/wds/{00000..00002}.tar", str(tmp_path / "out"), s3.options()))
     assert "data.path s3://nobucket/wds/{00000..00002}.tar: the bucket nobucket does not exist" in said, said
@@ -142,6 +146,6 @@ def test_a_403_is_one_line_naming_the_side_of_the_request(in_store, s3, tiny_mod
 def test_an_unreachable_input_store_is_no_output_filesystem_fault(in_store, tiny_models, tmp_path):
     options = {"endpoint_url": "http://127.0.0.1:9", "config_kwargs": {"connect_timeout": 1}}
     said = _one_line(_job(tiny_models["beit"], "s3://bucket/wds", str(tmp_path / "out"), options))
-    assert said.startswith("batch-classify: data.path s3://bucket/wds: the store could not be reached or kept "
-                           "failing (input store s3://bucket)"), said
+    assert said.startswith("batch-classify: data.path s3://bucket/wds: the store could not be reached or "
+                           "kept failing (input store s3://bucket)"), said
     assert "output filesystem" not in said
