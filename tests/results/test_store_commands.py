@@ -21,8 +21,9 @@ def test_commands_on_an_output_in_a_bucket_only_read_it(in_store, s3, tiny_model
     if not fs.exists("outputs"):
         fs.mkdir("outputs")
     url, options = "s3://outputs/commands", s3.options()
-    run_job(["--model.name", str(tiny_models["beit"]), "--data.path", in_store["wds"], "--data.storage_options",
-             json.dumps(options), "--output.dir", url, "--output.storage_options", json.dumps(options),
+    run_job(["--model.name", str(tiny_models["beit"]), "--data.path", in_store["wds"],
+             "--data.storage_options", json.dumps(options), "--output.dir", url,
+             "--output.storage_options", json.dumps(options),
              "--output.staging", str(tmp_path / "job-staging")])
     before = {key: info["ETag"] for key, info in fs.find("outputs/commands", detail=True).items()}
     monkeypatch.setenv("BATCH_CLASSIFY_CACHE", str(tmp_path / "cache"))
@@ -34,7 +35,7 @@ def test_commands_on_an_output_in_a_bucket_only_read_it(in_store, s3, tiny_model
     out = capsys.readouterr()
     assert "3 of 3 units committed; 14 rows" in out.out and out.out.rstrip().endswith("complete")
 
-    reads_of_input = sum(1 for method, path, _ in s3.faults.requests[start:] if path.startswith("/bucket/wds"))
+    reads_of_input = sum(1 for _, path, _ in s3.faults.requests[start:] if path.startswith("/bucket/wds"))
     assert cli_main(["aggregate", url, "--storage_options", as_yaml]) == 0
     out = capsys.readouterr()
     assert "the store is left as it is" in out.err
@@ -53,7 +54,8 @@ def test_commands_on_an_output_in_a_bucket_only_read_it(in_store, s3, tiny_model
 
     writes = [(method, path) for method, path, _ in s3.faults.requests[start:] if method in WRITES]
     assert writes == []
-    after = {key: info["ETag"] for key, info in fs.find("outputs/commands", detail=True, refresh=True).items()}
+    found = fs.find("outputs/commands", detail=True, refresh=True)
+    after = {key: info["ETag"] for key, info in found.items()}
     assert after == before
     assert compared(read_rows(tmp_path / "job-staging")) == compared(read_rows(local_tars))
 

@@ -62,7 +62,7 @@ class FolderCommand:
                                                "--storage_options where the input's scheme is the output's)")
         args = parser.parse_args(argv)
         from batch_classify.core.secrets import redact_logs, redact_text
-        from batch_classify.output.remote import OPTIONS_VARIABLE, staged
+        from batch_classify.output.remote import OPTIONS_VARIABLE
 
         redact_logs()
         folders: list[str] = []
@@ -70,7 +70,8 @@ class FolderCommand:
             options = storage_options(args.storage_options, "--storage_options", OPTIONS_VARIABLE)
             data_options = storage_options(args.data_storage_options, "--data.storage_options")
             urls = [getattr(args, folder) for folder in self.folders]
-            folders = [staged(url, options, data_options) for url in urls]
+            for url in urls:
+                folders.append(_staged(url, options, data_options))
             text, status = self.action(*folders)
         except self.errors as error:
             print(f"batch-classify {self.name}: {redact_text(str(error))}", file=sys.stderr)
@@ -90,6 +91,20 @@ class FolderCommand:
                 print(f"batch-classify {self.name}: {redact_text(url)} was read into {folder}; what this "
                       "command writes is there, the store is left as it is", file=sys.stderr)
         return status
+
+
+def _staged(url: str, options: dict | None, data_options: dict | None) -> str:
+    """The folder to read for ``url`` (core.storage.side_mistake: a store's refusal in one line)."""
+    from batch_classify.core.storage import side_mistake
+    from batch_classify.output.remote import staged
+
+    try:
+        return staged(url, options, data_options)
+    except OSError as error:
+        mistake = side_mistake(error, {"output.dir": url})
+        if mistake is None:
+            raise
+        raise mistake from None
 
 
 class OptionsError(UserError, ValueError):

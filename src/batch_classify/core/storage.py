@@ -194,7 +194,11 @@ def with_retries(what: str, request: Callable[[], T], tries: int = MAX_TRIES) ->
 
 
 def _plain(error: BaseException, what: str) -> BaseException:
-    """A missing or forbidden object as the OSError a local file gives, naming the URL."""
+    """A missing or forbidden object as the OSError a local file gives, naming the URL (without
+    its credentials: the message may go into an error row)."""
+    from batch_classify.core.secrets import redact_url
+
+    what = redact_url(what)
     text = f"{type(error).__name__} {error}".lower()
     status = getattr(error, "status", None)
     if isinstance(error, FileNotFoundError) or status == 404 or "nosuchkey" in text or "not found" in text:
