@@ -35,7 +35,7 @@ SECRET_NAMES = frozenset({
 """Option, header and query-parameter names whose value is a credential (compared lowercase,
 without ``-`` and ``_``: ``client_secret``, ``Client-Secret`` and ``clientsecret`` are one)."""
 SECRET_PARTS = ("secret", "password", "passwd", "token", "credential", "signature", "apikey",
-                "accesskey", "accountkey", "privatekey", "connectionstring", "authorization", "cookie")
+                "accesskey", "accountkey", "privatekey", "connectionstring", "auth", "cookie")
 """A name holding one of these is a secret's too (``aws_secret_access_key``, ``hf_token``)."""
 NOT_SECRET = frozenset({"anon", "google_default", "cloud", "browser", "cache"})
 """Values of ``token`` (gcsfs) that name a way to find credentials, not a credential."""

@@ -30,7 +30,14 @@ from batch_classify.core.config import DataConfig
 from batch_classify.core.layout import INFO_FILE, INPUT_DIR, STATE_FILE, UNITS_FILE
 from batch_classify.core.limits import Limits
 from batch_classify.core.ownership import remove_listing
-from batch_classify.core.secrets import live_options, redact, redact_config, redact_url, restore_url
+from batch_classify.core.secrets import (
+    live_options,
+    redact,
+    redact_config,
+    redact_text,
+    redact_url,
+    restore_url,
+)
 from batch_classify.core.storage import is_url
 from batch_classify.inputs.base import InputError, InputKind, Record, Sizing
 from batch_classify.inputs.registry import kind_named, resolve
@@ -185,7 +192,8 @@ def _list_into(cfg: DataConfig, folder: Path, sizing: Sizing) -> tuple[dict[str,
         "kind": kind.name,
         "root": redact_url(enumeration.root),
         "classes": list(enumeration.classes) if enumeration.classes is not None else None,
-        "notes": enumeration.notes + ([] if cut.n_labelled != 0 else ["no labels: labelling mode"]),
+        "notes": [redact_text(note) for note in enumeration.notes]
+        + ([] if cut.n_labelled != 0 else ["no labels: labelling mode"]),
         "n_items": cut.n_items,
         "n_labelled": cut.n_labelled,
         "n_units": n_units,
