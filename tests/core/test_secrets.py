@@ -133,3 +133,15 @@ def test_a_url_with_a_password_is_listed_and_read_with_it_and_saved_without(in_s
         assert len([r for r in again.records(1) if r.error is None]) == 5
     finally:
         server.close()
+
+
+def test_a_configuration_error_does_not_quote_the_storage_options():
+    import pytest
+
+    from batch_classify.core.config import ConfigError
+
+    for given in ('{"key": "quoted-secret-1", bad', '["quoted-secret-1"]'):
+        with pytest.raises(ConfigError) as refused:
+            parse_args(["--model.name", "m", "--data.path", "s3://b/x", "--output.dir", "/tmp/o",
+                        "--data.storage_options", given])
+        assert "quoted-secret-1" not in str(refused.value) and "storage_options" in str(refused.value)

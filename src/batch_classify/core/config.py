@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -10,7 +11,7 @@ from typing import Any, Literal
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-from batch_classify.core.secrets import redact_config
+from batch_classify.core.secrets import MARKER, redact_config, redact_text
 from batch_classify.core.storage import StoreMistake, check_options, check_scheme
 
 SourceKind = Literal["auto", "imagefolder", "images", "file_list", "webdataset", "parquet", "hf"]
@@ -324,13 +325,20 @@ def _to_spec(namespace: Namespace) -> JobSpec:
     return JobSpec(**{name: cls(**values[name]) for name, cls in _SECTIONS.items()})
 
 
+def _without_values(message: str) -> str:
+    """A parser's message without the storage options it quotes (they may hold credentials)."""
+    if "storage_options" in message:
+        message = re.sub(r"(Given value:).*", rf"\1 {MARKER}", message)
+    return redact_text(message)
+
+
 def parse_args(argv: list[str] | None = None, prog: str = "batch-classify run") -> JobSpec:
     """Parse a command line into a validated spec; raise ConfigError naming the bad key."""
     parser = build_parser(prog)
     try:
         namespace = parser.parse_args(argv)
     except Exception as error:  # jsonargparse raises its own ArgumentError types
-        raise ConfigError(str(error)) from None
+        raise ConfigError(_without_values(str(error))) from None
     return _to_spec(namespace)
 
 

@@ -21,7 +21,7 @@ from batch_classify.core.faults import output_fault
 from batch_classify.core.layout import DAMAGED_DIR, INPUT_DIR, MANIFEST
 from batch_classify.core.ownership import check_location, claim
 from batch_classify.core.secrets import keep_live, redact_logs, redact_text, redact_url
-from batch_classify.core.storage import is_url
+from batch_classify.core.storage import is_url, side_mistake
 from batch_classify.inputs.listing import (
     LISTING_FORMAT,
     Listing,
@@ -231,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batch-classify plan: {redact_text(str(error))}", file=sys.stderr)
         return 2
     except OSError as error:  # the output filesystem failed: one line (core/faults.py)
+        mistake = side_mistake(error, {"data.path": spec.data.path, "output.dir": spec.output.dir})
+        if mistake is not None:  # a store refused: which one, and why
+            print(f"batch-classify plan: {mistake}", file=sys.stderr)
+            return 2
         fault = output_fault(error, spec.output.dir)
         if fault is None:
             raise
