@@ -121,8 +121,9 @@ class DataConfig:
     """Where data.path is a URL (s3://, gs://, az://, hf://, https://): options of the store's
     fsspec client, e.g. {endpoint_url: http://minio:9000} or {anon: true} or {requester_pays: true}
     or {profile: name} for S3, plus block_size (bytes per ranged GET, default 32 MiB).
-    Credentials come from the store's usual environment variables and files; this section is
-    saved with the outputs, so keep secrets out of it."""
+    Credentials come from the store's usual environment variables and files, or from here (key,
+    secret, token, client_kwargs.headers.Authorization ...): the section is saved with the outputs
+    with every credential replaced by <redacted>, and an option the store does not take is refused."""
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "data.path", "is required (a folder, file list or dataset)")
