@@ -543,7 +543,11 @@ def _chain(error: BaseException) -> list[BaseException]:
 
 
 _MISSING_BUCKET = ("nosuchbucket", "bucket does not exist", "containernotfound",
-                   "specified container does not exist", "bucket_not_found", "no such bucket")
+                   "specified container does not exist", "bucket_not_found", "no such bucket",
+                   "repositorynotfound", "repository not found")
+_BUCKET_WORD = {"az": "container", "abfs": "container", "abfss": "container", "adl": "container",
+                "hf": "repository"}
+"""What a store calls the top level of its names (S3 and GCS: a bucket)."""
 _URL_IN_TEXT = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+?(?=[\s'\":;,)]|$)")
 
 
@@ -599,7 +603,8 @@ def side_mistake(error: BaseException, sides: dict[str, str | None]) -> StoreMis
     where = f"({side} store {bucket})"
     url = urls[0] if urls else configured
     if problem == "missing bucket":
-        said = (f"the bucket {bucket.split('://', 1)[1]} does not exist {where}; "
+        word = _BUCKET_WORD.get(scheme(configured) or "", "bucket")
+        said = (f"the {word} {bucket.split('://', 1)[1]} does not exist {where}; "
                 + ("create it, or " if side == "output" else "")
                 + f"check {chosen} and {options}.endpoint_url")
     elif problem == "access denied":
