@@ -31,9 +31,10 @@ def test_commands_on_an_output_in_a_bucket_only_read_it(in_store, s3, tiny_model
     start = len(s3.faults.requests)
     as_yaml = yaml.safe_dump(options, default_flow_style=True).strip()
 
-    assert cli_main(["verify", url, "--storage_options", json.dumps(options)]) == 0
-    out = capsys.readouterr()
+    assert cli_main(["verify", url, "--recount", "--storage_options", json.dumps(options)]) == 0
+    out = capsys.readouterr()  # the input in the bucket named again, with the options given
     assert "3 of 3 units committed; 14 rows" in out.out and out.out.rstrip().endswith("complete")
+    assert "every committed unit's ids match the input, enumerated again" in out.out
 
     reads_of_input = sum(1 for _, path, _ in s3.faults.requests[start:] if path.startswith("/bucket/wds"))
     assert cli_main(["aggregate", url, "--storage_options", as_yaml]) == 0
