@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from batch_classify.core.errors import UserError
+from batch_classify.core.secrets import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +186,9 @@ def with_retries(what: str, request: Callable[[], T], tries: int = MAX_TRIES) ->
             if kind is None:
                 raise _plain(error, what) from error
             if attempt == tries:
-                raise StoreError(errno.EIO, f"{what}: still failing after {tries} tries ({kind}: "
-                                 f"{type(error).__name__}: {str(error)[:200]})") from error
+                raise StoreError(errno.EIO, redact_text(  # the message may go into an error row
+                    f"{what}: still failing after {tries} tries ({kind}: {type(error).__name__}: "
+                    f"{str(error)[:200]})")) from error
             wait = random.uniform(0, min(MAX_BACKOFF_S, BACKOFF_S * 2 ** (attempt - 1)))
             RETRIES.note(kind, what, error, wait)
             time.sleep(wait)
