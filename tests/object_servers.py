@@ -53,6 +53,12 @@ class Faults:
         """PUTs whose path matches wait put_delay_s before they are forwarded (a slow upload)."""
         self.sent = 0
         """Body bytes sent for GETs so far."""
+        self.signers: list[tuple[str, str, str | None]] = []
+        """(method, path, access key id its SigV4 Authorization header names) of every request."""
+        self.authorizations: list[str | None] = []
+        """The Authorization header of every request (RangeFiles)."""
+        self.require_authorization: str | None = None
+        """RangeFiles: where set, a request without this Authorization header is answered 403."""
 
     def set(self, plan: list[str], pattern: str = ".", methods: tuple[str, ...] = ("GET",)) -> None:
         with self.lock:
@@ -71,6 +77,13 @@ class Faults:
                 self.done[fault] += 1
                 return fault
         return None
+
+    def saw(self, method: str, path: str, headers) -> None:
+        authorization = headers.get("Authorization")
+        found = re.search(r"Credential=([^/]+)/", authorization or "")
+        with self.lock:
+            self.signers.append((method, path, found.group(1) if found else None))
+            self.authorizations.append(authorization)
 
     def gets(self, pattern: str) -> int:
         found = re.compile(pattern)
@@ -106,8 +119,12 @@ def _inject(handler: BaseHTTPRequestHandler, fault: str, faults: Faults) -> bool
     return False
 
 
-def _send_body(handler: BaseHTTPRequestHandler, body: bytes, drop: bool, faults: Faults) -> None:
-    """The body, or (``drop``) half of it and then the connection closed."""
+def _send_body(handler: BaseHTTPRequestHandler, body: bytes, drop: bool, faults: Faults,
+               corrupt: bool = False) -> None:
+    """The body, or (``drop``) half of it and then the connection closed, or (``corrupt``) all of it
+    with one byte changed (what a faulty network or disk gives: the store's checksum no longer fits)."""
+    if corrupt and body:
+        body = body[:len(body) // 2] + bytes([body[len(body) // 2] ^ 0xFF]) + body[len(body) // 2 + 1:]
     with faults.lock:
         faults.sent += len(body) // 2 if drop else len(body)
     if drop:
@@ -134,6 +151,7 @@ class FaultProxy:
                 pass
 
             def _forward(self) -> None:
+                faults.saw(self.command, self.path, self.headers)
                 fault = faults.take(self.command, self.path, self.headers.get("Range"))
                 if fault is not None:
                     length = int(self.headers.get("Content-Length") or 0)
@@ -162,7 +180,7 @@ class FaultProxy:
                 self.send_header("Content-Length", upstream_length if head else str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
-                    _send_body(self, data, fault == "drop", faults)
+                    _send_body(self, data, fault == "drop", faults, corrupt=fault == "corrupt")
                 upstream_connection.close()
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
@@ -263,6 +281,10 @@ class RangeFiles:
                 self._answer(head=True)
 
             def _answer(self, head: bool) -> None:
+                faults.saw(self.command, self.path, self.headers)
+                if faults.require_authorization not in (None, self.headers.get("Authorization")):
+                    _inject(self, "403", faults)
+                    return
                 fault = faults.take(self.command, self.path, self.headers.get("Range"))
                 if fault is not None and _inject(self, fault, faults):
                     return

@@ -45,30 +45,93 @@ class FolderCommand:
     action: Callable[..., tuple[str, int]]
     errors: tuple[type[Exception], ...]
     error_status: int = 1
+    writes: bool = False
+    """Whether the command writes into the folder (aggregate: metrics.json and the report)."""
 
     def __call__(self, argv: list[str]) -> int:
         parser = argparse.ArgumentParser(prog=f"batch-classify {self.name}", description=self.description)
         for folder in self.folders:
             parser.add_argument(folder)
+        parser.add_argument("--storage_options", metavar="JSON_OR_YAML", default=None,
+                            help="for an output folder given as a URL: the options of its store's "
+                                 "client, as the job's output.storage_options (default: "
+                                 "$BATCH_CLASSIFY_STORAGE_OPTIONS)")
+        parser.add_argument("--data.storage_options", dest="data_storage_options", metavar="JSON_OR_YAML",
+                            default=None, help="for an input in a store (the report's pictures, verify "
+                                               "--recount): as the job's data.storage_options (default: "
+                                               "--storage_options where the input's scheme is the output's)")
         args = parser.parse_args(argv)
-        from batch_classify.output.remote import push_staged, staged
+        from batch_classify.core.secrets import redact_logs, redact_text
+        from batch_classify.output.remote import OPTIONS_VARIABLE
 
-        try:  # an output in a store is read from (and written back through) its staging folder
-            folders = [staged(getattr(args, folder)) for folder in self.folders]
+        redact_logs()
+        folders: list[str] = []
+        try:  # an output in a store is read into its staging folder; the store is never written
+            options = storage_options(args.storage_options, "--storage_options", OPTIONS_VARIABLE)
+            data_options = storage_options(args.data_storage_options, "--data.storage_options")
+            urls = [getattr(args, folder) for folder in self.folders]
+            for url in urls:
+                folders.append(_staged(url, options, data_options))
             text, status = self.action(*folders)
-            for folder in folders:
-                push_staged(folder)
         except self.errors as error:
-            print(f"batch-classify {self.name}: {error}", file=sys.stderr)
+            print(f"batch-classify {self.name}: {redact_text(str(error))}", file=sys.stderr)
             return self.error_status
+        except UserError as error:  # a store's mistake (missing bucket, no access): one line
+            print(f"batch-classify {self.name}: {redact_text(str(error))}", file=sys.stderr)
+            return 2
         except OSError as error:  # the folder's filesystem failed (full, read-only): one line
-            fault = output_fault(error, getattr(args, self.folders[0]))
+            fault = output_fault(error, folders[0] if folders else getattr(args, self.folders[0]))
             if fault is None:
                 raise
-            print(f"batch-classify {self.name}: {fault.line()}", file=sys.stderr)
+            print(f"batch-classify {self.name}: {redact_text(fault.line())}", file=sys.stderr)
             return fault.exit_status
         print(text)
+        for url, folder in zip(urls, folders):
+            if url != folder and self.writes:
+                print(f"batch-classify {self.name}: {redact_text(url)} was read into {folder}; what this "
+                      "command writes is there, the store is left as it is", file=sys.stderr)
         return status
+
+
+def _staged(url: str, options: dict | None, data_options: dict | None) -> str:
+    """The folder to read for ``url`` (core.storage.side_mistake: a store's refusal in one line)."""
+    from batch_classify.core.storage import side_mistake
+    from batch_classify.output.remote import staged
+
+    try:
+        return staged(url, options, data_options)
+    except OSError as error:
+        mistake = side_mistake(error, {"output.dir": url})
+        if mistake is None:
+            raise
+        raise mistake from None
+
+
+class OptionsError(UserError, ValueError):
+    """--storage_options that are not a JSON or YAML mapping."""
+
+
+def storage_options(text: str | None, what: str, variable: str | None = None) -> dict | None:
+    """Options given as JSON or YAML (or, where not given, in the environment variable)."""
+    import os
+
+    import yaml
+
+    if text is None and variable is not None:
+        text, what = os.environ.get(variable) or None, f"${variable}"
+    if text is None:
+        return None
+    try:
+        value = yaml.safe_load(text)  # YAML reads JSON too
+    except yaml.YAMLError as error:
+        raise OptionsError(f"{what}: not JSON or YAML ({type(error).__name__}; give a mapping such as "
+                           "'{endpoint_url: http://host:9000}')") from None
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise OptionsError(f"{what}: a mapping of options is needed (e.g. '{{endpoint_url: "
+                           f"http://host:9000}}'), not a {type(value).__name__}")
+    return value
 
 
 def _aggregate(argv: list[str]) -> int:
@@ -76,7 +139,7 @@ def _aggregate(argv: list[str]) -> int:
 
     return FolderCommand("aggregate", "Recompute metrics.json from the Parquet files.", ["output_dir"],
                          lambda folder: (format_table(aggregate(folder)), 0), (AggregateError, UserError),
-                         error_status=2)(argv)
+                         error_status=2, writes=True)(argv)
 
 
 def _compare(argv: list[str]) -> int:

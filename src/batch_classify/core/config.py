@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+from batch_classify.core.secrets import MARKER, redact_config, redact_text
+from batch_classify.core.storage import StoreMistake, check_options, check_scheme
 
 SourceKind = Literal["auto", "imagefolder", "images", "file_list", "webdataset", "parquet", "hf"]
 
@@ -20,6 +24,15 @@ class ConfigError(ValueError):
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{key}: {message}")
+
+
+def _check_store(url: str, options: dict[str, Any] | None, key: str, options_key: str) -> None:
+    """An unknown scheme, or an option the store's client does not take, refused now (one line)."""
+    try:
+        check_scheme(url, key)
+        check_options(url, options, options_key)
+    except StoreMistake as error:
+        raise ConfigError(str(error)) from None
 
 
 OVERRIDABLE = ("precision", "preprocess", "channels_last", "fold_batchnorm", "compile")
@@ -108,14 +121,16 @@ class DataConfig:
     """Where data.path is a URL (s3://, gs://, az://, hf://, https://): options of the store's
     fsspec client, e.g. {endpoint_url: http://minio:9000} or {anon: true} or {requester_pays: true}
     or {profile: name} for S3, plus block_size (bytes per ranged GET, default 32 MiB).
-    Credentials come from the store's usual environment variables and files; this section is
-    saved with the outputs, so keep secrets out of it."""
+    Credentials come from the store's usual environment variables and files, or from here (key,
+    secret, token, client_kwargs.headers.Authorization ...): the section is saved with the outputs
+    with every credential replaced by <redacted>, and an option the store does not take is refused."""
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "data.path", "is required (a folder, file list or dataset)")
         block = (self.storage_options or {}).get("block_size")
         _require(block is None or (isinstance(block, int) and block >= 1 << 16), "data.storage_options",
                  "block_size is bytes per ranged read: an integer of at least 65536 (64 KiB)")
+        _check_store(self.path, self.storage_options, "data.path", "data.storage_options")
 
 
 @dataclass
@@ -150,6 +165,7 @@ class OutputConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.dir), "output.dir", "is required (a folder to write to)")
+        _check_store(self.dir, self.storage_options, "output.dir", "output.storage_options")
         _require(self.top_k >= 1, "output.top_k", f"must be at least 1, got {self.top_k}")
         _require(self.unit_size >= 0, "output.unit_size", f"must be >= 0, got {self.unit_size}")
 
@@ -277,7 +293,9 @@ class JobSpec:
         return JobSpec(model, self.data, output, runtime)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The spec as it is saved and shown (config.yaml, the manifest, unit footers, logs):
+        credentials in storage options and URLs redacted (core/secrets.py)."""
+        return redact_config(dataclasses.asdict(self))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -308,13 +326,20 @@ def _to_spec(namespace: Namespace) -> JobSpec:
     return JobSpec(**{name: cls(**values[name]) for name, cls in _SECTIONS.items()})
 
 
+def _without_values(message: str) -> str:
+    """A parser's message without the storage options it quotes (they may hold credentials)."""
+    if "storage_options" in message:
+        message = re.sub(r"(Given value:).*", rf"\1 {MARKER}", message)
+    return redact_text(message)
+
+
 def parse_args(argv: list[str] | None = None, prog: str = "batch-classify run") -> JobSpec:
     """Parse a command line into a validated spec; raise ConfigError naming the bad key."""
     parser = build_parser(prog)
     try:
         namespace = parser.parse_args(argv)
     except Exception as error:  # jsonargparse raises its own ArgumentError types
-        raise ConfigError(str(error)) from None
+        raise ConfigError(_without_values(str(error))) from None
     return _to_spec(namespace)
 
 

@@ -190,6 +190,8 @@ def output_fault(error: BaseException, output_dir: str | os.PathLike) -> OutputF
         return error
     if not isinstance(error, OSError) or error.errno is None:
         return None
+    if error.filename is None and "://" in str(error):  # a request to an object store, not a filesystem
+        return None
     output = os.fspath(output_dir)
     path = error.filename if isinstance(error.filename, (str, bytes, os.PathLike)) else None
     path = os.fsdecode(path) if path is not None else None

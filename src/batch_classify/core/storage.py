@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from batch_classify.core.errors import UserError
+from batch_classify.core.secrets import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,8 @@ def fault_kind(error: BaseException) -> str | None:
         text = f"{type(e).__name__} {e}".lower()
         if "slowdown" in text or "slow down" in text or "reduce your request rate" in text:
             return "SlowDown"
+        if type(e).__name__ == "FlexibleChecksumError" or "did not match calculated checksum" in text:
+            return "checksum"  # the body arrived damaged: read again
         if isinstance(e, TimeoutError) or "timeout" in text or "timed out" in text:
             return "timeout"
         if isinstance(status, int) and status in _TRANSIENT_STATUS:
@@ -252,8 +255,9 @@ def with_retries(what: str, request: Callable[[], T], tries: int = MAX_TRIES) ->
             if kind is None:
                 raise _plain(error, what) from error
             if attempt == tries:
-                raise StoreError(errno.EIO, f"{what}: still failing after {tries} tries ({kind}: "
-                                 f"{type(error).__name__}: {str(error)[:200]})") from error
+                raise StoreError(errno.EIO, redact_text(  # the message may go into an error row
+                    f"{what}: still failing after {tries} tries ({kind}: {type(error).__name__}: "
+                    f"{str(error)[:200]})")) from error
             wait = random.uniform(0, min(MAX_BACKOFF_S, BACKOFF_S * 2 ** (attempt - 1)))
             RETRIES.note(kind, what, error, wait)
             time.sleep(wait)
@@ -261,7 +265,11 @@ def with_retries(what: str, request: Callable[[], T], tries: int = MAX_TRIES) ->
 
 
 def _plain(error: BaseException, what: str) -> BaseException:
-    """A missing or forbidden object as the OSError a local file gives, naming the URL."""
+    """A missing or forbidden object as the OSError a local file gives, naming the URL (without
+    its credentials: the message may go into an error row)."""
+    from batch_classify.core.secrets import redact_url
+
+    what = redact_url(what)
     text = f"{type(error).__name__} {error}".lower()
     status = getattr(error, "status", None)
     if isinstance(error, FileNotFoundError) or status == 404 or "nosuchkey" in text or "not found" in text:
@@ -728,3 +736,197 @@ def _delete(store: Store, path: str, tag: str) -> None:
         sync(fs.loop, remove)
         return
     raise NotImplementedError(f"{store.protocol}:// has no conditional delete")
+
+
+# ------------------------------------------------------------------ mistakes, named with their side
+
+FSSPEC_OPTIONS = ("skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths")
+"""Options every fsspec filesystem takes (its instance and listings caches)."""
+
+
+class StoreMistake(UserError, ValueError):
+    """A store named or opened wrongly (an unknown scheme or option), or a store that refuses the
+    job (a missing bucket, no access, unreachable): one line naming the setting, the store and
+    its side (input or output)."""
+
+
+def _side(what: str) -> str:
+    return "output" if what.startswith("output") else "input"
+
+
+def _suggest(name: str, known: Any, cutoff: float = 0.6, suffix: str = "") -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=cutoff)
+    return f"; did you mean {close[0]}{suffix}?" if close else ""
+
+
+def check_scheme(url: str, what: str) -> None:
+    """Refuse a URL whose scheme no fsspec filesystem handles (``s4://``), naming a close one."""
+    protocol = scheme(url)
+    if protocol is None:
+        return
+    try:
+        from fsspec.registry import known_implementations, registry
+    except ImportError:  # no fsspec: the store's client is missing, and says so when opened
+        return
+    known = set(known_implementations) | set(registry)
+    if protocol not in known:
+        from batch_classify.core.secrets import redact_url
+
+        raise StoreMistake(
+            f"{what} {redact_url(url)}: {protocol}:// is no store scheme ({_side(what)} store)"
+            f"{_suggest(protocol, known, 0.5, '://')} (stores: s3://, gs://, az://, hf://, https://; a "
+            "local path has no scheme)")
+
+
+def _parameters(function: Any) -> set[str]:
+    import inspect
+
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return set()
+    return {p.name for p in signature.parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("self", "cls")}
+
+
+def _known_options(protocol: str) -> tuple[set[str], dict[str, set[str]]] | None:
+    """(the options a scheme's filesystem takes, {option: the keys it takes} for nested ones), or
+    None where its client is not installed (the store says so when it is opened)."""
+    import fsspec
+
+    try:
+        cls = fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError):
+        return None
+    known = {name for klass in cls.__mro__ if "__init__" in klass.__dict__
+             for name in _parameters(klass.__dict__["__init__"])}
+    known |= {*FSSPEC_OPTIONS, *OWN_OPTIONS}
+    nested: dict[str, set[str]] = {}
+    if protocol in ("s3", "s3a"):
+        import aiobotocore.session
+        import botocore.config
+        import botocore.session
+
+        known |= _parameters(aiobotocore.session.AioSession.__init__)  # s3fs passes the rest to it
+        nested["config_kwargs"] = set(botocore.config.Config.OPTION_DEFAULTS)
+        nested["client_kwargs"] = _parameters(botocore.session.Session.create_client) - {"service_name"}
+    elif protocol in ("http", "https"):
+        import aiohttp
+
+        # fsspec sends the options it does not take itself with each request
+        known |= _parameters(aiohttp.ClientSession._request) - {"method", "str_or_url"}
+        nested["client_kwargs"] = _parameters(aiohttp.ClientSession.__init__)
+    return known, nested
+
+
+def check_options(url: str, options: dict[str, Any] | None, what: str) -> None:
+    """Refuse an option the store's filesystem does not take (``endpont_url``; for S3 also inside
+    config_kwargs and client_kwargs), naming it and the closest option, before anything runs.
+    ``what``: the setting, ``data.storage_options`` or ``output.storage_options``."""
+    protocol = scheme(url)
+    if protocol is None or not options:
+        return
+    if not isinstance(options, dict):
+        raise StoreMistake(f"{what}: a mapping of options is needed ({_side(what)} store {protocol}://)")
+    found = _known_options(protocol)
+    if found is None:
+        return
+    known, nested = found
+    for key, value in options.items():
+        if key not in known:
+            raise StoreMistake(f"{what}.{key}: not an option of {protocol}:// stores ({_side(what)} store)"
+                               f"{_suggest(key, known)}")
+        if key in nested and isinstance(value, dict):
+            for inner in value:
+                if inner not in nested[key]:
+                    raise StoreMistake(f"{what}.{key}.{inner}: not an option of {protocol}:// stores' "
+                                       f"{key} ({_side(what)} store){_suggest(inner, nested[key])}")
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    chain, seen = [], set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+_MISSING_BUCKET = ("nosuchbucket", "bucket does not exist", "containernotfound",
+                   "specified container does not exist", "bucket_not_found", "no such bucket",
+                   "repositorynotfound", "repository not found")
+_BUCKET_WORD = {"az": "container", "abfs": "container", "abfss": "container", "adl": "container",
+                "hf": "repository"}
+"""What a store calls the top level of its names (S3 and GCS: a bucket)."""
+_URL_IN_TEXT = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+?(?=[\s'\":;,)]|$)")
+
+
+def bucket_of(url: str) -> str:
+    """``scheme://bucket`` of a URL (its bucket, container, repository or host)."""
+    protocol = scheme(url) or "file"
+    rest = url.split("://", 1)[1] if "://" in url else url
+    host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+    if protocol == "hf":  # hf://datasets/owner/name
+        host = "/".join(rest.split("/")[:3])
+    return f"{protocol}://{host}"
+
+
+def problem_of(error: BaseException) -> str | None:
+    """What a store's refusal means, from the error and its causes: a missing bucket, no access,
+    an unreachable store; None where it is none of these."""
+    chain = _chain(error)
+    text = " ".join(f"{type(e).__name__} {e}" for e in chain).lower()
+    if any(word in text for word in _MISSING_BUCKET):
+        return "missing bucket"
+    if any(isinstance(e, PermissionError) for e in chain) or "accessdenied" in text or "(403)" in text:
+        return "access denied"
+    if isinstance(error, StoreError) or any(isinstance(e, StoreError) for e in chain):
+        return "unreachable"
+    return None
+
+
+def side_mistake(error: BaseException, sides: dict[str, str | None]) -> StoreMistake | None:
+    """A store's refusal (``problem_of``) as one line naming the store and its side, or None.
+    ``sides``: {"data.path": its URL, "output.dir": its URL}; the side is the one whose store the
+    URL in the error's message is in (the output's where both are the same bucket and it is under
+    output.dir)."""
+    problem = problem_of(error)
+    if problem is None:
+        return None
+    from batch_classify.core.secrets import redact_text, redact_url
+
+    urls = [u for e in _chain(error) for u in _URL_IN_TEXT.findall(str(e))]
+    chosen = None
+    for key in ("output.dir", "data.path"):  # the output first: it may lie in the input's bucket
+        root = sides.get(key)
+        if root and is_url(root) and any(u.startswith(root.rstrip("/")) for u in urls):
+            chosen = key
+            break
+    if chosen is None:
+        chosen = next((key for key in ("data.path", "output.dir") if sides.get(key) and is_url(sides[key])
+                       and any(bucket_of(u) == bucket_of(sides[key]) for u in urls)), None)
+    if chosen is None:
+        return None
+    configured = str(sides[chosen])
+    side, bucket = ("output" if chosen == "output.dir" else "input"), bucket_of(configured)
+    options = "output.storage_options" if side == "output" else "data.storage_options"
+    where = f"({side} store {bucket})"
+    url = urls[0] if urls else configured
+    if problem == "missing bucket":
+        word = _BUCKET_WORD.get(scheme(configured) or "", "bucket")
+        said = (f"the {word} {bucket.split('://', 1)[1]} does not exist {where}; "
+                + ("create it, or " if side == "output" else "")
+                + f"check {chosen} and {options}.endpoint_url")
+    elif problem == "access denied":
+        said = (f"access denied (403) to {url} {where}; check the credentials (the store's environment "
+                f"variables and files, or {options})")
+    else:
+        reason = next((str(e) for e in _chain(error) if isinstance(e, StoreError)), str(error))
+        said = (f"the store could not be reached or kept failing {where}: {reason}; check {options}."
+                "endpoint_url and the network, then run the same command again")
+    if side == "output":
+        said += "; units committed so far are kept in the staging folder"
+    return StoreMistake(redact_text(f"{chosen} {redact_url(configured)}: {said}"))

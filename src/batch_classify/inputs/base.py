@@ -306,8 +306,9 @@ class InputKind:
         return is_url(self.listing.root)
 
     def store(self) -> Store:
-        """The input's store, opened with the data.storage_options it was listed with."""
-        return store_for(self.listing.root, self.listing.info.get("storage_options"))
+        """The input's store, opened with the real data.storage_options (the listing holds them
+        in memory, from the config; never those saved, which are redacted)."""
+        return store_for(self.listing.root, self.listing.storage_options)
 
     def shard_location(self, rel: str) -> str:
         """Where a shard of the listing is: a URL, or a local path."""

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from batch_classify.core.digests import add_digests, id_hash
 from batch_classify.core.faults import describe_read_error
 from batch_classify.core.layout import ROWS_FILE
+from batch_classify.core.secrets import redact_url
 from batch_classify.core.storage import is_url, join, store_for
 from batch_classify.inputs.base import Cut, Enumeration, InputError, InputKind, Record, Sizing, row_units
 
@@ -72,15 +73,15 @@ class ListedKind(InputKind):
         if not urls:
             yield from batch
             return
-        fetched = store_for(urls[0], self.listing.info.get("storage_options")).read_many(urls)
+        fetched = store_for(urls[0], self.listing.storage_options).read_many(urls)
         for record in batch:
             data = fetched.get(record.payload) if is_url(record.payload) else record.payload
             limit = self.listing.limits.max_image_bytes
             if isinstance(data, BaseException):  # after the store's retries: marked transient where so
                 yield Record(record.id, record.label, None, describe_read_error(data))
             elif isinstance(data, bytes) and len(data) > limit:
-                yield Record(record.id, record.label, None, f"FileTooLarge: {record.payload} is {len(data)} "
-                             f"bytes, over runtime.max_image_bytes ({limit})")
+                yield Record(record.id, record.label, None, f"FileTooLarge: {redact_url(record.payload)} is "
+                             f"{len(data)} bytes, over runtime.max_image_bytes ({limit})")
             else:
                 yield Record(record.id, record.label, data, record.error)
 

@@ -30,6 +30,14 @@ from batch_classify.core.config import DataConfig
 from batch_classify.core.layout import INFO_FILE, INPUT_DIR, STATE_FILE, UNITS_FILE
 from batch_classify.core.limits import Limits
 from batch_classify.core.ownership import remove_listing
+from batch_classify.core.secrets import (
+    live_options,
+    redact,
+    redact_config,
+    redact_text,
+    redact_url,
+    restore_url,
+)
 from batch_classify.core.storage import is_url
 from batch_classify.inputs.base import InputError, InputKind, Record, Sizing
 from batch_classify.inputs.registry import kind_named, resolve
@@ -58,12 +66,13 @@ def local_path(path: str) -> str:
 
 
 def listing_data(cfg: DataConfig) -> dict[str, Any]:
-    """The data.* keys that define the listing, with local paths absolute and resolved."""
+    """The data.* keys that define the listing, with local paths absolute and resolved, as they
+    are saved: a URL's credentials redacted (a rerun with another password lists the same)."""
     values = {key: getattr(cfg, key) for key in LISTING_KEYS}
     values["path"] = local_path(cfg.path)
     if cfg.labels:
         values["labels"] = os.path.realpath(cfg.labels)
-    return values
+    return redact_config(values)
 
 class Listing:
     """A written listing: its summary, its units, and each unit's records on demand (read by
@@ -72,9 +81,14 @@ class Listing:
     limits = Limits()
     """What one tar member, image cell or row group may cost (the job sets runtime's)."""
 
-    def __init__(self, folder: Path, info: dict[str, Any], units: pa.Table):
+    def __init__(self, folder: Path, info: dict[str, Any], units: pa.Table,
+                 storage_options: dict[str, Any] | None = None, root: str | None = None):
         self.folder = folder
         self.info = info
+        self.storage_options = storage_options
+        """The real data.storage_options (from the config, in memory; listing.json holds them
+        redacted): what every read of the input opens its store with."""
+        self.live_root = root or info["root"]
         self.units = {name: units.column(name).to_numpy(zero_copy_only=False)
                       for name in ("start", "stop", "offset", "n_items")}
         self.unit_paths = units.column("path").to_pylist()
@@ -86,7 +100,8 @@ class Listing:
 
     @property
     def root(self) -> str:
-        return self.info["root"]
+        """Where ids are relative to (a URL as given, credentials included: never shown as it is)."""
+        return self.live_root
 
     @property
     def n_units(self) -> int:
@@ -147,16 +162,17 @@ def write_listing(cfg: DataConfig, output: Path, unit_size: int = 0, batch_size:
     remove_listing(building)  # a listing interrupted before it was complete
     building.mkdir(parents=True)
     try:
-        info, table = _list_into(cfg, building, Sizing(unit_size, batch_size))
+        info, table, root = _list_into(cfg, building, Sizing(unit_size, batch_size))
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
     remove_listing(final)
     os.replace(building, final)
-    return Listing(final, info, table)
+    return Listing(final, info, table, cfg.storage_options, root)
 
-def _list_into(cfg: DataConfig, folder: Path, sizing: Sizing) -> tuple[dict[str, Any], pa.Table]:
-    """Enumerate the input into ``folder``: rows, units, state, then the info file."""
+def _list_into(cfg: DataConfig, folder: Path, sizing: Sizing) -> tuple[dict[str, Any], pa.Table, str]:
+    """Enumerate the input into ``folder``: rows, units, state, then the info file. Returns the
+    info, the units and the root as listed (the info holds it redacted)."""
     state = StateRecorder()
     kind = resolve(cfg)
     enumeration = kind.enumerate(cfg, state)
@@ -174,9 +190,10 @@ def _list_into(cfg: DataConfig, folder: Path, sizing: Sizing) -> tuple[dict[str,
     info = {
         "format": LISTING_FORMAT,
         "kind": kind.name,
-        "root": enumeration.root,
+        "root": redact_url(enumeration.root),
         "classes": list(enumeration.classes) if enumeration.classes is not None else None,
-        "notes": enumeration.notes + ([] if cut.n_labelled != 0 else ["no labels: labelling mode"]),
+        "notes": [redact_text(note) for note in enumeration.notes]
+        + ([] if cut.n_labelled != 0 else ["no labels: labelling mode"]),
         "n_items": cut.n_items,
         "n_labelled": cut.n_labelled,
         "n_units": n_units,
@@ -186,12 +203,12 @@ def _list_into(cfg: DataConfig, folder: Path, sizing: Sizing) -> tuple[dict[str,
         "items_digest": cut.items_digest,
         "reader": enumeration.reader,
         "data": listing_data(cfg),
-        "storage_options": cfg.storage_options or {},
+        "storage_options": redact(cfg.storage_options or {}),
     }
     temporary = folder / f".{INFO_FILE}.tmp"
     temporary.write_text(json.dumps(info, indent=2) + "\n")
     os.replace(temporary, folder / INFO_FILE)
-    return info, table
+    return info, table, enumeration.root
 
 
 def input_changes(listing: Listing, cfg: DataConfig) -> Change | None:
@@ -206,13 +223,21 @@ def input_changes(listing: Listing, cfg: DataConfig) -> Change | None:
     return check_state(state) or listing.reader.changes(cfg)
 
 
-def read_listing(output: str | Path) -> Listing | None:
-    """The complete listing in an output folder, or None."""
+def read_listing(output: str | Path, storage_options: dict[str, Any] | None = None,
+                 data_path: str | None = None) -> Listing | None:
+    """The complete listing in an output folder, or None. Its input is read with
+    ``storage_options``, the real data.storage_options (listing.json holds them redacted; default:
+    those this process was given for the input's store, else none) and, where the listed root
+    had credentials in its URL, those of ``data_path`` (data.path as configured)."""
     folder = Path(output) / INPUT_DIR
     if not (folder / INFO_FILE).exists():
         return None
     info = json.loads((folder / INFO_FILE).read_text())
-    return Listing(folder, info, pq.read_table(folder / UNITS_FILE, schema=UNITS_SCHEMA))
+    root = restore_url(info["root"], data_path) if data_path else info["root"]
+    if storage_options is None:
+        storage_options = live_options(root)
+    return Listing(folder, info, pq.read_table(folder / UNITS_FILE, schema=UNITS_SCHEMA), storage_options,
+                   root)
 
 
 def share_listing(source_output: str | Path, target_output: str | Path) -> None:
@@ -251,7 +276,8 @@ def item_sources(output_dir: str | Path, manifest: dict[str, Any]) -> Callable[[
             return record.source()
 
         return source
-    data = manifest.get("config", {}).get("data", {})
+    data = dict(manifest.get("config", {}).get("data", {}))
+    data["storage_options"] = live_options(data.get("path", "")) if data.get("storage_options") else None
     kind = kind_named(manifest["dataset"].get("kind"))
     folder = kind.named_by_id(Path(data.get("path", manifest["dataset"]["path"])))
     if folder is not None:

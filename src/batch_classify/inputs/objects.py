@@ -11,7 +11,15 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from batch_classify.core.config import DataConfig
-from batch_classify.core.storage import Store, is_folder_marker, is_url, store_for, unnamable
+from batch_classify.core.storage import (
+    Store,
+    is_folder_marker,
+    is_url,
+    problem_of,
+    side_mistake,
+    store_for,
+    unnamable,
+)
 from batch_classify.inputs.base import (
     HF_MARKERS,
     SPARK_MARKERS,
@@ -26,6 +34,12 @@ from batch_classify.inputs.tars import ShardSearch, ShardSpecError, brace_names,
 
 def store_of(cfg: DataConfig) -> Store:
     return store_for(cfg.path, cfg.storage_options)
+
+
+def _refused(error: BaseException, cfg: DataConfig) -> InputError | None:
+    """A missing bucket or a refusal of the input's store, as one line naming it (input side)."""
+    mistake = side_mistake(error, {"data.path": cfg.path})
+    return None if mistake is None else InputError(str(mistake))
 
 
 def url_pattern(url: str) -> bool:
@@ -79,10 +93,11 @@ def found_url(cfg: DataConfig) -> Found:
     store = store_of(cfg)
     try:
         info = store.info(cfg.path)
-    except FileNotFoundError:
-        raise InputError(f"data.path {cfg.path} does not exist (no object or prefix of that name)") from None
+    except FileNotFoundError as error:
+        raise _refused(error, cfg) or InputError(
+            f"data.path {cfg.path} does not exist (no object or prefix of that name)") from None
     except PermissionError as error:
-        raise InputError(f"data.path {cfg.path}: {error}") from None
+        raise _refused(error, cfg) or InputError(f"data.path {cfg.path}: {error}") from None
     found = Found(cfg, path, True, info.get("type") == "file", None)
     if not found.is_file:
         found.top = _top_level(store, cfg.path)
@@ -124,10 +139,10 @@ def expand_urls(cfg: DataConfig, search: ShardSearch, notes: list[str]) -> tuple
             return url_root(spec, False), found
         check_nameable(cfg, [spec])
         info = store.info(spec)
-    except FileNotFoundError:
-        raise InputError(f"{what}: no object or prefix of that name") from None
+    except FileNotFoundError as error:
+        raise _refused(error, cfg) or InputError(f"{what}: no object or prefix of that name") from None
     except (PermissionError, ShardSpecError) as error:
-        raise InputError(f"{what}: {error}") from None
+        raise _refused(error, cfg) or InputError(f"{what}: {error}") from None
     if info.get("type") == "file":
         return url_root(spec, True), {spec: int(info.get("size") or 0)}
     root = url_root(spec, False)
@@ -178,7 +193,9 @@ def _listing(store: Store, prefix: str) -> dict[str, int]:
         return {}  # no listing over plain HTTP: each name is asked for
     try:
         entries = store.call(prefix, lambda: store.fs.ls(store.path(prefix), detail=True))
-    except FileNotFoundError:
+    except FileNotFoundError as error:
+        if problem_of(error) == "missing bucket":
+            raise  # not a missing object: the whole pattern's bucket
         return {}
     return {store.to_url(entry["name"]): int(entry.get("size") or 0) for entry in entries
             if entry.get("type", "file") == "file" and not is_folder_marker(entry["name"], entry.get("size"))}

@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -56,6 +57,7 @@ from batch_classify.core.layout import (
     TIMING,
     unit_of,
 )
+from batch_classify.core.secrets import keep_live, live_options, redact_url
 from batch_classify.core.storage import (
     Store,
     VersionChanged,
@@ -581,19 +583,38 @@ _LIVE_TOKENS: set[str] = set()
 
 
 def attach(url: str, options: dict[str, Any] | None = None, staging: str | None = None) -> RemoteOutput:
-    """The staging folder of an output in a store, marked so that writers find the store."""
+    """The staging folder of an output in a store (private to the user: created 0700), marked
+    with the URL it is staged for (``.remote.json``, 0600; its credentials redacted, and no
+    storage options: every process that writes attaches with the options of its own config)."""
     local = Path(staging) if staging else default_staging(url)
-    local.mkdir(parents=True, exist_ok=True)
-    marker = {"url": url.rstrip("/"), "storage_options": options or {}}
-    (local / REMOTE_FILE).write_text(json.dumps(marker) + "\n")
+    if not local.is_dir():
+        local.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        local.mkdir(mode=0o700, exist_ok=True)
+    if not staging:  # the cache's own folder: private whatever the umask made it
+        os.chmod(local, 0o700)
+    _write_private(local / REMOTE_FILE, json.dumps({"url": redact_url(url.rstrip("/"))}) + "\n")
+    keep_live(url, options)
     remote = RemoteOutput(url.rstrip("/"), local.resolve(), dict(options or {}))
     with _LOCK:
         _ATTACHED[str(remote.local)] = remote
     return remote
 
 
+def _write_private(path: Path, text: str) -> None:
+    """``text`` into ``path``, readable by its owner only (a new file, then a rename)."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+    os.chmod(temporary, 0o600)
+    os.replace(temporary, path)
+
+
 def remote_of(output_dir: str | Path) -> RemoteOutput | None:
-    """The store an output (or a model's sub-folder of it) is staged for, or None."""
+    """The store an output (or a model's sub-folder of it) is staged for, or None. A process
+    that did not attach it finds the URL in the staging folder's marker, and opens the store
+    with the options it was given for that store (``keep_live``), else with none (the store's
+    environment variables and files)."""
     folder = Path(output_dir).resolve()
     for candidate in (folder, folder.parent):
         key = str(candidate)
@@ -602,8 +623,8 @@ def remote_of(output_dir: str | Path) -> RemoteOutput | None:
                 return _ATTACHED[key]
         marker = candidate / REMOTE_FILE
         if marker.is_file():
-            saved = json.loads(marker.read_text())
-            remote = RemoteOutput(saved["url"], candidate, saved.get("storage_options") or {})
+            url = json.loads(marker.read_text())["url"]
+            remote = RemoteOutput(url, candidate, live_options(url) or {})
             with _LOCK:
                 _ATTACHED[key] = remote
             return remote
@@ -618,16 +639,33 @@ def publish_unit(output_dir: str | Path, path: Path) -> None:
 
 
 OPTIONS_VARIABLE = "BATCH_CLASSIFY_STORAGE_OPTIONS"
-"""For the commands given an output in a store (verify, aggregate, compare): its options, as JSON."""
+"""For the commands given an output in a store (verify, aggregate, compare): its options, as JSON
+or YAML, where --storage_options is not given."""
 
 
-def staged(output_dir: str) -> str:
-    """``output_dir`` itself, or for a URL its staging folder with the store's files pulled."""
-    if not is_url(output_dir):
-        return output_dir
-    remote = attach(output_dir, json.loads(os.environ.get(OPTIONS_VARIABLE) or "{}"))
-    remote.pull()
-    return str(remote.local)
+def staged(output_dir: str, options: dict[str, Any] | None = None,
+           data_options: dict[str, Any] | None = None) -> str:
+    """``output_dir`` itself, or for a URL its staging folder with the store's files pulled (reads
+    only: nothing is written to the store). ``data_options``: for reading the folder's input
+    (default: ``options`` where the input's scheme is the output's)."""
+    folder = output_dir
+    if is_url(output_dir):
+        remote = attach(output_dir, options)
+        remote.pull()
+        folder = str(remote.local)
+    data_path = _input_of(folder)
+    if data_path is not None and is_url(data_path):
+        same = urlsplit(data_path).scheme == urlsplit(output_dir).scheme
+        keep_live(data_path, data_options if data_options is not None else options if same else None)
+    return folder
+
+
+def _input_of(folder: str) -> str | None:
+    """The input's URL (redacted) as the folder's manifest names it, or None."""
+    try:
+        return json.loads((Path(folder) / MANIFEST).read_text())["dataset"]["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def push_staged(output_dir: str | Path, end: bool = True) -> None:

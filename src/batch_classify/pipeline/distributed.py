@@ -14,6 +14,7 @@ import torch
 from accelerate import PartialState
 
 from batch_classify.core.errors import UserError
+from batch_classify.core.secrets import redact_logs
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,7 @@ def configure_logging(rank: int, is_main: bool) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
+    redact_logs()  # no credential in a log line (core/secrets.py)
 
 
 def default_store():

@@ -26,6 +26,7 @@ from batch_classify.core.config import DataConfig
 from batch_classify.core.digests import ids_digest
 from batch_classify.core.errors import UserError, describe_error
 from batch_classify.core.layout import DAMAGED_DIR, PREDICTIONS_DIR, unit_of, unit_path
+from batch_classify.core.secrets import restore_url
 from batch_classify.inputs.listing import Listing, read_listing, write_listing
 from batch_classify.output.committed import Identity, describe_damage, read_footers
 from batch_classify.output.manifest import read_manifest
@@ -120,7 +121,9 @@ def _listed_again(output: Path, listing: Listing) -> Iterator[Listing]:
     """The input listed afresh from the filesystem (the stored listing's data.* and unit size),
     in a temporary folder inside the output folder (a listing of a large input is large)."""
     known = {f.name for f in dataclasses.fields(DataConfig)}
-    cfg = DataConfig(**{key: value for key, value in listing.info["data"].items() if key in known})
+    data = {key: value for key, value in listing.info["data"].items() if key in known}
+    data["path"] = restore_url(data["path"], listing.root)  # saved redacted: the real one is in memory
+    cfg = DataConfig(**data, storage_options=listing.storage_options)
     with tempfile.TemporaryDirectory(prefix=".recount-", dir=output) as folder:
         yield write_listing(cfg, Path(folder), listing.info["unit_size"] or 0)
 

@@ -26,7 +26,8 @@ from batch_classify.core.layout import CONFIG_FILE, METRICS, MODELS_FILE, PENDIN
 from batch_classify.core.limits import Limits
 from batch_classify.core.ownership import claim
 from batch_classify.core.preemption import Preempted, StopFlag
-from batch_classify.core.storage import is_url, retry_summary
+from batch_classify.core.secrets import keep_live, redact_text, redact_url
+from batch_classify.core.storage import is_url, retry_summary, side_mistake
 from batch_classify.core.text import write_json
 from batch_classify.inputs.listing import Listing, read_listing, share_listing
 from batch_classify.models.model import Inference, LoadedModel, describe_model, load_model, prepare_inference
@@ -72,7 +73,7 @@ def build_manifest(spec: JobSpec, listing: Listing, identity: dict[str, Any],
         "format_version": FORMAT_VERSION,
         "batch_classify_version": __version__,
         "dataset": {
-            "path": spec.data.path,
+            "path": redact_url(spec.data.path),
             "kind": listing.kind,
             "n_items": listing.n_items,
             "n_labelled": listing.info["n_labelled"],
@@ -317,7 +318,9 @@ def run(spec: JobSpec, leave_process_group: bool = True) -> dict[str, Any] | Non
     """
     state = init_state(spec.runtime.device, spec.runtime.timeout_s)
     configure_logging(state.process_index, state.is_main_process)
+    keep_live(spec.data.path, spec.data.storage_options)  # for reads that find no config (the report)
     remote = None
+    sides = {"data.path": spec.data.path, "output.dir": spec.output.dir}
     if is_url(spec.output.dir):  # written into a staging folder, each file committed by one PUT
         check_store_location(spec)  # on every rank, before the staging folder is made: no rank waits
         remote = attach(spec.output.dir, spec.output.storage_options, spec.output.staging)
@@ -350,6 +353,9 @@ def run(spec: JobSpec, leave_process_group: bool = True) -> dict[str, Any] | Non
         board.report_failure(str(error))
         raise
     except BaseException as error:
+        if (mistake := side_mistake(error, sides)) is not None:  # a store refused: which one, and why
+            board.report_failure(str(mistake))
+            raise mistake from None
         if (fault := output_fault(error, spec.output.dir)) is not None:  # one line per job (core/faults.py)
             fault.main_rank = state.is_main_process
             if remote is not None:  # the disk that failed is the staging folder's, not the store
@@ -485,7 +491,7 @@ def _run_rank(spec: JobSpec, state, stop: StopFlag, board: JobBoard) -> dict[str
         board.announce("output ready")
     else:
         board.wait_for_main("output ready", stop)
-        listing = read_listing(output)
+        listing = read_listing(output, spec.data.storage_options, spec.data.path)
         for job in jobs:
             job.targets, _ = label_targets(listing.classes, job.labels)
         pending = np.load(output / PENDING_FILE)
@@ -594,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = parse_args(argv)
     except ConfigError as error:
-        print(f"batch-classify: configuration error: {error}", file=sys.stderr)
+        print(f"batch-classify: configuration error: {redact_text(str(error))}", file=sys.stderr)
         return 2
     try:
         run(spec)
@@ -606,14 +612,14 @@ def main(argv: list[str] | None = None) -> int:
                 note = store_note(spec.output.dir, spec.output.storage_options, spec.output.staging, names)
             else:
                 note = safe_note(spec.output.dir, folders if len(folders) > 1 else None)
-            print(f"batch-classify: {fault.line(note)}", file=sys.stderr)
+            print(f"batch-classify: {redact_text(fault.line(note))}", file=sys.stderr)
         leave_status(fault.exit_status)
         return fault.exit_status
     except UserError as error:  # a mistake to fix, not a bug: the message, no traceback
-        print(f"batch-classify: {error}", file=sys.stderr)
+        print(f"batch-classify: {redact_text(str(error))}", file=sys.stderr)
         return 2
     except RankFailed as error:  # the failing rank logged its own error; one line from each peer
-        print(f"batch-classify: {error}", file=sys.stderr)
+        print(f"batch-classify: {redact_text(str(error))}", file=sys.stderr)
         return 1
     return 0
 

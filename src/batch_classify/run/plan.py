@@ -20,7 +20,8 @@ from batch_classify.core.errors import UserError
 from batch_classify.core.faults import output_fault
 from batch_classify.core.layout import DAMAGED_DIR, INPUT_DIR, MANIFEST
 from batch_classify.core.ownership import check_location, check_url_location, claim
-from batch_classify.core.storage import is_url
+from batch_classify.core.secrets import keep_live, redact_logs, redact_text, redact_url
+from batch_classify.core.storage import is_url, side_mistake
 from batch_classify.inputs.listing import (
     LISTING_FORMAT,
     Listing,
@@ -115,7 +116,7 @@ def prepare_listing(spec: JobSpec, output: Path) -> tuple[Listing, bool]:
     a new one (refused where it would orphan another job's committed predictions). Returns
     (listing, listed now)."""
     claim(output)
-    existing = read_listing(output)
+    existing = read_listing(output, spec.data.storage_options, spec.data.path)
     if existing is not None and listing_matches(existing, spec.data, spec.output.unit_size):
         change = input_changes(existing, spec.data)
         if change is None:
@@ -169,7 +170,7 @@ def plan(spec: JobSpec) -> str:
     started = time.monotonic()
     check_output_location(spec)
     claim(output)
-    listing, listed_now = read_listing(output), False
+    listing, listed_now = read_listing(output, spec.data.storage_options, spec.data.path), False
     if (listing is None or not listing_matches(listing, spec.data, spec.output.unit_size)
             or input_changes(listing, spec.data) is not None):
         with OutputLock(output):  # writing a listing: not beside a running job
@@ -194,7 +195,8 @@ def plan(spec: JobSpec) -> str:
                                    f"{rejected[0].path.name}: {rejected[0].problem}); the next run moves "
                                    f"them to {output / 'predictions' / DAMAGED_DIR} and redoes their units"))
     rows = [
-        ("input", f"{spec.data.path} ({listing.kind}; ids relative to {listing.root})"),
+        ("input", f"{redact_url(spec.data.path)} ({listing.kind}; ids relative to "
+                  f"{redact_url(listing.root)})"),
         ("listing", f"{'written' if listed_now else 'reused'}: {output / INPUT_DIR} ({seconds:.1f} s)"),
         ("units", f"{listing.n_units}"),
         ("items", items),
@@ -234,19 +236,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = parse_args(argv, prog="batch-classify plan")
     except ConfigError as error:
-        print(f"batch-classify plan: configuration error: {error}", file=sys.stderr)
+        print(f"batch-classify plan: configuration error: {redact_text(str(error))}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
+    redact_logs()
+    keep_live(spec.data.path, spec.data.storage_options)
     try:
         print(plan(spec))
     except UserError as error:
-        print(f"batch-classify plan: {error}", file=sys.stderr)
+        print(f"batch-classify plan: {redact_text(str(error))}", file=sys.stderr)
         return 2
     except OSError as error:  # the output filesystem failed: one line (core/faults.py)
+        mistake = side_mistake(error, {"data.path": spec.data.path, "output.dir": spec.output.dir})
+        if mistake is not None:  # a store refused: which one, and why
+            print(f"batch-classify plan: {mistake}", file=sys.stderr)
+            return 2
         fault = output_fault(error, spec.output.dir)
         if fault is None:
             raise
-        print(f"batch-classify plan: {fault.line()}", file=sys.stderr)
+        print(f"batch-classify plan: {redact_text(fault.line())}", file=sys.stderr)
         return fault.exit_status
     return 0
