@@ -283,6 +283,8 @@ class AzureServer:
 
     def __init__(self, binary: str) -> None:
         key = base64.b64encode(secrets.token_bytes(64)).decode()
+        self.account_key = key
+        """The account's key: the tests check that it is in no file the jobs write."""
         env = {**os.environ, "AZURITE_ACCOUNTS": f"{self.ACCOUNT}:{key}"}
         self.process = subprocess.Popen(
             [binary, "--blobHost", "127.0.0.1", "--blobPort", "0", "--inMemoryPersistence",

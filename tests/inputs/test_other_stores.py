@@ -118,7 +118,7 @@ def test_tars_there_with_output_there_give_the_local_rows_and_resume(emulated, c
             "--data.storage_options", json.dumps(emulated.options()), "--output.dir", url,
             "--output.storage_options", json.dumps(emulated.options()),
             "--output.staging", str(tmp_path / "staging")]
-    run_job(args)
+    first = run_job(args)
     fs.invalidate_cache()
     for name in ("manifest.json", "metrics.json", "config.yaml", "input/listing.json", "input/units.parquet"):
         assert fs.exists(f"outputs/run/{name}"), name
@@ -136,6 +136,12 @@ def test_tars_there_with_output_there_give_the_local_rows_and_resume(emulated, c
     assert sorted(fs.glob("outputs/run/predictions/unit-*.parquet")) == units
     fs.get("outputs/run/predictions", str(tmp_path / "copy-2" / "predictions"), recursive=True)
     assert compared(read_rows(tmp_path / "copy-2")) == compared(read_rows(local_tars))  # none twice
+    secret = getattr(emulated, "account_key", None)
+    if secret:  # the key reached the jobs through the environment only: no file or log holds it
+        for log in (first, resumed):
+            assert secret not in log.stdout + log.stderr
+        for file in tmp_path.rglob("*"):
+            assert not file.is_file() or secret.encode() not in file.read_bytes(), file
 
 
 def test_parquet_there_gives_the_local_rows(emulated, collection, tiny_models, local_tables, tmp_path):
