@@ -122,7 +122,7 @@ def fault_kind(error: BaseException) -> str | None:
             return "checksum"
         if "slowdown" in text or "slow down" in text or "reduce your request rate" in text:
             return "SlowDown"
-        if isinstance(e, TimeoutError) or "timeout" in text or "timed out" in text:
+        if isinstance(e, (TimeoutError, RequestDeadline)) or "timeout" in text or "timed out" in text:
             return "timeout"
         if isinstance(status, int) and status in _TRANSIENT_STATUS:
             return f"HTTP {status}"
@@ -171,8 +171,9 @@ class ObjectChanged(OSError):
         super().__init__(f"{url} changed since it was listed ({listed.describe()} then, {now_text})")
 
 
-class RequestDeadline(TimeoutError):
-    """A request that did not finish within its deadline (cancelled; retried as a timeout)."""
+class RequestDeadline(OSError):
+    """A request that did not finish within its deadline (cancelled; retried as a timeout). Not
+    a TimeoutError: fsspec's sync would replace it by an FSTimeoutError without its message."""
 
 
 class _Requests:
