@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import read_rows, run_job
 from fixtures_wds import jpeg, make_wds, tiny_image
 from object_servers import RangeFiles, store_job
+from PIL import Image
 
 from batch_classify.core import storage
 from batch_classify.core.config import DataConfig
@@ -21,8 +23,11 @@ from batch_classify.inputs.listing import input_changes, load_items, write_listi
 
 
 def _tar(folder: Path, first_label: int) -> bytes:
-    """A tar of 5 samples labelled first_label...; 100 and 905 give tars of one size, other bytes."""
-    images = [(f"k{i}", tiny_image(i, (40 + i, 36)), first_label + i) for i in range(5)]
+    """A tar of 5 noisy samples (over 2 blocks of 64 KiB) labelled first_label...; 100 and 905
+    give tars of one size, other bytes."""
+    rng = np.random.default_rng(0)
+    images = [(f"k{i}", Image.fromarray(rng.integers(0, 255, (100, 100, 3), dtype=np.uint8)), first_label + i)
+              for i in range(5)]
     return make_wds(folder, images, per_tar=5)[0].read_bytes()
 
 
@@ -52,18 +57,18 @@ def test_a_tar_replaced_between_its_ranged_gets_is_refused_not_mixed(s3, tmp_pat
     fs = _bucket(s3)
     fs.pipe("bucket/versions/one.tar", old)
     url = "s3://bucket/versions/one.tar"
-    store = store_for(url, s3.options(block_size=4096))
+    store = store_for(url, s3.options(block_size=1 << 16))
     pin = store.find_objects("s3://bucket/versions")[url]
     assert pin.size == len(old) and pin.etag
     s3.faults.set([], "versions/")
     s3.faults.replace_after("versions/one.tar", 1, lambda: fs.pipe("bucket/versions/one.tar", new))
     reader = store.open(url, pin=pin)
-    assert reader.read(4096) == old[:4096]  # the first GET, answered before the replacement
+    assert reader.read(1 << 16) == old[:1 << 16]  # the first GET, answered before the replacement
     with pytest.raises(ObjectChanged, match=r"s3://bucket/versions/one.tar changed since it was listed "
                        rf"\(ETag {pin.etag}, {len(old)} bytes then, ETag .* now\)"):
         reader.read()
     # Unpinned, the same reader would have gone on in the new version: the pin is what refuses it.
-    assert store.open(url).read()[4096:] == new[4096:]
+    assert store.open(url).read()[1 << 16:] == new[1 << 16:]
     # A whole read and a batch of whole reads are pinned the same way.
     with pytest.raises(ObjectChanged):
         store.read(url, pin)
@@ -78,12 +83,12 @@ def test_https_reads_are_pinned_by_if_match(tmp_path, fast):
     server = RangeFiles(folder)
     try:
         url = server.url + "/one.tar"
-        store = store_for(url, {"block_size": 4096})
+        store = store_for(url, {"block_size": 1 << 16})
         pin = store.object_info(url)
         assert pin.etag and pin.size == len(old)
         server.faults.replace_after("one.tar", 1, lambda: (folder / "one.tar").write_bytes(new))
         reader = store.open(url, pin=pin)
-        assert reader.read(4096) == old[:4096]
+        assert reader.read(1 << 16) == old[:1 << 16]
         with pytest.raises(ObjectChanged, match="changed since it was listed"):
             reader.read()
     finally:
@@ -116,7 +121,7 @@ def test_a_tar_replaced_mid_job_stops_its_unit_uncommitted_and_overwrite_relists
         fs.pipe(f"bucket/midjob/{name}.tar", _tar(tmp_path / name, 100 if name == "00000" else 300))
     new = _tar(tmp_path / "new", 905)
     model, out = tiny_models["beit"], tmp_path / "out"
-    options = s3.options(block_size=4096)
+    options = s3.options(block_size=1 << 16)
     s3.faults.set([], "midjob/")
     s3.faults.replace_after("midjob/00001.tar", 1, lambda: fs.pipe("bucket/midjob/00001.tar", new))
     failed = store_job(model, "s3://bucket/midjob", out, options, expect_ok=False)
