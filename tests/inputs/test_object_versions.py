@@ -140,6 +140,26 @@ def test_a_tar_replaced_mid_job_stops_its_unit_uncommitted_and_overwrite_relists
     assert sorted(row["label"] for row in rows.values()) == [*range(100, 105), *range(905, 910)]
 
 
+def test_a_list_object_and_the_images_it_names_are_pinned_and_checked(corpus, s3, tmp_path, fast):
+    url = s3.upload(corpus, "bucket", "list-corpus")
+    fs = _bucket(s3)
+    names = sorted(path.split("/", 1)[1] for path in fs.find("bucket/list-corpus"))[:4]
+    fs.pipe("bucket/list-corpus.txt", ("\n".join(names) + "\n").encode())
+    cfg = DataConfig(path="s3://bucket/list-corpus.txt", storage_options=s3.options())
+    listing = write_listing(cfg, tmp_path / "out", unit_size=4)
+    assert input_changes(listing, cfg) is None
+    assert [r.payload for r in listing.records(0)] == [fs.cat(f"bucket/{name}") for name in names]
+    first = f"bucket/{names[0]}"
+    fs.pipe(first, fs.cat(f"bucket/{names[1]}"))  # the image replaced after listing
+    with pytest.raises(ObjectChanged, match=f"s3://{first} changed since it was listed"):
+        list(listing.records(0))
+    change = input_changes(listing, cfg)
+    assert change is not None and f"1 object(s) replaced, e.g. s3://{first}" in change.describe()
+    fs.pipe("bucket/list-corpus.txt", ("\n".join(names[:3]) + "\n").encode())  # the list edited
+    assert "s3://bucket/list-corpus.txt" in input_changes(listing, cfg).describe()
+    assert url
+
+
 # ------------------------------------------------------------------ rule: resume checks a URL input
 
 
@@ -245,12 +265,15 @@ def test_parquet_from_a_bucket_reads_the_rows_of_local_files_under_faults(in_sto
 
 @pytest.mark.parametrize("fault", ["503", "drop", "stall", "trickle", "corrupt"])
 def test_images_from_a_bucket_are_the_local_files_under_faults(corpus, s3, fault, fast):
-    url = s3.upload(corpus, "bucket", "fault-corpus") if fault == "503" else "s3://bucket/fault-corpus"
+    url = "s3://bucket/fault-corpus"
+    if not _bucket(s3).exists("bucket/fault-corpus"):
+        s3.upload(corpus, "bucket", "fault-corpus")
     s3.faults.trickle_s = 0.5
     local = load_items(DataConfig(path=str(corpus)))
     s3.faults.set([fault] * 3, r"fault-corpus/n\d+/")
     before = request_counts().get("get", 0)
     remote = load_items(DataConfig(path=url, storage_options=s3.options(request_timeout_s=1)))
+    assert s3.faults.done[fault] == 3
     s3.faults.set([], "fault-corpus/")
     assert (remote.ids, remote.labels) == (local.ids, local.labels)
     assert remote.payloads == [Path(path).read_bytes() for path in local.payloads]

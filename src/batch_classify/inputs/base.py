@@ -384,9 +384,15 @@ class InputKind:
     def changes(self, cfg: DataConfig) -> Change | None:
         """What differs from the listing beyond the folders and files its state recorded: for a
         URL input, its objects listed again and compared with those recorded."""
-        if self.remote:
+        if self.recorded_objects():
             return compare_objects(self.listing.folder / STATE_FILE, type(self).objects_now(cfg))
         return None
+
+    def recorded_objects(self) -> bool:
+        """Whether the listing recorded the objects of a URL input (listings made before it did
+        are checked as they were then)."""
+        state = self.listing.folder / STATE_FILE
+        return self.remote and state.exists() and next(listed_objects(state), None) is not None
 
     def find(self, unit: int, item_id: str) -> Record | None:
         """The record of one id (for the report's pictures): a scan of its unit."""
@@ -426,7 +432,7 @@ class ShardKind(InputKind):
         return add_digests(f"{id_hash(part):016x}" for part in parts), sequence_digest(parts)
 
     def changes(self, cfg: DataConfig) -> Change | None:
-        if self.remote:
+        if self.recorded_objects():
             return super().changes(cfg)
         listing = self.listing
         now = type(self).enumerate(cfg)
