@@ -278,3 +278,22 @@ def test_images_from_a_bucket_are_the_local_files_under_faults(corpus, s3, fault
     assert (remote.ids, remote.labels) == (local.ids, local.labels)
     assert remote.payloads == [Path(path).read_bytes() for path in local.payloads]
     assert request_counts()["get"] - before >= len(local.ids) + 3  # the faulted GETs were tried again
+
+
+def test_a_store_without_conditional_reads_is_checked_by_a_fresh_head():
+    """memory:// stands for the stores whose reads cannot carry a version (hf://, others)."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/versions/x.bin", b"a" * 100)
+    store = store_for("memory://versions", {})
+    [(url, pin)] = store.find_objects("memory://versions").items()
+    assert not store.pins_reads(pin)
+    assert store.open(url, pin=pin).read() == b"a" * 100
+    store.check(url, pin)  # unchanged: passes
+    fs.pipe("/versions/x.bin", b"b" * 101)
+    with pytest.raises(ObjectChanged, match="100 bytes then, 101 bytes now"):
+        store.check(url, pin)
+    fs.rm("/versions/x.bin")
+    with pytest.raises(ObjectChanged, match="gone now"):
+        store.check(url, pin)

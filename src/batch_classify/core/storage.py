@@ -346,10 +346,6 @@ def _folder_marker(path: str, entry: dict[str, Any]) -> bool:
     return int(entry.get("size") or 0) == 0 and (name.endswith("/") or path.endswith("/"))
 
 
-PINNED = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "http", "https")
-"""Stores whose reads carry the listed version (a condition, or the version itself)."""
-
-
 @dataclass
 class Store:
     """The filesystem of one URL's scheme, opened with ``options`` (data.storage_options)."""
@@ -472,10 +468,17 @@ class Store:
 
     # -------------------------------------------------------------- reading
 
-    @property
-    def pins_reads(self) -> bool:
-        """Whether reads carry the listed version; elsewhere ``check`` compares it after reading."""
-        return self.protocol in PINNED
+    def pins_reads(self, pin: ObjectInfo) -> bool:
+        """Whether reads of ``pin`` carry its version (a condition the store checks); elsewhere
+        ``check`` compares it after reading."""
+        protocol = self.protocol
+        if protocol in ("s3", "s3a"):
+            return bool(pin.etag or pin.version)
+        if protocol in ("http", "https"):
+            return bool((pin.etag and not pin.etag.startswith("W/")) or pin.version)
+        if protocol in ("gs", "gcs"):
+            return bool(pin.version)
+        return protocol in ("az", "abfs", "abfss") and bool(pin.etag)
 
     def _request(self, url: str, start: int | None, stop: int | None, pin: ObjectInfo | None) -> Any:
         """A factory of the coroutine (async filesystems) or the call that fetches the bytes,
@@ -525,7 +528,7 @@ class Store:
     def check(self, url: str, pin: ObjectInfo | None) -> None:
         """Raise ObjectChanged where ``url`` is no longer the version ``pin`` (one fresh HEAD);
         nothing to do (no request) where reads carry the version already."""
-        if pin is None or self.pins_reads:
+        if pin is None or self.pins_reads(pin):
             return
         changed = self.changed(url, pin)
         if changed is not None:
