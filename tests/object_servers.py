@@ -1,13 +1,16 @@
 """Object stores on localhost for the tests: moto's S3 server (a real HTTP server that s3fs talks
 to as it would to AWS), a Range-capable HTTP file server, and a proxy in front of either that
 injects the faults a real store shows (a connection dropped mid-object, 503 SlowDown, a stall
-past the client's timeout, 403, 404). GCS (fake-gcs-server, with gcsfs) and Azure Blob
-(Azurite, with adlfs) emulators run the same jobs where they are installed."""
+past the client's timeout, a body trickling a byte at a time, a corrupted body, 403, 404), and
+can replace an object between two GETs of it (``Faults.replace_after``). GCS (fake-gcs-server,
+with gcsfs) and Azure Blob (Azurite, with adlfs) emulators run the same jobs where they are
+installed."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -64,6 +67,29 @@ class Faults:
         """The Authorization header of every request (RangeFiles)."""
         self.require_authorization: str | None = None
         """RangeFiles: where set, a request without this Authorization header is answered 403."""
+        self.trickle_s = 1.5
+        """A "trickle" body is sent one byte every trickle_s seconds (until the client hangs up)."""
+        self.hooks: list[list] = []
+        """[pattern, GETs left, action]: action() runs once that many GETs matching pattern have
+        been answered by the store, before the last one's body is sent (so the next GET sees it)."""
+
+    def replace_after(self, pattern: str, gets: int, action) -> None:
+        """Run ``action`` (e.g. replace the object) once ``gets`` more GETs of ``pattern`` have
+        their answer, before that answer is sent."""
+        with self.lock:
+            self.hooks.append([re.compile(pattern), gets, action])
+
+    def hook(self, method: str, path: str) -> None:
+        due = []
+        with self.lock:
+            for entry in self.hooks:
+                if method == "GET" and entry[1] > 0 and entry[0].search(path):
+                    entry[1] -= 1
+                    if entry[1] == 0:
+                        due.append(entry[2])
+            self.hooks = [entry for entry in self.hooks if entry[1] > 0]
+        for action in due:
+            action()
 
     def set(self, plan: list[str], pattern: str = ".", methods: tuple[str, ...] = ("GET",)) -> None:
         with self.lock:
@@ -124,14 +150,22 @@ def _inject(handler: BaseHTTPRequestHandler, fault: str, faults: Faults) -> bool
     return False
 
 
-def _send_body(handler: BaseHTTPRequestHandler, body: bytes, drop: bool, faults: Faults,
-               corrupt: bool = False) -> None:
-    """The body, or (``drop``) half of it and then the connection closed, or (``corrupt``) all of it
-    with one byte changed (what a faulty network or disk gives: the store's checksum no longer fits)."""
-    if corrupt and body:
-        body = body[:len(body) // 2] + bytes([body[len(body) // 2] ^ 0xFF]) + body[len(body) // 2 + 1:]
+def _send_body(handler: BaseHTTPRequestHandler, body: bytes, fault: str | None, faults: Faults) -> None:
+    """The body; for ``drop`` half of it and then the connection closed; for ``trickle`` a byte
+    every ``faults.trickle_s`` s until the client hangs up; for ``corrupt`` with one byte flipped."""
+    drop = fault == "drop"
     with faults.lock:
         faults.sent += len(body) // 2 if drop else len(body)
+    if fault == "trickle":
+        handler.close_connection = True
+        with contextlib.suppress(OSError):
+            for i in range(len(body)):
+                handler.wfile.write(body[i:i + 1])
+                handler.wfile.flush()
+                time.sleep(faults.trickle_s)
+        return
+    if fault == "corrupt" and body:
+        body = body[:len(body) // 2] + bytes([body[len(body) // 2] ^ 0xFF]) + body[len(body) // 2 + 1:]
     if drop:
         handler.wfile.write(body[:len(body) // 2])
         handler.wfile.flush()
@@ -176,6 +210,8 @@ class FaultProxy:
                 upstream_connection.request(self.command, self.path, body=body, headers=headers)
                 response = upstream_connection.getresponse()
                 data = response.read()
+                if response.status < 300:
+                    faults.hook(self.command, self.path)
                 self.send_response(response.status)
                 for key, value in response.getheaders():
                     if key.lower() not in ("transfer-encoding", "connection", "content-length"):
@@ -185,7 +221,7 @@ class FaultProxy:
                 self.send_header("Content-Length", upstream_length if head else str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
-                    _send_body(self, data, fault == "drop", faults, corrupt=fault == "corrupt")
+                    _send_body(self, data, fault, faults)
                 upstream_connection.close()
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
@@ -397,6 +433,13 @@ class RangeFiles:
                     self.send_error(404)
                     return
                 data = file.read_bytes()
+                etag = f'"{hashlib.md5(data).hexdigest()}"'
+                wanted = self.headers.get("If-Match")
+                if wanted is not None and wanted not in (etag, "*"):
+                    self.send_response(412)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 found = re.match(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
                 if found:
                     start = int(found.group(1))
@@ -408,11 +451,13 @@ class RangeFiles:
                     body = data
                     self.send_response(200)
                 self.send_header("Accept-Ranges", "bytes")
+                self.send_header("ETag", etag)
                 self.send_header("Content-Type", "application/octet-stream")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if not head:
-                    _send_body(self, body, fault == "drop", faults)
+                    faults.hook(self.command, self.path)
+                    _send_body(self, body, fault, faults)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = _serve(self.server)

@@ -120,7 +120,11 @@ class DataConfig:
     storage_options: dict[str, Any] | None = None
     """Where data.path is a URL (s3://, gs://, az://, hf://, https://): options of the store's
     fsspec client, e.g. {endpoint_url: http://minio:9000} or {anon: true} or {requester_pays: true}
-    or {profile: name} for S3, plus block_size (bytes per ranged GET, default 32 MiB).
+    or {profile: name} for S3, plus block_size (bytes per ranged GET, default 32 MiB),
+    request_timeout_s and min_rate (each request must end within request_timeout_s, default
+    60, plus its bytes at min_rate bytes per second, default 1 MiB/s; past that it is cancelled
+    and retried as a timeout). Every read is pinned to the version listed (its ETag, version
+    id or generation): an object replaced since listing stops its unit in one line.
     Credentials come from the store's usual environment variables and files, or from here (key,
     secret, token, client_kwargs.headers.Authorization ...): the section is saved with the outputs
     with every credential replaced by <redacted>, and an option the store does not take is refused."""

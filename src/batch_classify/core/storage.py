@@ -14,11 +14,22 @@ fsspec that every input kind reads through, with the store's retries made ours.
   that retries are counted once, here. A missing or forbidden object is not retried: it raises
   FileNotFoundError or PermissionError naming the URL, which fails the unit as a local file
   that is gone does.
+- Every read is pinned to the version listed (``ObjectInfo``: size, ETag, version id or
+  generation): S3 GETs carry ``If-Match`` (and ``VersionId`` where the listing has one), HTTP(S)
+  ``If-Match`` (``If-Unmodified-Since`` where the server gives only Last-Modified), gs:// the
+  generation, az:// the ETag. An object changed since listing raises ``ObjectChanged``, never
+  read. Stores without conditional reads (hf://, others) are checked with a fresh HEAD instead
+  (``Store.check``), which the kinds call before a unit's last record.
+- Every request has a deadline: ``request_timeout_s`` plus the bytes asked for at ``min_rate``
+  bytes per second (data.storage_options); a stalled or trickling transfer is cancelled and
+  retried as a timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import errno
 import io
 import logging
@@ -43,7 +54,12 @@ MAX_TRIES = 6
 BACKOFF_S = 0.2
 """The first wait; each later one doubles, up to MAX_BACKOFF_S, and is drawn at random below it."""
 MAX_BACKOFF_S = 4.0
-OWN_OPTIONS = ("block_size",)
+REQUEST_TIMEOUT_S = 60.0
+"""Seconds one request may take before its bytes are counted (data.storage_options.request_timeout_s)."""
+MIN_RATE = 1 << 20
+"""Bytes per second a transfer must keep up on top of that (data.storage_options.min_rate): a
+32 MiB block may take 60 + 32 s, a body trickling a byte a second is cut off and retried."""
+OWN_OPTIONS = ("block_size", "request_timeout_s", "min_rate")
 """data.storage_options keys read here, not passed on to the store's client."""
 
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure",
@@ -166,23 +182,70 @@ def fault_kind(error: BaseException) -> str | None:
         seen.add(id(current))
         chain.append(current)
         current = current.__cause__ or current.__context__
-    if any(isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
-           for e in chain[:1]):
+    if any(isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                          ObjectChanged)) for e in chain[:1]):
         return None
     for e in chain:
-        status = getattr(e, "status", None) or getattr(e, "code", None)
+        status = _status(e)
         text = f"{type(e).__name__} {e}".lower()
+        if "checksum" in text and ("mismatch" in text or "flexiblechecksumerror" in text):
+            return "checksum"
         if "slowdown" in text or "slow down" in text or "reduce your request rate" in text:
             return "SlowDown"
         if type(e).__name__ == "FlexibleChecksumError" or "did not match calculated checksum" in text:
             return "checksum"  # the body arrived damaged: read again
-        if isinstance(e, TimeoutError) or "timeout" in text or "timed out" in text:
+        if isinstance(e, (TimeoutError, RequestDeadline)) or "timeout" in text or "timed out" in text:
             return "timeout"
         if isinstance(status, int) and status in _TRANSIENT_STATUS:
             return f"HTTP {status}"
         if isinstance(e, ConnectionError) or any(word in text for word in _TRANSIENT_TEXT):
             return "connection"
     return None
+
+
+def _status(error: BaseException) -> int | None:
+    """The HTTP status an error carries (aiohttp's ``status``, azure's ``status_code``, botocore's
+    response metadata), where it carries one."""
+    for name in ("status", "status_code", "code"):
+        value = getattr(error, name, None)
+        if isinstance(value, int):
+            return value
+    response = getattr(error, "response", None)
+    if isinstance(response, dict):
+        value = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _precondition_failed(error: BaseException) -> bool:
+    """Whether a read was refused because its object is not the version it was pinned to (412)."""
+    current: BaseException | None = error
+    seen = set()
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = f"{type(current).__name__} {current}".lower()
+        if _status(current) == 412 or "preconditionfailed" in text or "pre-conditions you specified" in text \
+                or "conditionnotmet" in text or "resourcemodified" in text:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+class ObjectChanged(OSError):
+    """An object that is no longer the version listed: its unit stops, and is not committed."""
+
+    way_out = ("choose a new output.dir to classify the input as it is now, or set output.overwrite "
+               "true to list it again, or restore the object")
+
+    def __init__(self, url: str, listed: ObjectInfo, now: ObjectInfo | None) -> None:
+        now_text = "gone now" if now is None else f"{now.describe()} now"
+        super().__init__(f"{url} changed since it was listed ({listed.describe()} then, {now_text})")
+
+
+class RequestDeadline(OSError):
+    """A request that did not finish within its deadline (cancelled; retried as a timeout). Not
+    a TimeoutError: fsspec's sync would replace it by an FSTimeoutError without its message."""
 
 
 class _Requests:
@@ -250,6 +313,8 @@ def with_retries(what: str, request: Callable[[], T], tries: int = MAX_TRIES) ->
     for attempt in range(1, tries + 1):
         try:
             return request()
+        except ObjectChanged:
+            raise
         except Exception as error:  # sorted by fault_kind: transient, or raised
             kind = fault_kind(error)
             if kind is None:
@@ -271,7 +336,7 @@ def _plain(error: BaseException, what: str) -> BaseException:
 
     what = redact_url(what)
     text = f"{type(error).__name__} {error}".lower()
-    status = getattr(error, "status", None)
+    status = _status(error)
     if isinstance(error, FileNotFoundError) or status == 404 or "nosuchkey" in text or "not found" in text:
         return FileNotFoundError(errno.ENOENT, f"{what}: no such object (404)")
     if isinstance(error, PermissionError) or status == 403 or "accessdenied" in text or "forbidden" in text:
@@ -315,6 +380,65 @@ def _merged(defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    """An object's identity as a listing gave it: its size, ETag and version (an S3 VersionId,
+    a GCS generation, an Azure version id, or an HTTP Last-Modified where there is no ETag)."""
+
+    size: int
+    etag: str | None = None
+    version: str | None = None
+
+    @property
+    def token(self) -> str:
+        """The identity as one string (listing files store it); ``parse`` reads it back."""
+        return f"{self.etag or ''}\t{self.version or ''}"
+
+    @classmethod
+    def parse(cls, size: int, token: str | None) -> ObjectInfo:
+        etag, _, version = (token or "").partition("\t")
+        return cls(int(size), etag or None, version or None)
+
+    def same(self, other: ObjectInfo) -> bool:
+        """Whether ``other`` is this version: the same size, and the same ETag and version where
+        both are known."""
+        return (self.size == other.size
+                and (self.etag is None or other.etag is None or self.etag == other.etag)
+                and (self.version is None or other.version is None or self.version == other.version))
+
+    def describe(self) -> str:
+        parts = [f"ETag {self.etag}"] if self.etag else []
+        parts += [f"version {self.version}"] if self.version else []
+        return ", ".join([*parts, f"{self.size} bytes"])
+
+
+def identity(protocol: str, entry: dict[str, Any]) -> ObjectInfo:
+    """The ObjectInfo of one entry of the store's listing (or HEAD), as its client names the fields."""
+    size = int(entry.get("size") or 0)
+    if protocol in ("s3", "s3a"):
+        version = entry.get("VersionId")
+        return ObjectInfo(size, entry.get("ETag") or entry.get("etag"),
+                          version if version not in (None, "null") else None)
+    if protocol in ("gs", "gcs"):
+        generation = entry.get("generation")
+        return ObjectInfo(size, entry.get("etag"), str(generation) if generation else None)
+    if protocol in ("az", "abfs", "abfss", "adl"):
+        return ObjectInfo(size, entry.get("etag"), entry.get("version_id"))
+    if protocol in ("http", "https"):
+        return ObjectInfo(size, entry.get("ETag"), entry.get("Last-Modified"))
+    if protocol == "hf":
+        lfs = entry.get("lfs") or {}
+        return ObjectInfo(size, entry.get("blob_id") or lfs.get("sha256") or lfs.get("oid"))
+    return ObjectInfo(size, entry.get("etag") or entry.get("ETag"), None)
+
+
+def _folder_marker(path: str, entry: dict[str, Any]) -> bool:
+    """A zero-byte folder marker (``val/``, Hadoop's ``val_$folder$``): what storage consoles and
+    Hadoop's clients create for a "folder", no data."""
+    name = str(entry.get("Key") or entry.get("name") or path)
+    return is_folder_marker(name, entry.get("size")) or is_folder_marker(path, entry.get("size"))
+
+
 @dataclass
 class Store:
     """The filesystem of one URL's scheme, opened with ``options`` (data.storage_options)."""
@@ -329,6 +453,11 @@ class Store:
     @property
     def block_size(self) -> int:
         return int(self.options.get("block_size") or BLOCK_SIZE)
+
+    def deadline(self, nbytes: int) -> float:
+        """Seconds a request for ``nbytes`` may take in all."""
+        base = float(self.options.get("request_timeout_s") or REQUEST_TIMEOUT_S)
+        return base + max(0, nbytes) / float(self.options.get("min_rate") or MIN_RATE)
 
     @property
     def fs(self) -> Any:
@@ -359,14 +488,40 @@ class Store:
     def call(self, what: str, request: Callable[[], T]) -> T:
         return with_retries(what, request)
 
-    def info(self, url: str) -> dict[str, Any]:
+    # -------------------------------------------------------------- bounded requests
+
+    def _bounded(self, nbytes: int, request: Callable[[], Any], what: str) -> Any:
+        """``request()`` within ``deadline(nbytes)``: on an async filesystem it returns a
+        coroutine, run on the filesystem's loop and cancelled at the deadline; otherwise it runs
+        on a worker thread that is abandoned at the deadline (a sync client cannot be cancelled)."""
+        seconds = self.deadline(nbytes)
+        fs = self.fs
+        if getattr(fs, "async_impl", False) and getattr(fs, "loop", None) is not None:
+            from fsspec.asyn import sync
+
+            return sync(fs.loop, _within, request, seconds, what)
+        return _in_thread(request, seconds, what)
+
+    def _listed_info(self, url: str, fresh: bool = False) -> dict[str, Any]:
+        fs, path = self.fs, self.path(url)
+        if fresh:
+            fs.invalidate_cache(path)  # a listing cache would answer with the old version
+        if getattr(fs, "async_impl", False) and hasattr(fs, "_info"):
+            return self._bounded(0, lambda: fs._info(path), url)
+        return self._bounded(0, lambda: fs.info(path), url)
+
+    def info(self, url: str, fresh: bool = False) -> dict[str, Any]:
         def head() -> dict[str, Any]:
             REQUESTS.add("info")
-            return self.fs.info(self.path(url))
+            return self._listed_info(url, fresh)
         return self.call(url, head)
 
     def size(self, url: str) -> int:
         return int(self.info(url)["size"])
+
+    def object_info(self, url: str, fresh: bool = False) -> ObjectInfo:
+        """The identity of one object by a HEAD (``fresh``: past any listing cache)."""
+        return identity(self.protocol, self.info(url, fresh))
 
     def is_file(self, url: str) -> bool:
         try:
@@ -374,77 +529,275 @@ class Store:
         except FileNotFoundError:
             return False
 
+    # -------------------------------------------------------------- listing
+
     def find(self, url: str) -> dict[str, int]:
         """{url: size} of every object under the prefix ``url``, in name order, from the store's
-        paginated listing (no object is read); folder markers are no objects."""
+        paginated listing (no object is read)."""
+        return {name: info.size for name, info in self.find_objects(url).items()}
+
+    def find_objects(self, url: str) -> dict[str, ObjectInfo]:
+        """{url: identity} of every object under the prefix ``url``, in name order, from the same
+        paginated listing (no request per object); folder markers are left out."""
         found = self.call(url, lambda: self.fs.find(self.path(url).rstrip("/"), detail=True))
-        return _objects(self, found)
+        return self._objects(found)
 
     def glob(self, pattern: str) -> dict[str, int]:
         """{url: size} of the objects a glob matches, in name order."""
-        found = self.call(pattern, lambda: self.fs.glob(self.path(pattern), detail=True))
-        return _objects(self, found)
+        return {name: info.size for name, info in self.glob_objects(pattern).items()}
 
-    def read_range(self, url: str, start: int, stop: int) -> bytes:
-        """Bytes ``start`` to ``stop`` (exclusive) of an object, in one ranged GET (retried)."""
+    def glob_objects(self, pattern: str) -> dict[str, ObjectInfo]:
+        """{url: identity} of the objects a glob matches, in name order."""
+        found = self.call(pattern, lambda: self.fs.glob(self.path(pattern), detail=True))
+        return self._objects(found)
+
+    def ls_objects(self, prefix: str) -> dict[str, ObjectInfo]:
+        """{url: identity} of the objects directly under ``prefix`` (one listing level)."""
+        entries = self.call(prefix, lambda: self.fs.ls(self.path(prefix).rstrip("/"), detail=True))
+        return self._objects({entry["name"]: entry for entry in entries})
+
+    def _objects(self, found: dict[str, dict[str, Any]]) -> dict[str, ObjectInfo]:
+        return {self.to_url(path): identity(self.protocol, entry) for path, entry in sorted(found.items())
+                if entry.get("type", "file") == "file" and not _folder_marker(path, entry)}
+
+    # -------------------------------------------------------------- reading
+
+    def pins_reads(self, pin: ObjectInfo) -> bool:
+        """Whether reads of ``pin`` carry its version (a condition the store checks); elsewhere
+        ``check`` compares it after reading."""
+        protocol = self.protocol
+        if protocol in ("s3", "s3a"):
+            return bool(pin.etag or pin.version)
+        if protocol in ("http", "https"):
+            return bool((pin.etag and not pin.etag.startswith("W/")) or pin.version)
+        if protocol in ("gs", "gcs"):
+            return bool(pin.version)
+        return protocol in ("az", "abfs", "abfss") and bool(pin.etag)
+
+    def _request(self, url: str, start: int | None, stop: int | None, pin: ObjectInfo | None) -> Any:
+        """A factory of the coroutine (async filesystems) or the call that fetches the bytes,
+        with the store's condition for ``pin``."""
+        fs, path = self.fs, self.path(url)
+        protocol = self.protocol if pin is not None else "plain"
+        if protocol in ("s3", "s3a"):
+            return lambda: _s3_get(fs, path, start, stop, pin)
+        if protocol in ("http", "https"):
+            return lambda: _http_get(fs, path, start, stop, pin)
+        if protocol in ("gs", "gcs") and pin.version:
+            return lambda: fs._cat_file(path, start=start, end=stop, generation=pin.version)
+        if protocol in ("az", "abfs", "abfss") and pin.etag:
+            return lambda: _az_get(fs, path, start, stop, pin)
+        if getattr(fs, "async_impl", False):
+            return lambda: fs._cat_file(path, start=start, end=stop)
+        return lambda: fs.cat_file(path, start=start, end=stop)
+
+    def _get(self, url: str, start: int | None, stop: int | None, pin: ObjectInfo | None) -> bytes:
+        """One GET (not retried here), bounded by its deadline; a refused condition, or a pinned
+        version gone while the name still exists, is ObjectChanged."""
+        nbytes = (stop - start) if start is not None and stop is not None else (pin.size if pin else 0)
+        what = url if start is None else f"{url} bytes {start}-{stop - 1}"
+        try:
+            return self._bounded(nbytes, self._request(url, start, stop, pin), what)
+        except Exception as error:
+            if pin is not None and (_precondition_failed(error) or isinstance(error, FileNotFoundError)
+                                    or _status(error) == 404):
+                changed = self.changed(url, pin, error)
+                if changed is not None:
+                    raise changed from None
+            raise
+
+    def changed(self, url: str, pin: ObjectInfo, error: BaseException | None = None) -> ObjectChanged | None:
+        """The ObjectChanged of ``url`` where a fresh HEAD finds another version than ``pin`` (or
+        none, after a refused condition), else None."""
+        try:
+            now = self.object_info(url, fresh=True)
+        except FileNotFoundError:
+            if error is not None and not _precondition_failed(error):
+                return None  # gone: the read's own FileNotFoundError says so
+            return ObjectChanged(url, pin, None)
+        if now.same(pin) and (error is None or not _precondition_failed(error)):
+            return None
+        return ObjectChanged(url, pin, now)
+
+    def check(self, url: str, pin: ObjectInfo | None) -> None:
+        """Raise ObjectChanged where ``url`` is no longer the version ``pin`` (one fresh HEAD);
+        nothing to do (no request) where reads carry the version already."""
+        if pin is None or self.pins_reads(pin):
+            return
+        changed = self.changed(url, pin)
+        if changed is not None:
+            raise changed
+
+    def read_range(self, url: str, start: int, stop: int, pin: ObjectInfo | None = None) -> bytes:
+        """Bytes ``start`` to ``stop`` (exclusive) of an object, in one ranged GET (retried),
+        of the version ``pin`` where given."""
+        if stop <= start:
+            return b""
+
         def get() -> bytes:
             REQUESTS.add("get")
-            data = self.fs.cat_file(self.path(url), start=start, end=stop)
+            data = self._get(url, start, stop, pin)
             if len(data) != stop - start:  # a body cut short without an error
                 raise ConnectionError(f"the response ended after {len(data)} of {stop - start} bytes")
             return data
         return self.call(f"{url} bytes {start}-{stop - 1}", get)
 
-    def read(self, url: str) -> bytes:
-        """A whole (small) object in one GET, retried."""
+    def read(self, url: str, pin: ObjectInfo | None = None) -> bytes:
+        """A whole (small) object in one GET, retried, of the version ``pin`` where given."""
         def get() -> bytes:
             REQUESTS.add("get")
-            return self.fs.cat_file(self.path(url))
+            data = self._get(url, None, None, pin)
+            if pin is not None and len(data) != pin.size:
+                raise ConnectionError(f"the response ended after {len(data)} of {pin.size} bytes")
+            return data
         return self.call(url, get)
 
-    def read_many(self, urls: list[str]) -> dict[str, bytes | OSError]:
-        """Whole objects fetched concurrently (one batch of requests); each that failed for a
-        transient fault is tried again on its own, retried; a missing or forbidden one maps to
-        its FileNotFoundError or PermissionError."""
-        paths = {self.path(url): url for url in urls}
+    def read_many(self, urls: list[str], pins: dict[str, ObjectInfo] | None = None
+                  ) -> dict[str, bytes | OSError]:
+        """Whole objects fetched concurrently (one batch of requests, each bounded by its
+        deadline and pinned to ``pins[url]`` where given); each that failed for a transient
+        fault is tried again on its own, retried; a missing or forbidden one maps to its
+        FileNotFoundError or PermissionError, a changed one to ObjectChanged."""
+        pins = pins or {}
         for _ in urls:
             REQUESTS.add("get")
-        try:
-            fetched = self.fs.cat(list(paths), on_error="return")
-        except Exception:  # the whole batch failed: each is fetched on its own, retried
-            fetched = {path: None for path in paths}
+        fetched = self._batch(urls, pins)
         out: dict[str, bytes | OSError] = {}
-        for path, url in paths.items():
-            data = fetched.get(path) if isinstance(fetched, dict) else None
-            if isinstance(data, bytes):
+        for url in urls:
+            data, pin = fetched.get(url), pins.get(url)
+            if isinstance(data, bytes) and (pin is None or len(data) == pin.size):
                 out[url] = data
                 continue
+            if isinstance(data, BaseException) and pin is not None and (
+                    _precondition_failed(data) or isinstance(data, FileNotFoundError)):
+                changed = self.changed(url, pin, data)
+                if changed is not None:
+                    out[url] = changed
+                    continue
             if isinstance(data, BaseException) and fault_kind(data) is None:
                 plain = _plain(data, url)
                 out[url] = plain if isinstance(plain, OSError) else OSError(
                     errno.EIO, f"{url}: {type(data).__name__}: {str(data)[:200]}")
                 continue
             try:
-                out[url] = self.read(url)
+                out[url] = self.read(url, pin)
             except OSError as error:
                 out[url] = error
         return out
 
-    def open(self, url: str, size: int | None = None, block_size: int | None = None) -> RangedReader:
-        """``url`` for sequential reading in large ranged GETs (its size found by one HEAD where
-        not given: a missing or forbidden object raises here)."""
+    def _batch(self, urls: list[str], pins: dict[str, ObjectInfo]) -> dict[str, Any]:
+        """{url: bytes or the exception} of one concurrent batch of GETs."""
+        fs = self.fs
+        if not urls:
+            return {}
+        if getattr(fs, "async_impl", False) and getattr(fs, "loop", None) is not None:
+            from fsspec.asyn import sync
+
+            async def one(url: str) -> Any:
+                pin = pins.get(url)
+                try:
+                    return await _within(self._request(url, None, None, pin),
+                                         self.deadline(pin.size if pin else 0), url)
+                except Exception as error:  # sorted by the caller
+                    return error
+
+            async def every() -> list[Any]:
+                return await asyncio.gather(*(one(url) for url in urls))
+            try:
+                return dict(zip(urls, sync(fs.loop, every)))
+            except Exception:  # the whole batch failed: each is fetched on its own, retried
+                return {}
+        out: dict[str, Any] = {}
+        for url in urls:
+            try:
+                out[url] = self._get(url, None, None, pins.get(url))
+            except Exception as error:  # sorted by the caller
+                out[url] = error
+        return out
+
+    def open(self, url: str, size: int | None = None, block_size: int | None = None,
+             pin: ObjectInfo | None = None) -> RangedReader:
+        """``url`` for sequential reading in large ranged GETs, each of the version ``pin``
+        where given (its size found by one HEAD where neither is given: a missing or forbidden
+        object raises here)."""
         if size is None:
-            size = self.size(url)
-        return RangedReader(self, url, size, block_size or self.block_size)
+            size = pin.size if pin is not None else self.size(url)
+        return RangedReader(self, url, size, block_size or self.block_size, pin)
 
 
-def _objects(store: Store, found: dict[str, dict[str, Any]]) -> dict[str, int]:
-    """{url: size} of the objects of a listing in name order: its folders and folder markers
-    left out."""
-    return {store.to_url(path): int(entry.get("size") or 0) for path, entry in sorted(found.items())
-            if entry.get("type", "file") == "file"
-            and not is_folder_marker(entry.get("Key", path), entry.get("size"))
-            and not is_folder_marker(path, entry.get("size"))}
+async def _within(request: Callable[[], Any], seconds: float, what: str) -> Any:
+    """The coroutine ``request()`` makes, cancelled (its connection closed) after ``seconds``."""
+    task = asyncio.ensure_future(request())
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise RequestDeadline(errno.ETIMEDOUT, f"{what}: no complete answer within {seconds:.0f} s "
+                              "(data.storage_options request_timeout_s and min_rate)")
+    return task.result()
+
+
+def _in_thread(request: Callable[[], Any], seconds: float, what: str) -> Any:
+    result: list[Any] = []
+
+    def run() -> None:
+        try:
+            result.append((True, request()))
+        except BaseException as error:  # handed to the caller's thread
+            result.append((False, error))
+    worker = threading.Thread(target=run, daemon=True, name="store-request")
+    worker.start()
+    worker.join(seconds)
+    if not result:
+        raise RequestDeadline(errno.ETIMEDOUT, f"{what}: no complete answer within {seconds:.0f} s "
+                              "(data.storage_options request_timeout_s and min_rate)")
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
+
+
+async def _s3_get(fs: Any, path: str, start: int | None, stop: int | None, pin: ObjectInfo | None) -> bytes:
+    """A GET of an S3 object (a range of it), If-Match its listed ETag and of its listed VersionId."""
+    bucket, key, version = fs.split_path(path)
+    kwargs: dict[str, Any] = {}
+    if start is not None:
+        kwargs["Range"] = f"bytes={start}-{stop - 1}"
+    if pin is not None and pin.etag:
+        kwargs["IfMatch"] = pin.etag
+    if (pin is not None and pin.version) or version:
+        kwargs["VersionId"] = (pin.version if pin is not None and pin.version else version)
+    response = await fs._call_s3("get_object", Bucket=bucket, Key=key, **kwargs)
+    body = response["Body"]
+    try:
+        return await body.read()
+    finally:
+        body.close()
+
+
+async def _http_get(fs: Any, url: str, start: int | None, stop: int | None, pin: ObjectInfo | None) -> bytes:
+    """A GET with If-Match the listed ETag (a weak one never matches: If-Unmodified-Since the
+    listed Last-Modified then), the filesystem's own headers kept."""
+    headers = dict(fs.kwargs.get("headers") or {})
+    if pin is not None and pin.etag and not pin.etag.startswith("W/"):
+        headers["If-Match"] = pin.etag
+    elif pin is not None and pin.version:
+        headers["If-Unmodified-Since"] = pin.version
+    return await fs._cat_file(url, start=start, end=stop, headers=headers)
+
+
+async def _az_get(fs: Any, path: str, start: int | None, stop: int | None, pin: ObjectInfo) -> bytes:
+    """A blob download with the listed ETag as its condition (adlfs's own read passes none)."""
+    from azure.core import MatchConditions
+
+    container, blob, version_id = fs.split_path(path)
+    length = None if stop is None else stop - (start or 0)
+    async with fs.service_client.get_blob_client(container=container, blob=blob) as client:
+        stream = await client.download_blob(offset=start if stop is not None else None, length=length,
+                                            version_id=pin.version or version_id, etag=pin.etag,
+                                            match_condition=MatchConditions.IfNotModified)
+        return await stream.readall()
 
 
 class MissingClient(UserError, ImportError):
@@ -467,9 +820,11 @@ class RangedReader(io.RawIOBase):
     memory); seeks within the block held are free. A GET that fails part-way is tried again
     from the byte reached, so nothing before it is read twice."""
 
-    def __init__(self, store: Store, url: str, size: int, block_size: int) -> None:
+    def __init__(self, store: Store, url: str, size: int, block_size: int,
+                 pin: ObjectInfo | None = None) -> None:
         super().__init__()
         self.store, self.url, self.size, self.block_size = store, url, size, block_size
+        self.pin = pin
         self.position = 0
         self.block_start = 0
         self.block = b""
@@ -493,7 +848,7 @@ class RangedReader(io.RawIOBase):
         held = self.block_start <= self.position < self.block_start + len(self.block)
         if not held:
             stop = min(self.size, self.position + self.block_size)
-            self.block = self.store.read_range(self.url, self.position, stop)
+            self.block = self.store.read_range(self.url, self.position, stop, self.pin)
             self.block_start = self.position
             self.gets += 1
 

@@ -17,7 +17,7 @@ import io
 import math
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
@@ -27,9 +27,10 @@ import pyarrow as pa
 from batch_classify.core.config import DataConfig
 from batch_classify.core.digests import add_digests, id_hash, sequence_digest
 from batch_classify.core.errors import UserError
+from batch_classify.core.layout import STATE_FILE
 from batch_classify.core.limits import file_kind
-from batch_classify.core.storage import Store, is_url, join, store_for
-from batch_classify.inputs.state import Change, StateRecorder
+from batch_classify.core.storage import ObjectInfo, Store, is_url, join, store_for
+from batch_classify.inputs.state import Change, StateRecorder, compare_objects, listed_objects
 
 if TYPE_CHECKING:
     from batch_classify.inputs.listing import Listing
@@ -74,6 +75,8 @@ class FileRows:
     ids: list[str]
     labels: list[int | None]
     paths: list[str | None]
+    pins: list[ObjectInfo | None] = field(default_factory=list)
+    """Objects in a store: each one's identity as listed (None for local files)."""
 
 
 @dataclass
@@ -105,9 +108,24 @@ class Record:
     """A path to read, or the encoded image's bytes."""
     error: str | None = None
     """Set where the input itself is broken (a truncated tar, a bad label): an error row."""
+    pin: ObjectInfo | None = None
+    """The listed version of the object ``payload`` names (an image in a store)."""
 
     def source(self) -> str | BinaryIO:
         return io.BytesIO(self.payload) if isinstance(self.payload, bytes) else self.payload
+
+def checked_last(records: Iterator[Record], check: Callable[[], None]) -> Iterator[Record]:
+    """``records``, the last held back until ``check()`` passed: a unit whose source turns out
+    changed when it has been read raises before its last record, so it is never committed."""
+    previous = None
+    for record in records:
+        if previous is not None:
+            yield previous
+        previous = record
+    check()
+    if previous is not None:
+        yield previous
+
 
 def error_rows(ids: list[str], error: str) -> Iterator[Record]:
     """One error row per id: items a broken input still accounts for."""
@@ -119,12 +137,14 @@ def is_image(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not name.startswith(".")
 
 
-def chunked(rows: Iterator[tuple[str, int | None, str | None]]) -> Iterator[FileRows]:
+def chunked(rows: Iterator[tuple]) -> Iterator[FileRows]:
+    """Rows of (id, label, path) or, for objects in a store, (id, label, path, identity) in chunks."""
     chunk = FileRows([], [], [])
-    for item_id, label, path in rows:
+    for item_id, label, path, *pin in rows:
         chunk.ids.append(item_id)
         chunk.labels.append(label)
         chunk.paths.append(path)
+        chunk.pins.append(pin[0] if pin else None)
         if len(chunk.ids) >= CHUNK_ROWS:
             yield chunk
             chunk = FileRows([], [], [])
@@ -310,6 +330,21 @@ class InputKind:
         in memory, from the config; never those saved, which are redacted)."""
         return store_for(self.listing.root, self.listing.storage_options)
 
+    def pin(self, url: str) -> ObjectInfo | None:
+        """The version of a shard object (a tar, a Parquet file) the listing recorded, which its
+        reads are pinned to; None for a listing without one."""
+        pins = self.__dict__.get("_pins")
+        if pins is None:
+            state = self.listing.folder / STATE_FILE
+            pins = self.__dict__["_pins"] = dict(listed_objects(state)) if state.exists() else {}
+        return pins.get(url)
+
+    @classmethod
+    def objects_now(cls, cfg: DataConfig) -> Iterator[tuple[str, ObjectInfo]]:
+        """(url, identity) of the objects a URL input is listed from, as the store lists them now
+        (no object read), in the order the listing recorded them."""
+        return iter(())
+
     def shard_location(self, rel: str) -> str:
         """Where a shard of the listing is: a URL, or a local path."""
         return join(self.listing.root, rel) if self.remote else os.path.join(self.listing.root, rel)
@@ -348,8 +383,17 @@ class InputKind:
         raise NotImplementedError
 
     def changes(self, cfg: DataConfig) -> Change | None:
-        """What differs from the listing beyond the folders and files its state recorded."""
+        """What differs from the listing beyond the folders and files its state recorded: for a
+        URL input, its objects listed again and compared with those recorded."""
+        if self.recorded_objects():
+            return compare_objects(self.listing.folder / STATE_FILE, type(self).objects_now(cfg))
         return None
+
+    def recorded_objects(self) -> bool:
+        """Whether the listing recorded the objects of a URL input (listings made before it did
+        are checked as they were then)."""
+        state = self.listing.folder / STATE_FILE
+        return self.remote and state.exists() and next(listed_objects(state), None) is not None
 
     def find(self, unit: int, item_id: str) -> Record | None:
         """The record of one id (for the report's pictures): a scan of its unit."""
@@ -374,8 +418,11 @@ class ShardKind(InputKind):
 
     @classmethod
     def record_state(cls, enumeration: Enumeration, state: StateRecorder) -> None:
-        if is_url(enumeration.root):
-            return  # objects: their names and sizes are compared again by changes()
+        if is_url(enumeration.root):  # objects: their names, sizes and ETags, in name order
+            for url, pin in sorted((join(enumeration.root, shard["path"]), ObjectInfo.parse(*shard["object"]))
+                                   for shard in enumeration.shards or ()):
+                state.object(url, pin)
+            return
         for shard in enumeration.shards or ():
             if shard["path"]:  # a tar or a Parquet file: its size and mtime
                 state.file(os.path.join(enumeration.root, shard["path"]))
@@ -386,6 +433,8 @@ class ShardKind(InputKind):
         return add_digests(f"{id_hash(part):016x}" for part in parts), sequence_digest(parts)
 
     def changes(self, cfg: DataConfig) -> Change | None:
+        if self.recorded_objects():
+            return super().changes(cfg)
         listing = self.listing
         now = type(self).enumerate(cfg)
         if sequence_digest(now.fingerprint_parts) == listing.info["fingerprint"]:

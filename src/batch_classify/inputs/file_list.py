@@ -7,10 +7,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from batch_classify.core.config import DataConfig
-from batch_classify.core.storage import canonical_url, is_url, join, unnamable
+from batch_classify.core.storage import ObjectInfo, canonical_url, is_url, join, unnamable
 from batch_classify.inputs.base import Enumeration, Found, InputError, Repeats, chunked
 from batch_classify.inputs.listed import ListedKind
-from batch_classify.inputs.objects import object_lines
+from batch_classify.inputs.objects import PrefixIdentities, object_lines, store_of
 from batch_classify.inputs.state import StateRecorder
 
 LIST_SUFFIXES = frozenset({".txt", ".lst", ".list"})
@@ -30,7 +30,7 @@ class FileList(ListedKind):
     @classmethod
     def enumerate(cls, cfg: DataConfig, state: StateRecorder | None = None) -> Enumeration:
         if is_url(cfg.path):
-            return object_list(cfg)
+            return object_list(cfg, state)
         path = Path(cfg.path)
         if state is not None:
             state.file(os.path.realpath(path))
@@ -39,6 +39,19 @@ class FileList(ListedKind):
     @classmethod
     def named_by_id(cls, data_path: Path) -> Path | None:
         return super().named_by_id(data_path.parent)
+
+    @classmethod
+    def objects_now(cls, cfg: DataConfig) -> Iterator[tuple[str, ObjectInfo]]:
+        """The list object, then each object it names in line order (one listing per prefix)."""
+        store = store_of(cfg)
+        pin = store.object_info(cfg.path, fresh=True)
+        yield cfg.path, pin
+        identities, root = PrefixIdentities(store), cfg.path.rsplit("/", 1)[0]
+        for _, line in object_lines(cfg, pin):
+            url = line if is_url(line) else join(root, line)
+            found = identities(url) if url.startswith(store.protocol + "://") else None
+            if found is not None:
+                yield url, found
 
 
 def utf8_lines(handle, path: Path, key: str = "data.path", noun: str = "list") -> Iterator[str]:
@@ -145,13 +158,22 @@ def file_list(list_path: Path) -> Enumeration:
     return Enumeration("file_list", str(root), notes=notes, rows=chunked(rows()))
 
 
-def object_list(cfg: DataConfig) -> Enumeration:
+def object_list(cfg: DataConfig, state: StateRecorder | None = None) -> Enumeration:
     """A list that is itself an object: lines are URLs, or keys relative to the list's prefix,
     named as a local list names files (``./x``, ``x//y`` and ``d/../x`` are ``x``, ``x/y`` and
     ``x``; ``s3a://`` is ``s3://``). Ids are the lines as written; an object named twice, in any
-    spelling, is refused."""
+    spelling, is refused. The list and each object it names (in this store) are recorded with
+    their identities, from one listing per prefix; the reads are pinned to them."""
     root = cfg.path.rsplit("/", 1)[0]
     notes: list[str] = []
+    store = store_of(cfg)
+    try:
+        pin = store.object_info(cfg.path)
+    except (FileNotFoundError, PermissionError) as error:
+        raise InputError(f"data.path {cfg.path}: {error}") from None
+    if state is not None:
+        state.object(cfg.path, pin)
+    identities = PrefixIdentities(store)
 
     def named(number: int, line: str) -> tuple[str, str]:
         """(the URL the line names, in the line's scheme; the same in one spelling, for comparing)."""
@@ -165,13 +187,13 @@ def object_list(cfg: DataConfig) -> Enumeration:
         refuse_unnamable(cfg.path, number, line, unnamable(url, cfg.storage_options))
         return url, key
 
-    def rows() -> Iterator[tuple[str, None, str | None]]:
+    def rows() -> Iterator[tuple]:
         repeats = Repeats()
-        for number, line in object_lines(cfg):
+        for number, line in object_lines(cfg, pin):
             url, key = named(number, line)
             if repeats.checking:
                 if repeats.candidate(key):
-                    first = next(((n, text) for n, text in object_lines(cfg)
+                    first = next(((n, text) for n, text in object_lines(cfg, pin)
                                   if n < number and named(n, text)[1] == key), None)
                     if first is not None:
                         again = (f"{line!r} is listed twice (again on line {number}), first on line "
@@ -181,6 +203,13 @@ def object_list(cfg: DataConfig) -> Enumeration:
                         raise InputError(f"data.path {cfg.path}: {again}; list each object once")
                 if not repeats.checking:
                     notes.append(f"repeated objects checked for the first {Repeats.LIMIT} lines only")
-            yield line, None, url if is_url(line) or url != join(root, line) else None
+            path = url if is_url(line) or url != join(root, line) else None
+            found = identities(url) if url.startswith(store.protocol + "://") else None
+            if found is None:  # gone (an error row when read) or in another store: read unpinned
+                yield line, None, path
+                continue
+            if state is not None:
+                state.object(url, found)
+            yield line, None, path, found
 
     return Enumeration("file_list", root, notes=notes, rows=chunked(rows()))

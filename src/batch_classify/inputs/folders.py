@@ -12,7 +12,7 @@ from pathlib import Path
 
 from batch_classify.core.config import DataConfig
 from batch_classify.core.labels import WNID, parse_imagenet_label, wnid_to_index
-from batch_classify.core.storage import is_url
+from batch_classify.core.storage import ObjectInfo, is_url, join
 from batch_classify.inputs.base import Enumeration, Found, InputError, Repeats, chunked, is_image, line_hash
 from batch_classify.inputs.file_list import Spellings, open_text, utf8_lines
 from batch_classify.inputs.listed import ListedKind
@@ -36,9 +36,14 @@ class ImageFolder(ListedKind):
     @classmethod
     def enumerate(cls, cfg: DataConfig, state: StateRecorder | None = None) -> Enumeration:
         if is_url(cfg.path):
-            root, names = object_images(cfg)
+            root, names = listed_images(cfg, state)
             return image_folder(root, names=names)
         return image_folder(Path(cfg.path), state)
+
+    @classmethod
+    def objects_now(cls, cfg: DataConfig) -> Iterator[tuple[str, ObjectInfo]]:
+        root, names = object_images(cfg)
+        return ((join(root, rel), pin) for rel, pin in names)
 
 
 class FlatFolder(ListedKind):
@@ -57,13 +62,28 @@ class FlatFolder(ListedKind):
             if cfg.labels:
                 raise InputError(f"data.labels with data.path {cfg.path}: a labels CSV is read for local "
                                  "folders only; name the images in class prefixes (data.kind imagefolder)")
-            root, names = object_images(cfg)
+            root, names = listed_images(cfg, state)
             return Enumeration("images", root, notes=[f"{len(names)} image object(s) under {root}"],
-                               rows=chunked((rel, None, None) for rel in names))
+                               rows=chunked((rel, None, None, pin) for rel, pin in names))
         path = Path(cfg.path)
         if not path.is_dir():
             raise InputError(f"data.path {path} is not a folder (data.kind: images)")
         return labelled_folder(path, Path(cfg.labels), state) if cfg.labels else image_files(path, state)
+
+    @classmethod
+    def objects_now(cls, cfg: DataConfig) -> Iterator[tuple[str, ObjectInfo]]:
+        root, names = object_images(cfg)
+        return ((join(root, rel), pin) for rel, pin in names)
+
+
+def listed_images(cfg: DataConfig, state: StateRecorder | None) -> tuple[str, list[tuple[str, ObjectInfo]]]:
+    """The image objects under data.path (object_images), each recorded in ``state`` for the
+    resume check."""
+    root, names = object_images(cfg)
+    if state is not None:
+        for rel, pin in names:
+            state.object(join(root, rel), pin)
+    return root, names
 
 
 def walk_images(root: Path, state: StateRecorder | None = None,
@@ -155,13 +175,14 @@ def walk_images(root: Path, state: StateRecorder | None = None,
 
 
 def image_folder(root: Path | str, state: StateRecorder | None = None,
-                 names: list[str] | None = None) -> Enumeration:
+                 names: list[tuple[str, ObjectInfo]] | None = None) -> Enumeration:
     """One subfolder per class: wnid folders map to ImageNet-1k, other names to sorted order.
-    ``names``: the images of a prefix in a store, listed already (its classes are the first
-    parts of their names)."""
+    ``names``: the images of a prefix in a store with their identities, listed already (its
+    classes are the first parts of their names)."""
     if names is not None:
-        class_dirs = sorted({name.split("/", 1)[0] for name in names if "/" in name})
-        odd = next((name for name in names if name.split("/", 1)[0] in ("", ".", "..") and "/" in name), None)
+        class_dirs = sorted({name.split("/", 1)[0] for name, _ in names if "/" in name})
+        odd = next((name for name, _ in names
+                    if name.split("/", 1)[0] in ("", ".", "..") and "/" in name), None)
         if odd is not None:  # a key no local folder could hold: which class is it?
             raise InputError(f"data.path {root}: the object {root}/{odd} lies in no class prefix (its "
                              f"first part is {odd.split('/', 1)[0]!r}); rename it, or use data.kind: images")
@@ -182,12 +203,14 @@ def image_folder(root: Path | str, state: StateRecorder | None = None,
 
     notes = [note]
 
-    def rows() -> Iterator[tuple[str, int | None, None]]:
-        for rel in names if names is not None else walk_images(root, state, notes):
+    def rows() -> Iterator[tuple]:
+        listed = names if names is not None else ((rel, None) for rel in walk_images(root, state, notes))
+        for rel, pin in listed:
             if "/" not in rel:
                 raise InputError(f"data.path {root}: image(s) such as {rel!r} lie outside the class "
                                  "subfolders; use data.kind: images for unlabelled folders")
-            yield rel, position[rel.split("/", 1)[0]], None
+            label = position[rel.split("/", 1)[0]]
+            yield (rel, label, None) if pin is None else (rel, label, None, pin)
 
     return Enumeration("imagefolder", str(root), classes, notes, rows=chunked(rows()))
 

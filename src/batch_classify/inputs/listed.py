@@ -15,7 +15,7 @@ from batch_classify.core.digests import add_digests, id_hash
 from batch_classify.core.faults import describe_read_error
 from batch_classify.core.layout import ROWS_FILE
 from batch_classify.core.secrets import redact_url
-from batch_classify.core.storage import is_url, join, store_for
+from batch_classify.core.storage import ObjectChanged, ObjectInfo, is_url, join, store_for
 from batch_classify.inputs.base import Cut, Enumeration, InputError, InputKind, Record, Sizing, row_units
 
 FETCH_BATCH = 64
@@ -24,7 +24,9 @@ ROW_GROUP = 8192
 """Rows per row group of listing.parquet: a unit reads at most a few of them."""
 
 
-ROWS_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.int64()), ("path", pa.string())])
+ROWS_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.int64()), ("path", pa.string()),
+                         ("size", pa.int64()), ("pin", pa.string())])
+"""size and pin (``ObjectInfo.token``): an object's identity as listed, which its read is pinned to."""
 
 
 class ListedKind(InputKind):
@@ -59,7 +61,8 @@ class ListedKind(InputKind):
 
     def _fetched(self, rows: Iterator[Record]) -> Iterator[Record]:
         """Items that are objects in a store come with their bytes, fetched FETCH_BATCH at a time
-        concurrently; one that is gone or forbidden is an error row, as a missing file is."""
+        concurrently, each of the version listed; one that is gone or forbidden is an error row,
+        as a missing file is; one that changed since listing fails the unit."""
         batch: list[Record] = []
         for record in rows:
             batch.append(record)
@@ -73,10 +76,13 @@ class ListedKind(InputKind):
         if not urls:
             yield from batch
             return
-        fetched = store_for(urls[0], self.listing.storage_options).read_many(urls)
+        pins = {record.payload: record.pin for record in batch if record.pin is not None}
+        fetched = store_for(urls[0], self.listing.storage_options).read_many(urls, pins)
         for record in batch:
             data = fetched.get(record.payload) if is_url(record.payload) else record.payload
             limit = self.listing.limits.max_image_bytes
+            if isinstance(data, ObjectChanged):  # rows of another version: the unit is not committed
+                raise data
             if isinstance(data, BaseException):  # after the store's retries: marked transient where so
                 yield Record(record.id, record.label, None, describe_read_error(data))
             elif isinstance(data, bytes) and len(data) > limit:
@@ -104,9 +110,12 @@ class ListedKind(InputKind):
             low = max(start, starts[group]) - starts[group]
             high = min(stop, starts[group + 1]) - starts[group]
             table = table.slice(low, high - low)
-            for item_id, label, path in zip(*(table.column(c).to_pylist() for c in ("id", "label", "path"))):
+            columns = [table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows
+                       for c in ROWS_SCHEMA.names]
+            for item_id, label, path, size, pin in zip(*columns):
                 yield Record(item_id, label, path if path is not None else
-                             join(root, item_id) if remote else os.path.join(root, item_id))
+                             join(root, item_id) if remote else os.path.join(root, item_id),
+                             pin=ObjectInfo.parse(size, pin) if pin is not None else None)
 
     def check_reachable(self) -> None:
         if self.remote:
@@ -125,17 +134,17 @@ class ListedKind(InputKind):
 def write_rows(enumeration: Enumeration, folder: Path) -> tuple[int, int, str, str]:
     """Stream the enumerated files into listing.parquet; return (items, labelled, the
     order-independent digest of the (id, label) pairs, and the digest of their sequence)."""
-    """Stream the enumerated files into listing.parquet; return (items, labelled, the
-    order-independent digest of the (id, label) pairs, and the digest of their sequence)."""
     n = n_labelled = 0
     digests = []
     sequence = hashlib.blake2b(digest_size=8)
     temporary = folder / f".{ROWS_FILE}.tmp"
     with pq.ParquetWriter(temporary, ROWS_SCHEMA) as writer:
         for chunk in enumeration.rows:
-            writer.write_table(pa.table({"id": chunk.ids, "label": pa.array(chunk.labels, pa.int64()),
-                                         "path": pa.array(chunk.paths, pa.string())}, schema=ROWS_SCHEMA),
-                               row_group_size=ROW_GROUP)
+            pins = chunk.pins or [None] * len(chunk.ids)
+            columns = {"id": chunk.ids, "label": chunk.labels, "path": chunk.paths,
+                       "size": [p.size if p else None for p in pins],
+                       "pin": [p.token if p else None for p in pins]}
+            writer.write_table(pa.table(columns, schema=ROWS_SCHEMA), row_group_size=ROW_GROUP)
             n += len(chunk.ids)
             n_labelled += sum(label is not None for label in chunk.labels)
             pairs = [f"{item_id}\t{label}" for item_id, label in zip(chunk.ids, chunk.labels)]

@@ -12,7 +12,9 @@ from pathlib import Path
 
 from batch_classify.core.config import DataConfig
 from batch_classify.core.storage import (
+    ObjectInfo,
     Store,
+    identity,
     is_folder_marker,
     is_url,
     problem_of,
@@ -125,11 +127,11 @@ def _top_level(store: Store, url: str) -> TopLevel:
     return top
 
 
-def expand_urls(cfg: DataConfig, search: ShardSearch, notes: list[str]) -> tuple[str, dict[str, int]]:
-    """(root, {url: size}) of the objects data.path names: one object; a prefix (every object
-    under it whose name ends in the search's suffixes, skipping names that start with its
-    skip prefixes, in name order); a glob; or a brace pattern (in the order written, globs
-    allowed). Each object is named once. Sizes come from the listing."""
+def expand_urls(cfg: DataConfig, search: ShardSearch, notes: list[str]) -> tuple[str, dict[str, ObjectInfo]]:
+    """(root, {url: identity}) of the objects data.path names: one object; a prefix (every
+    object under it whose name ends in the search's suffixes, skipping names that start with
+    its skip prefixes, in name order); a glob; or a brace pattern (in the order written, globs
+    allowed). Each object is named once. Sizes and ETags come from the listing."""
     spec, store = cfg.path, store_of(cfg)
     what = f"data.path {spec!r}"
     try:
@@ -144,9 +146,9 @@ def expand_urls(cfg: DataConfig, search: ShardSearch, notes: list[str]) -> tuple
     except (PermissionError, ShardSpecError) as error:
         raise _refused(error, cfg) or InputError(f"{what}: {error}") from None
     if info.get("type") == "file":
-        return url_root(spec, True), {spec: int(info.get("size") or 0)}
+        return url_root(spec, True), {spec: identity(store.protocol, info)}
     root = url_root(spec, False)
-    found = {url: size for url, size in store.find(root).items()
+    found = {url: pin for url, pin in store.find_objects(root).items()
              if url.lower().endswith(search.suffixes)
              and not skipped(relative(url, root), search.skip_prefixes)}
     if not found:
@@ -155,29 +157,29 @@ def expand_urls(cfg: DataConfig, search: ShardSearch, notes: list[str]) -> tuple
     return root, found
 
 
-def _pattern(store: Store, spec: str, what: str, notes: list[str]) -> dict[str, int]:
+def _pattern(store: Store, spec: str, what: str, notes: list[str]) -> dict[str, ObjectInfo]:
     count, names = brace_names(spec, what)
-    found: dict[str, int] = {}
-    listings: dict[str, dict[str, int]] = {}
+    found: dict[str, ObjectInfo] = {}
+    listings: dict[str, dict[str, ObjectInfo]] = {}
     missing, first_missing, repeats = 0, "", 0
     for name in names:
         if glob.has_magic(name.split("://", 1)[1]):
-            matches = store.glob(name)
+            matches = store.glob_objects(name)
         else:
             parent = name.rsplit("/", 1)[0]
             if parent not in listings:  # one listing per prefix, not a HEAD per name
                 listings[parent] = _listing(store, parent)
-            size = listings[parent].get(name)
-            if size is None and store.protocol in ("http", "https"):
-                size = _head(store, name)
-            matches = {} if size is None else {name: size}
+            pin = listings[parent].get(name)
+            if pin is None and store.protocol in ("http", "https"):
+                pin = _head(store, name)
+            matches = {} if pin is None else {name: pin}
             if not matches:
                 missing += 1
                 first_missing = first_missing or name
-        for url, size in matches.items():
+        for url, pin in matches.items():
             if url in found:
                 repeats += 1
-            found[url] = size
+            found[url] = pin
     if missing:
         raise ShardSpecError(f"{missing} of the {count} objects it names do not exist, "
                              f"e.g. {first_missing!r}")
@@ -188,44 +190,66 @@ def _pattern(store: Store, spec: str, what: str, notes: list[str]) -> dict[str, 
     return found
 
 
-def _listing(store: Store, prefix: str) -> dict[str, int]:
+def _listing(store: Store, prefix: str) -> dict[str, ObjectInfo]:
     if store.protocol in ("http", "https"):
         return {}  # no listing over plain HTTP: each name is asked for
     try:
-        entries = store.call(prefix, lambda: store.fs.ls(store.path(prefix), detail=True))
+        found = store.ls_objects(prefix)
     except FileNotFoundError as error:
         if problem_of(error) == "missing bucket":
             raise  # not a missing object: the whole pattern's bucket
         return {}
-    return {store.to_url(entry["name"]): int(entry.get("size") or 0) for entry in entries
-            if entry.get("type", "file") == "file" and not is_folder_marker(entry["name"], entry.get("size"))}
+    return {url: pin for url, pin in found.items() if not is_folder_marker(url, pin.size)}
 
 
-def _head(store: Store, url: str) -> int | None:
+def _head(store: Store, url: str) -> ObjectInfo | None:
     try:
-        return store.size(url)
+        return store.object_info(url)
     except FileNotFoundError:
         return None
 
 
-def object_images(cfg: DataConfig) -> tuple[str, list[str]]:
-    """(root, the image objects under it relative to it, in path order) from one paginated
-    listing: no object is read. Names with a part starting with '.' are skipped, as local
-    hidden files are; folder markers are no images."""
+def object_images(cfg: DataConfig) -> tuple[str, list[tuple[str, ObjectInfo]]]:
+    """(root, (each image object under it relative to it, its identity), in path order) from
+    one paginated listing: no object is read. Names with a part starting with '.' are
+    skipped, as local hidden files are; folder markers are no images."""
     root = cfg.path.rstrip("/")
     names = []
-    for url in store_of(cfg).find(root):
+    for url, pin in store_of(cfg).find_objects(root).items():
         rel = relative(url, root)
         if is_image(rel.rsplit("/", 1)[-1]) and not skipped(rel):
             check_nameable(cfg, [url])
-            names.append(rel)
+            names.append((rel, pin))
     return root, names
 
 
-def object_lines(cfg: DataConfig) -> Iterator[tuple[int, str]]:
-    """(line number, line) of a text object: a list of image URLs or keys."""
+class PrefixIdentities:
+    """The identity of objects named one by one (a list of URLs), from one listing per prefix
+    (never a HEAD per object where the store lists): the last ``KEEP`` prefixes' listings are
+    held, so lines grouped by prefix list each prefix once."""
+
+    KEEP = 4
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.listings: dict[str, dict[str, ObjectInfo]] = {}
+
+    def __call__(self, url: str) -> ObjectInfo | None:
+        if self.store.protocol in ("http", "https"):
+            return _head(self.store, url)
+        parent = url.rsplit("/", 1)[0]
+        if parent not in self.listings:
+            if len(self.listings) >= self.KEEP:
+                self.listings.pop(next(iter(self.listings)))
+            self.listings[parent] = _listing(self.store, parent)
+        return self.listings[parent].get(url)
+
+
+def object_lines(cfg: DataConfig, pin: ObjectInfo | None = None) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a text object: a list of image URLs or keys (of the version
+    ``pin`` where given)."""
     try:
-        text = store_of(cfg).read(cfg.path).decode("utf-8-sig")
+        text = store_of(cfg).read(cfg.path, pin).decode("utf-8-sig")
     except (FileNotFoundError, PermissionError) as error:
         raise InputError(f"data.path {cfg.path}: {error}") from None
     except UnicodeDecodeError as error:

@@ -3,6 +3,7 @@ the rank that runs them; listing reads only the footers."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import pyarrow.parquet as pq
 from batch_classify.core.config import DataConfig
 from batch_classify.core.errors import describe_error
 from batch_classify.core.limits import NotRegularFile, open_regular
-from batch_classify.core.storage import is_url
+from batch_classify.core.storage import ObjectChanged, ObjectInfo, Store, StoreError, is_url
 from batch_classify.inputs.base import (
     CHUNK_ROWS,
     Cut,
@@ -25,6 +26,7 @@ from batch_classify.inputs.base import (
     Record,
     Repeats,
     Sizing,
+    checked_last,
     error_rows,
     regular_file,
 )
@@ -37,6 +39,8 @@ log = logging.getLogger(__name__)
 
 FOOTER_BYTES = 256 << 10
 """Bytes read from an object's end for its footer: one ranged GET for most files."""
+MERGE_GAP = 64 << 10
+"""Column chunks of a unit closer than this are fetched in one ranged GET."""
 FAULTS = (OSError, pa.ArrowException)
 """What pyarrow raises for a file or row group it cannot read (ArrowInvalid, ArrowIOError, ...)."""
 
@@ -61,6 +65,10 @@ class Parquet(TableKind):
     @classmethod
     def enumerate(cls, cfg: DataConfig, state: StateRecorder | None = None) -> Enumeration:
         return parquet(cfg)
+
+    @classmethod
+    def objects_now(cls, cfg: DataConfig) -> Iterator[tuple[str, ObjectInfo]]:
+        return iter(sorted(expand_urls(cfg, PARQUET_FILES, [])[1].items()))
 
     @classmethod
     def cut(cls, enumeration: Enumeration, folder: Path, sizing: Sizing) -> Cut:
@@ -93,8 +101,11 @@ class Parquet(TableKind):
         group = RowGroups(unit, rel, columns, int(listing.units["offset"][unit]))
         if self.remote:
             path = self.shard_location(rel)
-            with self._fetch(unit, path, columns) as file:
-                yield from self._row_groups(pq.ParquetFile(file), group, read_images, path.rsplit("/", 1)[0])
+            store, pin = self.store(), self.pin(path)
+            with self._fetch(unit, path, columns, pin) as file:
+                group.source = file
+                records = self._row_groups(pq.ParquetFile(file), group, read_images, path.rsplit("/", 1)[0])
+                yield from checked_last(records, lambda: store.check(path, pin))
             return
         try:
             file = open_regular(path)
@@ -108,18 +119,19 @@ class Parquet(TableKind):
         with file:
             yield from self._row_groups(pq.ParquetFile(file), group, read_images, os.path.dirname(path))
 
-    def _fetch(self, unit: int, url: str, columns: list[str]) -> Any:
-        """The unit's row groups of an object, only the columns asked for: the footer, then
-        those column chunks in as few ranged GETs as their offsets allow (retried whole). fsspec
-        reads the footer's FOOTER_BYTES twice (to plan, then with the chunks)."""
-        from fsspec.parquet import open_parquet_file
-
+    def _fetch(self, unit: int, url: str, columns: list[str], pin: ObjectInfo | None) -> ObjectRanges:
+        """The unit's row groups of an object, only the columns asked for: the footer in one
+        ranged GET, then those column chunks in as few as their offsets allow, each retried and
+        of the version listed; pyarrow then reads them from memory."""
         store = self.store()
         units = self.listing.units
-        groups = list(range(int(units["start"][unit]), int(units["stop"][unit])))
-        return store.call(url, lambda: open_parquet_file(
-            store.path(url), fs=store.fs, columns=columns, row_groups=groups, engine="pyarrow",
-            footer_sample_size=FOOTER_BYTES))
+        groups = range(int(units["start"][unit]), int(units["stop"][unit]))
+        file = ObjectRanges(store, url, pin.size if pin is not None else store.size(url), pin)
+        metadata = pq.read_metadata(file)
+        for start, stop in chunk_ranges(metadata, groups, {*columns}):
+            file.fetch(start, stop)
+        file.seek(0)
+        return file
 
     def _row_groups(self, handle: pq.ParquetFile, run: RowGroups, read_images: bool,
                     folder: str) -> Iterator[Record]:
@@ -134,7 +146,7 @@ class Parquet(TableKind):
             n = handle.metadata.row_group(group).num_rows
             declared = _declared_bytes(handle.metadata.row_group(group), counted)
             if declared > limit:  # known from the footer: the pages are never read
-                yield from error_rows(self._fallback_ids(handle, group, rel, position, n),
+                yield from error_rows(self._fallback_ids(handle, group, run, position, n),
                                       f"RowGroupTooLarge: {rel} row group {group} (rows {position}-"
                                       f"{position + n - 1}): its footer declares {declared} bytes, "
                                       f"over runtime.max_row_group_bytes ({limit})")
@@ -147,24 +159,26 @@ class Parquet(TableKind):
                 labels = table.column(label_column).to_pylist() if label_column else [None] * n
                 images = table.column(reader["image_column"]).to_pylist() if read_images else None
             except FAULTS as error:
-                yield from error_rows(self._fallback_ids(handle, group, rel, position, n),
+                run.raise_store_failure(error)
+                yield from error_rows(self._fallback_ids(handle, group, run, position, n),
                                       f"CorruptShard: {rel} row group {group} (rows {position}-"
                                       f"{position + n - 1}): {describe_error(error)}")
             else:
                 yield from self.emit(images, ids, labels, folder)
             position += n
 
-    def _fallback_ids(self, handle: pq.ParquetFile, group: int, rel: str, position: int,
+    def _fallback_ids(self, handle: pq.ParquetFile, group: int, run: RowGroups, position: int,
                       n: int) -> list[str]:
         """Ids for the rows of a group that cannot be read whole: the id column alone where it
         still reads (a recount reads only ids, and must find the same), else the row index
         (``<file>@<row>`` where ids come from a column)."""
-        column = self.listing.info["reader"]["id_column"]
+        column, rel = self.listing.info["reader"]["id_column"], run.rel
         if column is None:
             return [str(i) for i in range(position, position + n)]
         try:
             return [str(v) for v in handle.read_row_group(group, columns=[column]).column(0).to_pylist()]
-        except FAULTS:
+        except FAULTS as error:
+            run.raise_store_failure(error)
             return [f"{rel}@{i}" for i in range(position, position + n)]
 
 class RowGroups:
@@ -172,6 +186,93 @@ class RowGroups:
 
     def __init__(self, unit: int, rel: str, columns: list[str], position: int) -> None:
         self.unit, self.rel, self.columns, self.position = unit, rel, columns, position
+        self.source: ObjectRanges | None = None
+
+    def raise_store_failure(self, error: BaseException) -> None:
+        """A read pyarrow failed because the store did (a fault past its retries, the object
+        changed) fails the unit, as a file that cannot be read does: it is not bad data."""
+        if self.source is not None and self.source.failure is not None:
+            raise self.source.failure from error
+
+
+class ObjectRanges(io.RawIOBase):
+    """An object in a store as a file for pyarrow: reads are served from the byte ranges
+    fetched so far (``fetch``), a read outside them is one more ranged GET. Every GET is
+    retried and of the version ``pin``; the first that fails is kept in ``failure``."""
+
+    def __init__(self, store: Store, url: str, size: int, pin: ObjectInfo | None) -> None:
+        super().__init__()
+        self.store, self.url, self.size, self.pin = store, url, size, pin
+        self.parts: list[tuple[int, bytes]] = []
+        self.position = 0
+        self.failure: OSError | None = None
+        self.fetch(max(0, size - FOOTER_BYTES), size)  # the footer, in one GET
+
+    def fetch(self, start: int, stop: int) -> None:
+        try:
+            data = self.store.read_range(self.url, start, stop, self.pin)
+        except OSError as error:
+            self.failure = self.failure or error
+            raise
+        self.parts.append((start, data))
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def read(self, size: int = -1) -> bytes:
+        start = self.position
+        stop = self.size if size is None or size < 0 else min(self.size, start + size)
+        if stop <= start:
+            return b""
+        for first, data in self.parts:
+            if first <= start and stop <= first + len(data):
+                break
+        else:
+            self.fetch(start, stop)
+            first, data = self.parts[-1]
+        self.position = stop
+        return data[start - first:stop - first]
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+
+def chunk_ranges(metadata: Any, groups: range, columns: set[str]) -> list[tuple[int, int]]:
+    """The byte ranges of the named top-level columns' chunks in ``groups``, those within
+    MERGE_GAP of each other merged."""
+    ranges = []
+    for group in groups:
+        row_group = metadata.row_group(group)
+        for i in range(row_group.num_columns):
+            chunk = row_group.column(i)
+            if chunk.path_in_schema.split(".")[0] not in columns:
+                continue
+            dictionary = chunk.dictionary_page_offset if chunk.has_dictionary_page else None
+            start = dictionary if dictionary else chunk.data_page_offset
+            ranges.append((start, start + chunk.total_compressed_size))
+    merged: list[tuple[int, int]] = []
+    for start, stop in sorted(ranges):
+        if merged and start - merged[-1][1] <= MERGE_GAP:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
+        else:
+            merged.append((start, stop))
+    return merged
 
 
 def _declared_bytes(group: Any, columns: set[str]) -> int:
@@ -247,8 +348,8 @@ class Sources:
         self.store = store_of(cfg) if is_url(cfg.path) else None
         self.footers: dict[Any, Any] = {}
         if self.store is not None:
-            self.root, self.sizes = expand_urls(cfg, PARQUET_FILES, notes)
-            self.files: list[Any] = list(self.sizes)
+            self.root, self.objects = expand_urls(cfg, PARQUET_FILES, notes)
+            self.files: list[Any] = list(self.objects)
         else:
             root, self.files = _parquet_files(cfg, notes)
             self.root = str(root)
@@ -259,12 +360,13 @@ class Sources:
         return Path(os.path.relpath(file, self.root)).as_posix()
 
     def size(self, file: Any) -> int:
-        return self.sizes[file] if self.store is not None else file.stat().st_size
+        return self.objects[file].size if self.store is not None else file.stat().st_size
 
     def open(self, file: Any) -> pq.ParquetFile:
         if self.store is None:
             return pq.ParquetFile(file)
-        return pq.ParquetFile(self.store.open(file, self.sizes[file], block_size=FOOTER_BYTES))
+        pin = self.objects[file]
+        return pq.ParquetFile(ObjectRanges(self.store, file, pin.size, pin))
 
     def footer(self, file: Any) -> Any:
         if file not in self.footers:
@@ -278,7 +380,7 @@ class Sources:
             if self.store is not None:
                 return self.store.call(file, lambda: self.open(file).metadata)
             return pq.read_metadata(file)
-        except (FileNotFoundError, PermissionError) as error:
+        except (FileNotFoundError, PermissionError, ObjectChanged, StoreError) as error:
             raise InputError(f"data.path: {error}") from None
         except Exception as error:
             raise InputError(f"data.path: {file} is not a readable Parquet file ({error})") from None
@@ -312,6 +414,8 @@ def parquet(cfg: DataConfig) -> Enumeration:
         rel = sources.rel(file)
         groups = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
         shards.append({"path": rel, "row_groups": groups})
+        if sources.store is not None:  # the version listed, which every read is pinned to
+            shards[-1]["object"] = [sources.objects[file].size, sources.objects[file].token]
         parts.append(f"{rel}\t{metadata.num_rows}\t{sources.size(file)}")
     reader = {"image_column": image_column, "id_column": cfg.id_column, "label": None}
     if cfg.id_column is not None:

@@ -8,6 +8,10 @@ no walk of the images. A folder whose mtime falls within ``RACY_NS`` of the mome
 read may have changed within the filesystem's timestamp granularity without a new mtime,
 so for those alone the entries are counted again (git's "racily clean" rule).
 
+An input in an object store has no mtimes to stat: listing records each object it listed
+(its URL, size and ETag or version), and a resume lists the same prefixes again (no object is
+read) and compares, object by object (``compare_objects``).
+
 Rows stream to ``input/state.parquet`` in chunks; memory is bounded by a chunk, not by the
 number of folders.
 """
@@ -17,12 +21,14 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from batch_classify.core.storage import ObjectInfo
 
 RACY_NS = 2_000_000_000
 """A folder modified less than this before it was read is re-counted on every check."""
@@ -32,8 +38,9 @@ SHOW = 3
 SCHEMA = pa.schema([("kind", pa.string()), ("path", pa.string()), ("mtime_ns", pa.int64()),
                     ("size", pa.int64()), ("entries", pa.int64()), ("read_ns", pa.int64()),
                     ("digest", pa.string())])
-"""kind: ``folder`` (mtime_ns, entries, read_ns), ``file`` (mtime_ns, size) or ``content``
-(size, digest: sha256 of the bytes). Paths are absolute and resolved."""
+"""kind: ``folder`` (mtime_ns, entries, read_ns), ``file`` (mtime_ns, size), ``content``
+(size, digest: sha256 of the bytes) or ``object`` (an object in a store: its URL, size, and
+digest: its ETag and version, ``ObjectInfo.token``). Paths are absolute and resolved."""
 
 
 def content_digest(path: str | os.PathLike) -> str:
@@ -80,6 +87,10 @@ class StateRecorder:
     def content(self, path: str | os.PathLike) -> None:
         """A small file whose bytes the listing depends on (a labels CSV)."""
         self._add(("content", os.fspath(path), None, os.stat(path).st_size, None, None, content_digest(path)))
+
+    def object(self, url: str, info: ObjectInfo) -> None:
+        """An object of a store the listing was made from, as the store's listing gave it."""
+        self._add(("object", url, None, info.size, None, None, info.token))
 
     def _flush(self) -> None:
         if not self._rows["kind"]:
@@ -170,6 +181,8 @@ def check_state(path: Path) -> Change | None:
     n, missing = 0, False
     for rows in _batches(path):
         for kind, name, mtime_ns, size, entries, read_ns, digest in zip(*(rows[c] for c in SCHEMA.names)):
+            if kind == "object":
+                continue  # compared with a new listing of the store: compare_objects
             try:
                 if kind == "folder":
                     change = _folder_change(name, mtime_ns, entries, read_ns)
@@ -184,6 +197,40 @@ def check_state(path: Path) -> Change | None:
                 if len(found) < SHOW:
                     found.append(change)
     return Change(found, n, missing) if n else None
+
+
+def listed_objects(path: Path) -> Iterator[tuple[str, ObjectInfo]]:
+    """(url, identity) of the objects recorded at ``path``, in the order listed."""
+    for rows in _batches(path):
+        for kind, url, size, token in zip(rows["kind"], rows["path"], rows["size"], rows["digest"]):
+            if kind == "object":
+                yield url, ObjectInfo.parse(size, token)
+
+
+def compare_objects(path: Path, now: Iterable[tuple[str, ObjectInfo]]) -> Change | None:
+    """The objects added, gone or replaced (another size or ETag) between those recorded at
+    ``path`` and ``now`` (a new listing, in the same order: by name), or None. Streams both."""
+    before, after = listed_objects(path), iter(now)
+    old, new = next(before, None), next(after, None)
+    counts = {"added": 0, "gone": 0, "replaced": 0}
+    first: dict[str, str] = {}
+    while old is not None or new is not None:
+        if new is None or (old is not None and old[0] < new[0]):
+            counts["gone"] += 1
+            first.setdefault("gone", old[0])
+            old = next(before, None)
+        elif old is None or new[0] < old[0]:
+            counts["added"] += 1
+            first.setdefault("added", new[0])
+            new = next(after, None)
+        else:
+            if not old[1].same(new[1]):
+                counts["replaced"] += 1
+                first.setdefault("replaced", f"{old[0]} ({old[1].describe()} when listed, "
+                                             f"{new[1].describe()} now)")
+            old, new = next(before, None), next(after, None)
+    found = [f"{counts[what]} object(s) {what}, e.g. {first[what]}" for what in counts if counts[what]]
+    return Change(found, len(found)) if found else None
 
 
 def listed_files(path: Path) -> list[str]:

@@ -140,6 +140,7 @@ class _Inflated:
         self.pending = b""
         self.total = 0
         self.done = False
+        self.source_error: OSError | None = None
 
     def _new(self):
         if self.kind == "gzip":
@@ -166,7 +167,11 @@ class _Inflated:
     def _input(self) -> bytes:
         if not self.pending:
             # Small reads: zlib hands back the unread input as a copy after every call.
-            self.pending = self.raw.read(COMPRESSED_CHUNK)
+            try:
+                self.pending = self.raw.read(COMPRESSED_CHUNK)
+            except OSError as error:  # the file's (or store's) fault, not bad data: raised as it is
+                self.source_error = error
+                raise
             if not self.pending:
                 self.done = True  # cut short, or the end
         return self.pending
@@ -198,6 +203,8 @@ class _Inflated:
                 return inflater.decompress(data, want)
             return inflater.decompress(b"", want)
         except (zlib.error, lzma.LZMAError, OSError, EOFError) as error:  # bz2 raises OSError
+            if error is self.source_error:
+                raise
             raise tarfile.ReadError(f"invalid compressed data ({error})") from None
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from batch_classify.core.config import DataConfig
-from batch_classify.core.storage import is_url
+from batch_classify.core.storage import ObjectInfo, is_url
 from batch_classify.inputs.base import (
     Cut,
     Enumeration,
@@ -18,6 +18,7 @@ from batch_classify.inputs.base import (
     Record,
     ShardKind,
     Sizing,
+    checked_last,
     is_tar_name,
     regular_file,
 )
@@ -54,6 +55,10 @@ class WebDataset(ShardKind):
         return webdataset(cfg)
 
     @classmethod
+    def objects_now(cls, cfg: DataConfig) -> Iterator[tuple[str, ObjectInfo]]:
+        return iter(sorted(expand_urls(cfg, TARS, [])[1].items()))
+
+    @classmethod
     def cut(cls, enumeration: Enumeration, folder: Path, sizing: Sizing) -> Cut:
         """A unit per tar; sizes are known once read."""
         n = len(enumeration.shards)
@@ -70,16 +75,21 @@ class WebDataset(ShardKind):
         reader = listing.info["reader"]
         rel = listing.unit_paths[unit]
         source = self.shard_location(rel)
-        if self.remote:  # streamed in a few large ranged GETs; a missing object raises here
-            store = self.store()
-            source = store.open(source)
+        url, pin, store = source, None, None
+        if self.remote:  # streamed in a few large ranged GETs, each of the version listed
+            store, pin = self.store(), self.pin(source)
+            source = store.open(url, pin=pin)
             if not _said_block_size:
                 _said_block_size.append(store.block_size)
                 log.info("reading tars from %s in ranged GETs of %d MiB (data.storage_options.block_size)",
                          listing.root, store.block_size >> 20)
-        for sample in iter_tar(source, rel, reader["image_suffixes"],
-                               reader["label_key"], read_images=read_images, limits=listing.limits):
-            yield Record(sample.id, sample.label, sample.image, sample.error)
+        records = (Record(sample.id, sample.label, sample.image, sample.error)
+                   for sample in iter_tar(source, rel, reader["image_suffixes"], reader["label_key"],
+                                          read_images=read_images, limits=listing.limits))
+        if store is None:
+            yield from records
+            return
+        yield from checked_last(records, lambda: store.check(url, pin))
 
 
 def webdataset(cfg: DataConfig) -> Enumeration:
@@ -116,10 +126,10 @@ def _tar_objects(cfg: DataConfig) -> Enumeration:
     for note in notes:
         log.warning(note)
     shards, parts = [], []
-    for url, size in objects.items():
+    for url, pin in objects.items():
         rel = relative(url, root)
-        shards.append({"path": rel})
-        parts.append(f"{rel}\t{size}")
+        shards.append({"path": rel, "object": [pin.size, pin.token]})
+        parts.append(f"{rel}\t{pin.size}")
     block = store_of(cfg).block_size
     notes = [f"{len(shards)} WebDataset tar(s) under {root}, read in ranged GETs of {block >> 20} MiB",
              *notes]

@@ -79,10 +79,10 @@ class UnitTasks:
                 try:
                     task = next(tasks, None)
                 except self.listing.faults as error:  # gone, no permission, being rewritten: retry later
+                    way_out = getattr(error, "way_out", "run the same command again once it is readable")
                     raise InputError(
                         f"unit {unit} of the input ({self.listing.describe_unit(unit)}) cannot be read: "
-                        f"{describe_error(error)}. Finished units are committed; run the same command "
-                        "again once it is readable") from error
+                        f"{describe_error(error)}. Finished units are committed; {way_out}") from error
                 if task is None:
                     break
                 batch.append(task)
