@@ -1046,6 +1046,9 @@ def delete_if_match(store: Store, url: str, tag: str) -> None:
             return
         except Exception as error:  # each client has its own 412 (azure's is no OSError)
             if _precondition(error) or isinstance(error, FileExistsError):
+                _forget(store, path)
+                if fresh_info(store, url) is None:  # Azure answers If-Match on a missing blob with 412
+                    return
                 raise _refused(url, error) from error
             raise
         finally:
