@@ -136,3 +136,40 @@ def test_two_jobs_taking_over_a_dead_jobs_lease_at_once_leave_exactly_one_runnin
     winner.release()
     fs.invalidate_cache()
     assert not fs.exists(f"outputs/race/{LEASE}")
+
+
+def _parquet(tag: str) -> bytes:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"id": [f"{tag}{i}" for i in range(3)]}), sink)
+    return sink.getvalue()
+
+
+def test_a_unit_object_there_is_kept_when_whole_and_replaced_when_damaged(emulated, tmp_path, fast):
+    """A unit's create-only PUT refused: a fresh HEAD, not the listing cache, says what is there;
+    the same bytes are kept (no PUT), other bytes of the same size replaced at the version found."""
+    fs = _bucket(emulated)
+    job = attach(f"{emulated.scheme}://outputs/units", emulated.options(), str(tmp_path / "staging"))
+    folder = job.local / "predictions"
+    folder.mkdir(parents=True)
+    for unit in (0, 1):
+        (folder / f"unit-00000{unit}.parquet").write_bytes(_parquet(str(unit)))
+    job.publish(folder / "unit-000001.parquet", create_only=True)
+    job.store.fs.ls("outputs/units/predictions")  # the client's listing cache: unit 0 absent
+    key = "outputs/units/predictions/unit-000000.parquet"
+    committed = (folder / "unit-000000.parquet").read_bytes()
+    fs.pipe_file(key, committed)  # from elsewhere (a PUT whose answer was lost)
+    there = version_tag(fs.info(key))
+    job.publish(folder / "unit-000000.parquet", create_only=True)
+    fs.invalidate_cache()
+    assert version_tag(fs.info(key)) == there  # the same bytes: left as they are
+    damaged = bytearray(committed)
+    damaged[len(damaged) // 2] ^= 0xFF  # same size, one byte other
+    fs.pipe_file(key, bytes(damaged))
+    job.publish(folder / "unit-000000.parquet", create_only=True)
+    fs.invalidate_cache()
+    assert fs.cat_file(key) == committed

@@ -922,7 +922,7 @@ def content_md5(info: dict[str, Any]) -> str | None:
         except (binascii.Error, ValueError):
             return None
     settings = info.get("content_settings") or {}
-    md5 = settings.get("content_md5") if isinstance(settings, dict) else None
+    md5 = settings.get("content_md5") if hasattr(settings, "get") else None  # azure's: a dict-like
     return bytes(md5).hex() if md5 else None
 
 
