@@ -74,6 +74,10 @@ def test_creates_replaces_and_deletes_happen_only_at_the_version_named(emulated,
     assert fs.cat_file("outputs/conditional/a.json") == b"replaced"
     with pytest.raises(VersionChanged):  # gone: not the version named either
         put_if_match(store, f"{emulated.scheme}://outputs/conditional/none.json", b"x", tag)
+    store.fs.ls("outputs/conditional", detail=True)  # the client's listing cache holds this version
+    fs.pipe_file("outputs/conditional/a.json", b"from elsewhere")  # another client's write
+    now = fresh_info(store, url)
+    assert now is not None and now["size"] == 14 and version_tag(now) != newer
     delete_if_match(store, url, version_tag(now))
     assert fresh_info(store, url) is None
     delete_if_match(store, url, version_tag(now))  # already gone: no error
