@@ -248,3 +248,29 @@ def test_a_pull_notices_an_object_changed_in_the_store_at_the_same_size(s3, tmp_
     unit.write_bytes(_parquet(tag="z"))
     assert remote_module.RemoteOutput(job.url, job.local, s3.options()).pull() == 1
     assert unit.read_bytes() == _parquet(tag="y")
+
+
+def test_plan_on_an_output_in_a_store_holds_the_lease_while_it_sends_the_listing(
+        s3, corpus, tiny_models, tmp_path, monkeypatch):
+    from batch_classify.commands.cli import main as cli_main
+
+    fs, url = _bucket(s3), "s3://outputs/planned"
+    monkeypatch.setenv("BATCH_CLASSIFY_CACHE", str(tmp_path / "cache"))
+    args = ["plan", "--model.name", str(tiny_models["beit"]), "--data.path", str(corpus),
+            "--output.dir", url, "--output.storage_options", json.dumps(s3.options()),
+            "--runtime.device", "cpu"]
+    # Another live job writes there: plan sends nothing and says who holds it.
+    other = attach(url, s3.options(), str(tmp_path / "other"))
+    other.acquire()
+    try:
+        assert cli_main([*args, "--output.staging", str(tmp_path / "a")]) == 2
+        assert not fs.exists("outputs/planned/input/listing.json")
+    finally:
+        other.release()
+    s3.faults.requests.clear()
+    assert cli_main([*args, "--output.staging", str(tmp_path / "b")]) == 0
+    puts = [path for method, path, _ in s3.faults.requests if method == "PUT"]
+    assert puts[0].endswith("/" + LEASE)  # taken before anything is sent
+    assert any(path.endswith("/input/listing.json") for path in puts)
+    assert fs.exists("outputs/planned/input/units.parquet")
+    assert not fs.exists(f"outputs/planned/{LEASE}")  # given back

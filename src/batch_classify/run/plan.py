@@ -162,9 +162,14 @@ def plan(spec: JobSpec) -> str:
     if is_url(spec.output.dir):  # an output in a store: planned in its staging folder, then sent
         check_store_location(spec)
         remote = attach(spec.output.dir, spec.output.storage_options, spec.output.staging)
-        remote.pull()
-        text = plan(dataclasses.replace(spec, output=dataclasses.replace(spec.output, dir=str(remote.local))))
-        push_staged(remote.local)
+        remote.acquire()  # the listing it sends is the output's: one writer, as for a job
+        try:
+            remote.pull()
+            text = plan(dataclasses.replace(spec, output=dataclasses.replace(spec.output,
+                                                                             dir=str(remote.local))))
+            push_staged(remote.local, end=False)
+        finally:
+            remote.release()
         return text
     output = Path(spec.output.dir)
     started = time.monotonic()
