@@ -149,3 +149,39 @@ def test_an_unreachable_input_store_is_no_output_filesystem_fault(in_store, tiny
     assert said.startswith("batch-classify: data.path s3://bucket/wds: the store could not be reached or "
                            "kept failing (input store s3://bucket)"), said
     assert "output filesystem" not in said
+
+
+SIGNATURE = "b7c3f1e0d9a8signature"
+
+
+@pytest.mark.parametrize("line", [
+    f"https://bucket.example.org/x/i0.jpg?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Signature={SIGNATURE}",
+    f"https://account.blob.example.net/c/i0.jpg?sv=2024-01-01&sig={SIGNATURE}",
+    f"https://reader:{SIGNATURE}@files.example.org/x/i0.jpg",
+])
+def test_a_list_naming_urls_with_credentials_is_refused_without_saving_them(tmp_path, line):
+    from batch_classify.core.config import DataConfig
+    from batch_classify.inputs.base import InputError
+    from batch_classify.inputs.listing import write_listing
+
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{tmp_path / 'a.jpg'}\n{line}\n")
+    with pytest.raises(InputError, match="line 2: .* carries credentials") as refused:
+        write_listing(DataConfig(path=str(listed)), tmp_path / "out")
+    assert SIGNATURE not in str(refused.value)
+    assert not (tmp_path / "out" / "input").exists()  # nothing listed, nothing saved
+
+
+def test_a_signed_data_path_is_refused_in_one_line_without_its_signature(tmp_path):
+    from batch_classify.core.config import DataConfig
+    from batch_classify.inputs.base import InputError
+    from batch_classify.inputs.listing import write_listing
+
+    url = f"https://host.example.org/shards/00000.tar?X-Amz-Credential=AKIA&X-Amz-Signature={SIGNATURE}"
+    with pytest.raises(InputError, match="query carries credentials") as refused:
+        write_listing(DataConfig(path=url), tmp_path / "out")
+    assert SIGNATURE not in str(refused.value)
+    # a plain query (no credential in it) is no refusal of this kind
+    from batch_classify.core.secrets import signed_query
+    assert not signed_query("https://host.example.org/a.tar?download=1")
+    assert signed_query(url) and not signed_query(f"https://u:{SIGNATURE}@host.example.org/a.tar")

@@ -115,6 +115,20 @@ def redact_url(text: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def signed_query(url: str) -> bool:
+    """Whether a URL's query carries credentials (a presigned URL's signature, a SAS token, an
+    access token): unlike a password in the host part, they name this one object and cannot be
+    kept apart from it, so an input naming them would save them with its listing and rows."""
+    if not isinstance(url, str) or "://" not in url:
+        return False
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    bare = urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, parts.query, parts.fragment))
+    return bool(parts.query) and redact_url(bare) != bare
+
+
 def redact_text(text: str, options: Any = None) -> str:
     """A message with every URL in it redacted, and any secret value of ``options`` or of the
     options this process was given (``keep_live``) that it quotes replaced by MARKER."""

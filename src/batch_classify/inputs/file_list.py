@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from batch_classify.core.config import DataConfig
+from batch_classify.core.secrets import redact_url, signed_query
 from batch_classify.core.storage import ObjectInfo, canonical_url, is_url, join, unnamable
 from batch_classify.inputs.base import Enumeration, Found, InputError, Repeats, chunked
 from batch_classify.inputs.listed import ListedKind
@@ -115,6 +116,15 @@ def refuse_unnamable(list_path: Path | str, number: int, line: str, why: str | N
                          "the object, or copy it to a key without that")
 
 
+def refuse_credentials(list_path: Path | str, number: int, line: str) -> None:
+    """A line naming a URL with credentials in it: the listing and the rows would save them."""
+    if is_url(line) and redact_url(line) != line:
+        raise InputError(f"data.path {redact_url(str(list_path))}, line {number}: {redact_url(line)!r} "
+                         "carries credentials (a password or a signed query) that the listing and the "
+                         "prediction rows would save; list the objects by plain URL or key, and give the "
+                         "credentials in data.storage_options or the store's environment")
+
+
 def file_list(list_path: Path) -> Enumeration:
     """Unlabelled images named one per line in a text file (relative to the file's folder).
     Ids are the lines as written (stripped); a file named twice, in any spelling, is refused."""
@@ -134,6 +144,7 @@ def file_list(list_path: Path) -> Enumeration:
                     raise InputError(f"data.path {list_path}, line {number}: a NUL byte: this is not a text "
                                      "list of image paths (data.kind: file_list)")
                 if is_url(line):
+                    refuse_credentials(list_path, number, line)
                     refuse_unnamable(list_path, number, line, unnamable(line))
                 yield number, line
 
@@ -177,6 +188,7 @@ def object_list(cfg: DataConfig, state: StateRecorder | None = None) -> Enumerat
 
     def named(number: int, line: str) -> tuple[str, str]:
         """(the URL the line names, in the line's scheme; the same in one spelling, for comparing)."""
+        refuse_credentials(cfg.path, number, line)
         url = line if is_url(line) else join(root, line)
         try:
             key = canonical_url(url)

@@ -37,6 +37,7 @@ from batch_classify.core.secrets import (
     redact_text,
     redact_url,
     restore_url,
+    signed_query,
 )
 from batch_classify.core.storage import is_url
 from batch_classify.inputs.base import InputError, InputKind, Record, Sizing
@@ -173,6 +174,11 @@ def write_listing(cfg: DataConfig, output: Path, unit_size: int = 0, batch_size:
 def _list_into(cfg: DataConfig, folder: Path, sizing: Sizing) -> tuple[dict[str, Any], pa.Table, str]:
     """Enumerate the input into ``folder``: rows, units, state, then the info file. Returns the
     info, the units and the root as listed (the info holds it redacted)."""
+    if signed_query(cfg.path):
+        raise InputError(f"data.path {redact_url(cfg.path)}: its query carries credentials (a signed URL "
+                         "or a token) that the listing and the rows would save; give the plain URL, and the "
+                         "credentials in data.storage_options (e.g. client_kwargs.headers) or the store's "
+                         "environment")
     state = StateRecorder()
     kind = resolve(cfg)
     enumeration = kind.enumerate(cfg, state)
