@@ -125,7 +125,8 @@ def signed_query(url: str) -> bool:
         parts = urlsplit(url)
     except ValueError:
         return False
-    bare = urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, parts.query, parts.fragment))
+    host = parts.netloc.rsplit("@", 1)[-1]  # a password there is kept in memory, not in the listing
+    bare = urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
     return bool(parts.query) and redact_url(bare) != bare
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from batch_classify.core.config import DataConfig
-from batch_classify.core.secrets import redact_url, signed_query
+from batch_classify.core.secrets import redact_url
 from batch_classify.core.storage import ObjectInfo, canonical_url, is_url, join, unnamable
 from batch_classify.inputs.base import Enumeration, Found, InputError, Repeats, chunked
 from batch_classify.inputs.listed import ListedKind
