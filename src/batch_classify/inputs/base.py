@@ -29,6 +29,7 @@ from batch_classify.core.digests import add_digests, id_hash, sequence_digest
 from batch_classify.core.errors import UserError
 from batch_classify.core.layout import STATE_FILE
 from batch_classify.core.limits import file_kind
+from batch_classify.core.secrets import redact_url
 from batch_classify.core.storage import ObjectInfo, Store, is_url, join, store_for
 from batch_classify.inputs.state import Change, StateRecorder, compare_objects, listed_objects
 
@@ -337,7 +338,7 @@ class InputKind:
         if pins is None:
             state = self.listing.folder / STATE_FILE
             pins = self.__dict__["_pins"] = dict(listed_objects(state)) if state.exists() else {}
-        return pins.get(url)
+        return pins.get(redact_url(url))  # recorded without credentials (state.StateRecorder.object)
 
     @classmethod
     def objects_now(cls, cfg: DataConfig) -> Iterator[tuple[str, ObjectInfo]]:

@@ -28,6 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batch_classify.core.secrets import redact_url
 from batch_classify.core.storage import ObjectInfo
 
 RACY_NS = 2_000_000_000
@@ -89,8 +90,9 @@ class StateRecorder:
         self._add(("content", os.fspath(path), None, os.stat(path).st_size, None, None, content_digest(path)))
 
     def object(self, url: str, info: ObjectInfo) -> None:
-        """An object of a store the listing was made from, as the store's listing gave it."""
-        self._add(("object", url, None, info.size, None, None, info.token))
+        """An object of a store the listing was made from, as the store's listing gave it (its URL
+        without credentials: a password in the host part stays in memory)."""
+        self._add(("object", redact_url(url), None, info.size, None, None, info.token))
 
     def _flush(self) -> None:
         if not self._rows["kind"]:
@@ -210,7 +212,7 @@ def listed_objects(path: Path) -> Iterator[tuple[str, ObjectInfo]]:
 def compare_objects(path: Path, now: Iterable[tuple[str, ObjectInfo]]) -> Change | None:
     """The objects added, gone or replaced (another size or ETag) between those recorded at
     ``path`` and ``now`` (a new listing, in the same order: by name), or None. Streams both."""
-    before, after = listed_objects(path), iter(now)
+    before, after = listed_objects(path), ((redact_url(url), info) for url, info in now)
     old, new = next(before, None), next(after, None)
     counts = {"added": 0, "gone": 0, "replaced": 0}
     first: dict[str, str] = {}
