@@ -173,15 +173,21 @@ _TRANSIENT_TEXT = ("slowdown", "slow down", "reduce your request rate", "service
 _TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 
 
-def fault_kind(error: BaseException) -> str | None:
-    """The kind of a transient fault (``SlowDown``, ``timeout``, ``connection``, ``server error``),
-    or None where retrying cannot help (missing, forbidden, a bad request)."""
+def _chain(error: BaseException) -> list[BaseException]:
+    """An error and its causes and contexts, each once, outermost first."""
     chain, seen = [], set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         chain.append(current)
         current = current.__cause__ or current.__context__
+    return chain
+
+
+def fault_kind(error: BaseException) -> str | None:
+    """The kind of a transient fault (``SlowDown``, ``timeout``, ``connection``, ``server error``),
+    or None where retrying cannot help (missing, forbidden, a bad request)."""
+    chain = _chain(error)
     if any(isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
                           ObjectChanged)) for e in chain[:1]):
         return None
@@ -815,20 +821,12 @@ def store_for(url: str, options: dict[str, Any] | None = None) -> Store:
     return Store(url, dict(options or {}))
 
 
-class RangedReader(io.RawIOBase):
-    """An object read front to back in ranged GETs of ``block_size`` bytes (one block held in
-    memory); seeks within the block held are free. A GET that fails part-way is tried again
-    from the byte reached, so nothing before it is read twice."""
+class SeekableObject(io.RawIOBase):
+    """An object of ``size`` bytes read at ``position``: what RangedReader and the Parquet reader's
+    ranges share (seeks move the position; the subclass's ``read`` fetches)."""
 
-    def __init__(self, store: Store, url: str, size: int, block_size: int,
-                 pin: ObjectInfo | None = None) -> None:
-        super().__init__()
-        self.store, self.url, self.size, self.block_size = store, url, size, block_size
-        self.pin = pin
-        self.position = 0
-        self.block_start = 0
-        self.block = b""
-        self.gets = 0
+    size: int
+    position: int
 
     def readable(self) -> bool:
         return True
@@ -843,6 +841,22 @@ class RangedReader(io.RawIOBase):
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
         self.position = max(0, base + offset)
         return self.position
+
+
+class RangedReader(SeekableObject):
+    """An object read front to back in ranged GETs of ``block_size`` bytes (one block held in
+    memory); seeks within the block held are free. A GET that fails part-way is tried again
+    from the byte reached, so nothing before it is read twice."""
+
+    def __init__(self, store: Store, url: str, size: int, block_size: int,
+                 pin: ObjectInfo | None = None) -> None:
+        super().__init__()
+        self.store, self.url, self.size, self.block_size = store, url, size, block_size
+        self.pin = pin
+        self.position = 0
+        self.block_start = 0
+        self.block = b""
+        self.gets = 0
 
     def _fill(self) -> None:
         held = self.block_start <= self.position < self.block_start + len(self.block)
@@ -1217,16 +1231,6 @@ def check_options(url: str, options: dict[str, Any] | None, what: str) -> None:
                 if inner not in nested[key]:
                     raise StoreMistake(f"{what}.{key}.{inner}: not an option of {protocol}:// stores' "
                                        f"{key} ({_side(what)} store){_suggest(inner, nested[key])}")
-
-
-def _chain(error: BaseException) -> list[BaseException]:
-    chain, seen = [], set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    return chain
 
 
 _MISSING_BUCKET = ("nosuchbucket", "bucket does not exist", "containernotfound",

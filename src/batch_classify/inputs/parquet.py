@@ -3,7 +3,6 @@ the rank that runs them; listing reads only the footers."""
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ import pyarrow.parquet as pq
 from batch_classify.core.config import DataConfig
 from batch_classify.core.errors import describe_error
 from batch_classify.core.limits import NotRegularFile, open_regular
-from batch_classify.core.storage import ObjectChanged, ObjectInfo, Store, StoreError, is_url
+from batch_classify.core.storage import ObjectChanged, ObjectInfo, SeekableObject, Store, StoreError, is_url
 from batch_classify.inputs.base import (
     CHUNK_ROWS,
     Cut,
@@ -195,7 +194,7 @@ class RowGroups:
             raise self.source.failure from error
 
 
-class ObjectRanges(io.RawIOBase):
+class ObjectRanges(SeekableObject):
     """An object in a store as a file for pyarrow: reads are served from the byte ranges
     fetched so far (``fetch``), a read outside them is one more ranged GET. Every GET is
     retried and of the version ``pin``; the first that fails is kept in ``failure``."""
@@ -215,20 +214,6 @@ class ObjectRanges(io.RawIOBase):
             self.failure = self.failure or error
             raise
         self.parts.append((start, data))
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
-        self.position = max(0, base + offset)
-        return self.position
 
     def read(self, size: int = -1) -> bytes:
         start = self.position
