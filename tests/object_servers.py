@@ -284,15 +284,7 @@ class S3Server:
 
     def upload(self, local: Path, bucket: str, prefix: str) -> str:
         """``local`` (a file or a folder) copied under s3://bucket/prefix; the URL."""
-        fs = self.filesystem()
-        if not fs.exists(bucket):
-            fs.mkdir(bucket)
-        if local.is_dir():
-            for file in sorted(p for p in local.rglob("*") if p.is_file()):
-                fs.put_file(str(file), f"{bucket}/{prefix}/{file.relative_to(local).as_posix()}")
-        else:
-            fs.put_file(str(local), f"{bucket}/{prefix}")
-        return f"s3://{bucket}/{prefix}"
+        return _upload(self.filesystem(), local, bucket, prefix, "s3")
 
     def close(self) -> None:
         self.proxy.close()

@@ -842,6 +842,14 @@ class SeekableObject(io.RawIOBase):
         self.position = max(0, base + offset)
         return self.position
 
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
 
 class RangedReader(SeekableObject):
     """An object read front to back in ranged GETs of ``block_size`` bytes (one block held in
@@ -878,14 +886,6 @@ class RangedReader(SeekableObject):
             self.position += len(piece)
             wanted -= len(piece)
         return b"".join(parts)
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
-
-    def readall(self) -> bytes:
-        return self.read(-1)
 
 
 # ------------------------------------------------------------------ conditional writes

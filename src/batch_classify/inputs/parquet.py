@@ -229,14 +229,6 @@ class ObjectRanges(SeekableObject):
         self.position = stop
         return data[start - first:stop - first]
 
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
-
-    def readall(self) -> bytes:
-        return self.read(-1)
-
 
 def chunk_ranges(metadata: Any, groups: range, columns: set[str]) -> list[tuple[int, int]]:
     """The byte ranges of the named top-level columns' chunks in ``groups``, those within
